@@ -1,0 +1,1 @@
+//! Command-line parsing with Go `flag` / urfave-cli grammar (behavior.md §1).

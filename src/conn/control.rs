@@ -1,0 +1,1 @@
+//! Bodies of the control protocol (protocol.md §2.6): Open, Accept, Error.

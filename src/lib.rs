@@ -1,0 +1,9 @@
+//! mender-connect: a synchronous Rust re-implementation of Mender's device-side
+//! remote-access daemon.
+
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod limits;
+pub mod logging;
+pub mod sessions;

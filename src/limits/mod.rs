@@ -1,0 +1,1 @@
+//! Byte-rate limiting and path containment shared by the file-transfer sessions.

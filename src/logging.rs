@@ -1,0 +1,1 @@
+//! logrus-compatible log lines on stderr.

@@ -1,0 +1,1 @@
+//! Per-session protocol handlers (shell, file transfer, port forward, mender-client).
