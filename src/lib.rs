@@ -5,5 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod limits;
+pub mod daemon;
 pub mod logging;
 pub mod sessions;
+pub mod signals;

@@ -1,1 +1,67 @@
-//! Per-session protocol handlers (shell, file transfer, port forward, mender-client).
+//! Per-session protocol handlers (shell, file transfer, port forward,
+//! mender-client) and the interface the router drives them through.
+
+use std::collections::BTreeMap;
+
+use crate::conn::codec::ProtoMsg;
+use crate::conn::outbound::Outbound;
+
+/// What a handler knows about the router session it lives in.
+#[derive(Debug, Clone)]
+pub struct SessionCtx {
+    /// The server-chosen session id (may be empty: mender-client triggers).
+    pub sid: String,
+    /// Where replies go.
+    pub out: Outbound,
+}
+
+/// One protocol's state inside one router session. Called on the session's
+/// own thread, one message at a time and in order; long work (a dial, a file)
+/// belongs on a thread the handler starts, so the session keeps reading.
+pub trait Handler: Send {
+    /// Handles one inbound message of this handler's protocol.
+    fn handle(&mut self, msg: ProtoMsg);
+    /// The session ended (close, timeout, shutdown): release everything
+    /// without sending protocol replies.
+    fn close(&mut self);
+}
+
+/// Builds a protocol's handler when a session first uses that protocol.
+pub type Factory = Box<dyn Fn(&SessionCtx) -> Box<dyn Handler> + Send + Sync>;
+
+/// The router-session protocols that are enabled, by protocol number.
+#[derive(Default)]
+pub struct Registry {
+    factories: BTreeMap<u16, Factory>,
+}
+
+impl Registry {
+    /// An empty registry (every protocol answered with "no handler").
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Enables `proto`, served by handlers from `factory`.
+    pub fn register(&mut self, proto: u16, factory: Factory) {
+        self.factories.insert(proto, factory);
+    }
+
+    /// Creates a handler for `proto`, or `None` when it is not enabled.
+    pub fn create(&self, proto: u16, ctx: &SessionCtx) -> Option<Box<dyn Handler>> {
+        self.factories.get(&proto).map(|f| f(ctx))
+    }
+
+    /// Enabled protocol numbers in ascending order.
+    pub fn protocols(&self) -> impl Iterator<Item = u16> + '_ {
+        self.factories.keys().copied()
+    }
+}
+
+/// The remote terminal bypasses router sessions (protocol.md §2.5): it gets
+/// every proto-1 message directly, keyed by sid.
+pub trait ShellRouter: Send + Sync {
+    /// Handles one shell message; must not block the connection thread.
+    fn dispatch(&self, msg: ProtoMsg);
+    /// Stops every shell (auth loss, shutdown); returns how many were stopped.
+    fn terminate_all(&self) -> usize;
+}

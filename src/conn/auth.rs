@@ -1,0 +1,203 @@
+//! The token source: `io.mender.Authentication1` on the system D-Bus
+//! (behavior.md §3). One thread owns the bus connection; it answers refresh
+//! requests and turns `JwtTokenStateChange` signals into events, event-driven
+//! (no polling loop).
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use dbus::blocking::Connection;
+use dbus::message::MatchRule;
+
+use super::wake::{Wake, poll_fds};
+
+/// Well-known bus name of the Mender auth daemon.
+pub const BUS_NAME: &str = "io.mender.AuthenticationManager";
+/// Object path of the auth manager.
+pub const OBJECT_PATH: &str = "/io/mender/AuthenticationManager";
+/// Interface carrying the token method and signal.
+pub const INTERFACE: &str = "io.mender.Authentication1";
+/// The reference's method-call timeout.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the auth thread reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthEvent {
+    /// A token/URL pair (either may be empty = not authorized).
+    Token {
+        /// The device JWT.
+        token: String,
+        /// The server (usually the auth daemon's local proxy).
+        url: String,
+        /// `true` when this answers `refresh()`, `false` for a signal.
+        requested: bool,
+    },
+    /// `GetJwtToken` failed (the auth daemon is not running, or timed out).
+    CallFailed {
+        /// The D-Bus error.
+        error: String,
+        /// `true` when this answers `refresh()`.
+        requested: bool,
+    },
+    /// The system bus connection broke; no more events will come.
+    BusLost(String),
+}
+
+/// Why the D-Bus side could not start.
+#[derive(Debug)]
+pub enum AuthError {
+    /// The system bus is unreachable.
+    Connect(dbus::Error),
+    /// Subscribing to the signal failed.
+    Match(dbus::Error),
+    /// The thread could not be created.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::Connect(e) => write!(
+                f,
+                "mender-connect dbus failed to connect, error: {}",
+                e.message().unwrap_or("unknown error")
+            ),
+            AuthError::Match(e) => write!(
+                f,
+                "subscribing to JwtTokenStateChange failed: {}",
+                e.message().unwrap_or("unknown error")
+            ),
+            AuthError::Thread(e) => write!(f, "cannot start the D-Bus thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for AuthError {}
+
+/// Handle on the auth thread.
+pub struct Auth {
+    requests: Sender<()>,
+    wake: Arc<Wake>,
+}
+
+impl Auth {
+    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured by
+    /// libdbus), subscribes, and starts the thread, which immediately asks for
+    /// the token once. Failing to reach the bus is fatal (exit 1 upstream).
+    pub fn start(events: Sender<AuthEvent>) -> Result<Auth, AuthError> {
+        let conn = Connection::new_system().map_err(AuthError::Connect)?;
+        let wake = Arc::new(Wake::new().map_err(AuthError::Thread)?);
+        let (requests, req_rx) = crossbeam_channel::unbounded::<()>();
+        let signal_events = events.clone();
+        let rule = MatchRule::new_signal(INTERFACE, "JwtTokenStateChange").with_path(OBJECT_PATH);
+        conn.add_match(rule, move |(token, url): (String, String), _, _| {
+            log::debug!("JwtTokenStateChange: token {} bytes, url {url:?}", token.len());
+            let _ = signal_events.send(AuthEvent::Token {
+                token,
+                url,
+                requested: false,
+            });
+            true
+        })
+        .map_err(AuthError::Match)?;
+        // A (re)started auth daemon may not signal; ask it once it owns its name.
+        let owner_wake = Arc::clone(&wake);
+        let owner_requests = requests.clone();
+        let rule = MatchRule::new_signal("org.freedesktop.DBus", "NameOwnerChanged");
+        conn.add_match(
+            rule,
+            move |(name, _old, new): (String, String, String), _, _| {
+                if name == BUS_NAME && !new.is_empty() {
+                    log::debug!("{BUS_NAME} has a new owner; asking for the token");
+                    let _ = owner_requests.send(());
+                    owner_wake.wake();
+                }
+                true
+            },
+        )
+        .map_err(AuthError::Match)?;
+        let thread_wake = Arc::clone(&wake);
+        let _ = requests.send(());
+        std::thread::Builder::new()
+            .name("dbus".to_string())
+            .stack_size(128 * 1024)
+            .spawn(move || serve(&conn, &thread_wake, &req_rx, &events))
+            .map_err(AuthError::Thread)?;
+        Ok(Auth { requests, wake })
+    }
+
+    /// Asks for a fresh `GetJwtToken`; the answer comes as an event with
+    /// `requested: true`.
+    pub fn refresh(&self) {
+        let _ = self.requests.send(());
+        self.wake.wake();
+    }
+}
+
+fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<()>, events: &Sender<AuthEvent>) {
+    let fd = conn.channel().watch().fd;
+    loop {
+        // Several requests queued meanwhile need only one call.
+        if requests.try_recv().is_ok() {
+            while requests.try_recv().is_ok() {}
+            let ev = match get_jwt_token(conn) {
+                Ok((token, url)) => AuthEvent::Token {
+                    token,
+                    url,
+                    requested: true,
+                },
+                Err(e) => {
+                    log::warn!("call to GetJwtToken on the Mender D-Bus API failed: {e}");
+                    AuthEvent::CallFailed {
+                        error: e,
+                        requested: true,
+                    }
+                }
+            };
+            if events.send(ev).is_err() {
+                return;
+            }
+        }
+        loop {
+            match conn.process(Duration::ZERO) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    let msg = e.message().unwrap_or("unknown error").to_string();
+                    let _ = events.send(AuthEvent::BusLost(msg));
+                    return;
+                }
+            }
+        }
+        if !requests.is_empty() {
+            continue;
+        }
+        match poll_fds(&[(fd, libc::POLLIN), (wake.as_raw_fd(), libc::POLLIN)], -1) {
+            Ok(r) => {
+                if r[1] & libc::POLLIN != 0 {
+                    wake.drain();
+                }
+            }
+            Err(e) => {
+                let _ = events.send(AuthEvent::BusLost(format!("poll: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+fn get_jwt_token(conn: &Connection) -> Result<(String, String), String> {
+    let proxy = conn.with_proxy(BUS_NAME, OBJECT_PATH, CALL_TIMEOUT);
+    proxy
+        .method_call(INTERFACE, "GetJwtToken", ())
+        .map_err(|e: dbus::Error| {
+            format!(
+                "{}: {}",
+                e.name().unwrap_or("error"),
+                e.message().unwrap_or("")
+            )
+        })
+}

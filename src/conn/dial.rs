@@ -1,0 +1,187 @@
+//! Opening the websocket: TCP, TLS only for `wss`, and the HTTP upgrade with
+//! the device's Bearer token (protocol.md §1.3–1.4).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::http::HeaderValue;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::WebSocket;
+
+use super::url::Endpoint;
+
+/// The whole dial (resolve, connect, TLS, upgrade) must finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Inbound messages up to deviceconnect's own limit are accepted (design.md).
+pub const MAX_INBOUND_MESSAGE: usize = 8 << 20;
+
+/// The socket under the websocket: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub enum Stream {
+    /// `ws://`: no TLS state is ever created.
+    Plain(TcpStream),
+    /// `wss://` via the system OpenSSL.
+    Tls(Box<native_tls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+
+    /// Switches the TCP socket to non-blocking for the poll loop.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.tcp().set_nonblocking(on)
+    }
+
+    /// Closes the TCP connection in both directions.
+    pub fn shutdown(&self) {
+        let _ = self.tcp().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp().as_raw_fd()
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Why a dial failed; every variant means "back off and retry".
+#[derive(Debug)]
+pub enum DialError {
+    /// Name resolution failed or gave no address.
+    Resolve(String, io::Error),
+    /// No address accepted the TCP connection in time.
+    Connect(String, io::Error),
+    /// TLS setup or handshake failed (certificate, protocol).
+    Tls(String),
+    /// The server answered the upgrade with something other than 101.
+    Status(u16),
+    /// Any other handshake failure (I/O, malformed response, timeout).
+    Handshake(String),
+}
+
+impl fmt::Display for DialError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DialError::Resolve(h, e) => write!(f, "resolving {h}: {e}"),
+            DialError::Connect(a, e) => write!(f, "connecting to {a}: {e}"),
+            DialError::Tls(e) => write!(f, "TLS: {e}"),
+            DialError::Status(s) => write!(f, "websocket upgrade refused with HTTP {s}"),
+            DialError::Handshake(e) => write!(f, "websocket handshake: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DialError {}
+
+/// Small buffers: the device moves at most a few KiB per message, and RAM is
+/// what the target boards lack.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(128 * 1024)
+        .max_message_size(Some(MAX_INBOUND_MESSAGE))
+        .max_frame_size(Some(MAX_INBOUND_MESSAGE))
+}
+
+/// Dials `ep` with `token`; the returned socket is still blocking.
+pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let tcp = connect_tcp(ep, deadline)?;
+    let _ = tcp.set_nodelay(true);
+    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    tcp.set_read_timeout(Some(remaining))
+        .and_then(|_| tcp.set_write_timeout(Some(remaining)))
+        .map_err(|e| DialError::Connect(ep.host.clone(), e))?;
+    let stream = if ep.tls {
+        // Built per dial, and only for wss, so a plain ws link never loads
+        // libssl's CA store (design.md "TLS").
+        let connector = native_tls::TlsConnector::new().map_err(|e| DialError::Tls(e.to_string()))?;
+        let tls = connector.connect(&ep.host, tcp).map_err(|e| match e {
+            native_tls::HandshakeError::Failure(e) => DialError::Tls(e.to_string()),
+            native_tls::HandshakeError::WouldBlock(_) => {
+                DialError::Tls("handshake timed out".to_string())
+            }
+        })?;
+        Stream::Tls(Box::new(tls))
+    } else {
+        Stream::Plain(tcp)
+    };
+    let mut request = ep
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| DialError::Handshake(e.to_string()))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| DialError::Handshake("token is not a valid header value".to_string()))?;
+    request.headers_mut().insert("Authorization", bearer);
+    match tungstenite::client::client_with_config(request, stream, Some(ws_config())) {
+        Ok((ws, _response)) => {
+            ws.get_ref().tcp().set_read_timeout(None).ok();
+            ws.get_ref().tcp().set_write_timeout(None).ok();
+            Ok(ws)
+        }
+        Err(HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+            Err(DialError::Status(resp.status().as_u16()))
+        }
+        Err(HandshakeError::Failure(e)) => Err(DialError::Handshake(e.to_string())),
+        Err(HandshakeError::Interrupted(_)) => {
+            Err(DialError::Handshake("timed out".to_string()))
+        }
+    }
+}
+
+fn connect_tcp(ep: &Endpoint, deadline: Instant) -> Result<TcpStream, DialError> {
+    let addrs: Vec<SocketAddr> = (ep.host.as_str(), ep.port)
+        .to_socket_addrs()
+        .map_err(|e| DialError::Resolve(ep.host.clone(), e))?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for addr in &addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            last = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+            break;
+        }
+        match TcpStream::connect_timeout(addr, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(DialError::Connect(format!("{}:{}", ep.host, ep.port), last))
+}

@@ -1,0 +1,283 @@
+//! The connection thread: the only owner of the websocket. It `poll()`s the
+//! socket and a wake fd, routes inbound frames, drains the outbound queue and
+//! keeps the link alive with pings (protocol.md §1.5–1.6, design.md).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+use super::dial::{self, Stream};
+use super::outbound::OutboundRx;
+use super::router::Router;
+use super::timing::Timing;
+use super::url::Endpoint;
+use super::wake::poll_fds;
+
+/// How long a graceful close may take before the socket is just dropped.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// The connection thread's stack: tungstenite's buffers live on the heap.
+const LINK_STACK: usize = 256 * 1024;
+
+/// What the connection thread tells the supervisor.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// Link `id` completed the websocket upgrade.
+    Connected {
+        /// Which link.
+        id: u64,
+    },
+    /// Link `id` is gone (or never came up).
+    Ended {
+        /// Which link.
+        id: u64,
+        /// Why it ended; `None` when asked to stop.
+        error: Option<String>,
+        /// How long it was up; `None` when the dial failed.
+        lived: Option<Duration>,
+        /// The dial was refused with HTTP 401.
+        unauthorized: bool,
+    },
+}
+
+/// The supervisor's handle on one connection thread.
+pub struct Link {
+    id: u64,
+    stop: Arc<AtomicBool>,
+    out: OutboundRx,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Link {
+    /// Starts connection thread number `id` dialing `ep` with `token`.
+    pub fn start(
+        id: u64,
+        ep: Endpoint,
+        token: String,
+        out: OutboundRx,
+        router: Arc<Router>,
+        timing: Timing,
+        events: Sender<LinkEvent>,
+    ) -> io::Result<Link> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let thread_out = out.clone();
+        let join = std::thread::Builder::new()
+            .name("conn".to_string())
+            .stack_size(LINK_STACK)
+            .spawn(move || {
+                let ev = run(id, &ep, &token, &thread_out, &router, timing, &thread_stop, &events);
+                let _ = events.send(ev);
+            })?;
+        Ok(Link {
+            id,
+            stop,
+            out,
+            join: Some(join),
+        })
+    }
+
+    /// Which link this is.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Asks the thread to close the websocket (close frame) and end.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.out.wake.wake();
+    }
+
+    /// Stops and waits for the thread, at most about `CLOSE_GRACE` once it is
+    /// past the dial. A thread stuck dialing is left to finish on its own.
+    pub fn stop_and_join(mut self, wait: Duration) {
+        self.stop();
+        let deadline = Instant::now() + wait;
+        if let Some(j) = self.join.take() {
+            while !j.is_finished() && Instant::now() < deadline {
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            if j.is_finished() {
+                let _ = j.join();
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    id: u64,
+    ep: &Endpoint,
+    token: &str,
+    out: &OutboundRx,
+    router: &Router,
+    timing: Timing,
+    stop: &AtomicBool,
+    events: &Sender<LinkEvent>,
+) -> LinkEvent {
+    let ended = |error: Option<String>, lived: Option<Duration>, unauthorized: bool| LinkEvent::Ended {
+        id,
+        error,
+        lived,
+        unauthorized,
+    };
+    let mut ws = match dial::dial(ep, token) {
+        Ok(ws) => ws,
+        Err(e) => {
+            let unauthorized = matches!(e, dial::DialError::Status(401));
+            return ended(
+                Some(format!("failed to connect to {}: {e}", ep.url)),
+                None,
+                unauthorized,
+            );
+        }
+    };
+    if stop.load(Ordering::Acquire) {
+        let _ = ws.close(None);
+        let _ = ws.flush();
+        return ended(None, None, false);
+    }
+    if let Err(e) = ws.get_ref().set_nonblocking(true) {
+        return ended(Some(format!("socket setup: {e}")), None, false);
+    }
+    let up = Instant::now();
+    out.set_connected(id, true);
+    let _ = events.send(LinkEvent::Connected { id });
+    log::info!("Connection established with {}", ep.url);
+    let result = pump(&mut ws, out, router, timing, stop);
+    out.set_connected(id, false);
+    let lived = Some(up.elapsed());
+    match result {
+        Ok(()) => {
+            close_gracefully(&mut ws);
+            ended(None, lived, false)
+        }
+        Err(e) => {
+            ws.get_ref().shutdown();
+            ended(Some(e), lived, false)
+        }
+    }
+}
+
+fn is_would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Moves frames both ways until the link fails (`Err`) or stop is asked (`Ok`).
+fn pump(
+    ws: &mut WebSocket<Stream>,
+    out: &OutboundRx,
+    router: &Router,
+    timing: Timing,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let sock = ws.get_ref().as_raw_fd();
+    let wake = out.wake.as_raw_fd();
+    let mut last_heard = Instant::now();
+    let mut next_ping = last_heard + timing.ping_period;
+    let mut write_blocked = false;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Read until WouldBlock: with TLS, decrypted bytes buffered inside the
+        // SSL object do not make the fd readable again.
+        loop {
+            match ws.read() {
+                Ok(Message::Binary(b)) => router.dispatch_frame(&b),
+                Ok(Message::Text(t)) => router.dispatch_frame(t.as_bytes()),
+                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => last_heard = Instant::now(),
+                Ok(Message::Close(frame)) => {
+                    let _ = ws.flush();
+                    return Err(match frame {
+                        Some(f) => format!("closed by the server: {} {}", f.code, f.reason),
+                        None => "closed by the server".to_string(),
+                    });
+                }
+                Ok(Message::Frame(_)) => {}
+                Err(e) if is_would_block(&e) => break,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+        // Drained every round (even while blocked) so a readable wake fd
+        // cannot spin poll(); queued frames are picked up once unblocked.
+        out.wake.drain();
+        if !write_blocked {
+            while let Ok(frame) = out.rx.try_recv() {
+                match ws.write(Message::Binary(frame.into())) {
+                    Ok(()) => {}
+                    // the frame is buffered; wait for POLLOUT before taking more
+                    Err(e) if is_would_block(&e) => {
+                        write_blocked = true;
+                        break;
+                    }
+                    Err(e) => return Err(format!("write: {e}")),
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_ping {
+            next_ping = now + timing.ping_period;
+            match ws.write(Message::Ping(timing.ping_payload().into())) {
+                Ok(()) => {}
+                Err(e) if is_would_block(&e) => {}
+                Err(e) => return Err(format!("ping: {e}")),
+            }
+        }
+        match ws.flush() {
+            Ok(()) => write_blocked = false,
+            Err(e) if is_would_block(&e) => write_blocked = true,
+            Err(e) => return Err(format!("write: {e}")),
+        }
+        let dead_at = last_heard + timing.pong_wait;
+        if now >= dead_at {
+            return Err(format!(
+                "no ping or pong from the server for {:?}",
+                timing.pong_wait
+            ));
+        }
+        let until = next_ping.min(dead_at);
+        let timeout_ms = until
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, i32::MAX as u128) as i32;
+        let mut sock_events = libc::POLLIN;
+        if write_blocked {
+            sock_events |= libc::POLLOUT;
+        }
+        let r = poll_fds(&[(sock, sock_events), (wake, libc::POLLIN)], timeout_ms)
+            .map_err(|e| format!("poll: {e}"))?;
+        if r[0] & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            return Err("socket error".to_string());
+        }
+    }
+}
+
+fn close_gracefully(ws: &mut WebSocket<Stream>) {
+    let _ = ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }));
+    let deadline = Instant::now() + CLOSE_GRACE;
+    let sock = ws.get_ref().as_raw_fd();
+    loop {
+        match ws.flush() {
+            Ok(()) => break,
+            Err(e) if is_would_block(&e) => {}
+            Err(_) => break,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let _ = poll_fds(&[(sock, libc::POLLOUT)], left.as_millis().max(1) as i32);
+    }
+    ws.get_ref().shutdown();
+}

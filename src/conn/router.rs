@@ -1,0 +1,566 @@
+//! The router: decodes inbound frames and hands each message to its session
+//! (protocol.md §2.5). Runs on the connection thread, so it never blocks:
+//! sessions get messages through unbounded channels whose depth it meters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::codec::{self, PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
+use super::control::{Accept, ControlError, Open};
+use super::outbound::Outbound;
+use super::timing::Timing;
+use crate::sessions::{Handler, Registry, SessionCtx, ShellRouter};
+
+/// Messages a session may have waiting before it counts as broken: the
+/// protocols' own flow control keeps real peers far below this.
+pub const SESSION_QUEUE_LIMIT: usize = 512;
+/// Stack of a router-session thread: it only dispatches.
+const SESSION_STACK: usize = 128 * 1024;
+
+enum Inbox {
+    Msg(ProtoMsg),
+    Shutdown,
+}
+
+struct Entry {
+    tx: Sender<Inbox>,
+    depth: Arc<AtomicUsize>,
+    id: u64,
+}
+
+/// Routes decoded messages to shell and router sessions.
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    out: Outbound,
+    registry: Registry,
+    shell: Option<Arc<dyn ShellRouter>>,
+    timing: Timing,
+    sessions: Mutex<HashMap<String, Entry>>,
+    next_id: AtomicU64,
+    live: (Mutex<usize>, Condvar),
+}
+
+/// What a control message asks the session to do (pure, see `control_action`).
+#[derive(Debug, PartialEq)]
+pub enum ControlAction {
+    /// Nothing to send; the session goes on.
+    Nothing,
+    /// Send this and go on.
+    Reply(ProtoMsg),
+    /// Send this, then end the session.
+    ReplyAndEnd(ProtoMsg),
+    /// End the session without a reply.
+    End,
+}
+
+impl Router {
+    /// A router replying through `out`, serving `registry`'s protocols and,
+    /// when given, the terminal.
+    pub fn new(
+        out: Outbound,
+        registry: Registry,
+        shell: Option<Arc<dyn ShellRouter>>,
+        timing: Timing,
+    ) -> Router {
+        Router {
+            inner: Arc::new(Inner {
+                out,
+                registry,
+                shell,
+                timing,
+                sessions: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                live: (Mutex::new(0), Condvar::new()),
+            }),
+        }
+    }
+
+    /// Protocols listed in the handshake's `accept`, ascending.
+    pub fn protocols(&self) -> Vec<u16> {
+        self.inner.protocols()
+    }
+
+    /// Decodes one websocket data message and routes it. A frame that does
+    /// not decode is logged and answered with a control error; it never
+    /// costs the connection.
+    pub fn dispatch_frame(&self, frame: &[u8]) {
+        match codec::decode(frame) {
+            Ok(msg) => self.dispatch(msg),
+            Err(e) => {
+                log::warn!("dropping undecodable message ({} bytes): {e}", frame.len());
+                let err = ControlError {
+                    err: format!("failed to decode message: {e}"),
+                    close: false,
+                    ..ControlError::default()
+                };
+                self.inner.try_reply(control_error_msg("", &err));
+            }
+        }
+    }
+
+    /// Routes one decoded message.
+    pub fn dispatch(&self, msg: ProtoMsg) {
+        if msg.hdr.proto == PROTO_SHELL {
+            match &self.inner.shell {
+                Some(shell) => shell.dispatch(msg),
+                None => self.inner.shell_unavailable(&msg),
+            }
+            return;
+        }
+        Inner::deliver(&self.inner, msg);
+    }
+
+    /// Number of router sessions alive right now.
+    pub fn session_count(&self) -> usize {
+        self.inner.lock_sessions().len()
+    }
+
+    /// Ends every router session and stops every shell; waits for the
+    /// session threads up to `wait`.
+    pub fn shutdown(&self, wait: Duration) {
+        if let Some(shell) = &self.inner.shell {
+            let n = shell.terminate_all();
+            log::info!("stopped {n} shells");
+        }
+        let drained: Vec<Entry> = self.inner.lock_sessions().drain().map(|(_, e)| e).collect();
+        for e in drained {
+            let _ = e.tx.send(Inbox::Shutdown);
+        }
+        let deadline = Instant::now() + wait;
+        let (lock, cv) = &self.inner.live;
+        let mut live = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *live > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!("{} sessions still ending at shutdown", *live);
+                break;
+            }
+            live = cv
+                .wait_timeout(live, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Stops every shell (auth loss); router sessions time out by themselves.
+    pub fn terminate_shells(&self) -> usize {
+        self.inner.shell.as_ref().map_or(0, |s| s.terminate_all())
+    }
+}
+
+impl Inner {
+    fn protocols(&self) -> Vec<u16> {
+        let mut p: Vec<u16> = self.registry.protocols().collect();
+        if self.shell.is_some() {
+            p.push(PROTO_SHELL);
+        }
+        p.sort_unstable();
+        p
+    }
+
+    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panicking session thread must not take routing down with it.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replies from the connection thread: dropping beats blocking on the
+    /// queue this very thread drains.
+    fn try_reply(&self, msg: ProtoMsg) {
+        if let Err(e) = self.out.try_send(&msg) {
+            log::warn!("reply to session {:?} dropped: {e}", msg.hdr.sid);
+        }
+    }
+
+    fn shell_unavailable(&self, msg: &ProtoMsg) {
+        if msg.hdr.sid.is_empty() {
+            // the server aborts the link on a shell message without sid (§1.7)
+            log::warn!("ignoring shell message {:?} without session id", msg.hdr.typ);
+            return;
+        }
+        let reply = ProtoMsg::new(PROTO_SHELL, &msg.hdr.typ, &msg.hdr.sid)
+            .with_prop("status", Value::Int(2))
+            .with_body(
+                format!("unknown message protocol and type: 1/{}", msg.hdr.typ).into_bytes(),
+            );
+        self.try_reply(reply);
+    }
+
+    fn deliver(this: &Arc<Inner>, msg: ProtoMsg) {
+        let mut sessions = this.lock_sessions();
+        Inner::deliver_locked(this, &mut sessions, msg);
+    }
+
+    fn deliver_locked(this: &Arc<Inner>, sessions: &mut HashMap<String, Entry>, msg: ProtoMsg) {
+        let sid = msg.hdr.sid.clone();
+        if let Some(e) = sessions.get(&sid) {
+            if e.depth.load(Ordering::Acquire) >= SESSION_QUEUE_LIMIT {
+                log::error!("session {sid}: {SESSION_QUEUE_LIMIT} messages unhandled; closing it");
+                if let Some(e) = sessions.remove(&sid) {
+                    let _ = e.tx.send(Inbox::Shutdown);
+                }
+                let err = ControlError {
+                    err: "session inbound queue full".to_string(),
+                    close: true,
+                    msgproto: msg.hdr.proto,
+                    msgtype: msg.hdr.typ.clone(),
+                    ..ControlError::default()
+                };
+                this.try_reply(control_error_msg(&sid, &err));
+                return;
+            }
+            e.depth.fetch_add(1, Ordering::AcqRel);
+            if e.tx.send(Inbox::Msg(msg)).is_ok() {
+                return;
+            }
+            // unreachable in practice: a session removes itself before its
+            // receiver goes away; fall through and start a fresh one
+            sessions.remove(&sid);
+            log::warn!("session {sid} vanished; starting a new one");
+            return;
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let depth = Arc::new(AtomicUsize::new(1));
+        let id = this.next_id.fetch_add(1, Ordering::Relaxed);
+        if tx.send(Inbox::Msg(msg)).is_err() {
+            return;
+        }
+        let worker = Arc::clone(this);
+        let thread_depth = Arc::clone(&depth);
+        let thread_sid = sid.clone();
+        *this.live.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let spawned = std::thread::Builder::new()
+            .name(format!("sess-{}", sid8(&sid)))
+            .stack_size(SESSION_STACK)
+            .spawn(move || {
+                session_loop(&worker, &thread_sid, id, rx, &thread_depth);
+                let (lock, cv) = &worker.live;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                cv.notify_all();
+            });
+        match spawned {
+            Ok(_) => {
+                sessions.insert(sid, Entry { tx, depth, id });
+            }
+            Err(e) => {
+                *this.live.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                log::error!("session {sid}: cannot start a thread: {e}");
+                let err = ControlError {
+                    err: format!("internal error: {e}"),
+                    close: true,
+                    ..ControlError::default()
+                };
+                this.try_reply(control_error_msg(&sid, &err));
+            }
+        }
+    }
+
+    /// Removes session `id` from the table; messages that reached it after it
+    /// decided to end go, in order, to a fresh session for the same sid.
+    fn end_session(this: &Arc<Inner>, sid: &str, id: u64, rx: &Receiver<Inbox>) {
+        let mut sessions = this.lock_sessions();
+        if sessions.get(sid).is_some_and(|e| e.id == id) {
+            sessions.remove(sid);
+        }
+        while let Ok(item) = rx.try_recv() {
+            if let Inbox::Msg(m) = item {
+                Inner::deliver_locked(this, &mut sessions, m);
+            }
+        }
+    }
+}
+
+/// First 8 characters of a sid, for thread names and logs.
+pub fn sid8(sid: &str) -> &str {
+    let end = sid.char_indices().nth(8).map_or(sid.len(), |(i, _)| i);
+    &sid[..end]
+}
+
+fn session_loop(inner: &Arc<Inner>, sid: &str, id: u64, rx: Receiver<Inbox>, depth: &AtomicUsize) {
+    let ctx = SessionCtx {
+        sid: sid.to_string(),
+        out: inner.out.clone(),
+    };
+    let mut handlers: HashMap<u16, Box<dyn Handler>> = HashMap::new();
+    let idle = inner.timing.session_idle;
+    let mut pinged = false;
+    let mut shutdown = false;
+    loop {
+        let wait = if pinged { idle / 5 } else { idle * 4 / 5 };
+        match rx.recv_timeout(wait) {
+            Ok(Inbox::Msg(msg)) => {
+                depth.fetch_sub(1, Ordering::AcqRel);
+                pinged = false;
+                if !handle_message(inner, &ctx, &mut handlers, msg) {
+                    break;
+                }
+            }
+            Ok(Inbox::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                shutdown = true;
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) if !pinged => {
+                pinged = true;
+                let ping = ProtoMsg::new(PROTO_CONTROL, "ping", sid);
+                if ctx.out.send(&ping).is_err() {
+                    log::debug!("session {sid}: idle ping not sent (no connection)");
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                log::info!("session {sid}: timed out");
+                let err = ControlError {
+                    err: "session timeout".to_string(),
+                    close: true,
+                    ..ControlError::default()
+                };
+                let _ = ctx.out.send(&control_error_msg(sid, &err));
+                break;
+            }
+        }
+    }
+    if !shutdown {
+        Inner::end_session(inner, sid, id, &rx);
+    }
+    for (_, mut h) in handlers {
+        h.close();
+    }
+    log::debug!("session {sid}: ended");
+}
+
+/// Returns false when the session must end.
+fn handle_message(
+    inner: &Inner,
+    ctx: &SessionCtx,
+    handlers: &mut HashMap<u16, Box<dyn Handler>>,
+    msg: ProtoMsg,
+) -> bool {
+    let proto = msg.hdr.proto;
+    if proto == PROTO_CONTROL {
+        let action = control_action(&msg, &inner.protocols());
+        let (reply, go_on) = match action {
+            ControlAction::Nothing => (None, true),
+            ControlAction::Reply(r) => (Some(r), true),
+            ControlAction::ReplyAndEnd(r) => (Some(r), false),
+            ControlAction::End => (None, false),
+        };
+        if let Some(r) = reply {
+            if let Err(e) = ctx.out.send(&r) {
+                log::debug!("session {}: control reply not sent: {e}", ctx.sid);
+            }
+        }
+        return go_on;
+    }
+    if let Some(h) = handlers.get_mut(&proto) {
+        h.handle(msg);
+        return true;
+    }
+    match inner.registry.create(proto, ctx) {
+        Some(mut h) => {
+            h.handle(msg);
+            handlers.insert(proto, h);
+        }
+        None => {
+            let err = ControlError {
+                err: format!("no handler registered for protocol: 0x{proto:04X}"),
+                close: false,
+                msgproto: proto,
+                msgtype: msg.hdr.typ.clone(),
+                msgid: msg.prop_str("msgid").unwrap_or_default().to_string(),
+                ..ControlError::default()
+            };
+            let _ = ctx.out.send(&control_error_msg(&ctx.sid, &err));
+        }
+    }
+    true
+}
+
+/// A control `error` message for session `sid` (no props, protocol.md §2.6).
+pub fn control_error_msg(sid: &str, err: &ControlError) -> ProtoMsg {
+    ProtoMsg::new(PROTO_CONTROL, "error", sid).with_body(err.encode())
+}
+
+/// What the device does with one inbound control message (protocol.md §2.6).
+pub fn control_action(msg: &ProtoMsg, protocols: &[u16]) -> ControlAction {
+    let sid = msg.hdr.sid.as_str();
+    let typ = msg.hdr.typ.as_str();
+    let body = msg.body.as_deref().unwrap_or_default();
+    let error = |err: String, close: bool| {
+        let e = ControlError {
+            err,
+            close,
+            msgproto: PROTO_CONTROL,
+            msgtype: typ.to_string(),
+            ..ControlError::default()
+        };
+        control_error_msg(sid, &e)
+    };
+    match typ {
+        "open" => match Open::decode(body) {
+            Ok(open) if open.versions.contains(&1) => {
+                let accept = Accept {
+                    version: 1,
+                    protocols: protocols.to_vec(),
+                };
+                ControlAction::Reply(
+                    ProtoMsg::new(PROTO_CONTROL, "accept", sid).with_body(accept.encode()),
+                )
+            }
+            Ok(_) => ControlAction::ReplyAndEnd(error(
+                "handshake rejected: require version 1".to_string(),
+                true,
+            )),
+            Err(e) => ControlAction::ReplyAndEnd(error(
+                format!("failed to decode handshake request: {e}"),
+                true,
+            )),
+        },
+        "accept" => match Accept::decode(body) {
+            Ok(a) if a.version == 1 => ControlAction::Nothing,
+            Ok(a) => ControlAction::ReplyAndEnd(error(
+                format!(
+                    "unsupported protocol version {}: require version 1",
+                    a.version
+                ),
+                true,
+            )),
+            Err(e) => {
+                ControlAction::ReplyAndEnd(error(format!("malformed handshake response: {e}"), true))
+            }
+        },
+        "ping" => ControlAction::Reply(ProtoMsg::new(PROTO_CONTROL, "pong", sid)),
+        "pong" => ControlAction::Nothing,
+        "close" => ControlAction::End,
+        "error" => match ControlError::decode(body) {
+            Ok(e) => {
+                log::warn!("session {sid}: server reported error: {}", e.err);
+                if e.close {
+                    ControlAction::End
+                } else {
+                    ControlAction::Nothing
+                }
+            }
+            Err(e) => {
+                log::warn!("session {sid}: undecodable error message: {e}");
+                ControlAction::Nothing
+            }
+        },
+        other => ControlAction::Reply(error(
+            format!("session: control type message not understood: '{other}'"),
+            false,
+        )),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SID: &str = "3c2e6b0a-9f1d-4e8b-b7a4-5d6c7e8f9000";
+
+    fn control(typ: &str, body: Option<Vec<u8>>) -> ProtoMsg {
+        let mut m = ProtoMsg::new(PROTO_CONTROL, typ, SID);
+        m.body = body;
+        m
+    }
+
+    fn error_of(action: &ControlAction) -> (ControlError, bool) {
+        let (msg, end) = match action {
+            ControlAction::Reply(m) => (m, false),
+            ControlAction::ReplyAndEnd(m) => (m, true),
+            other => panic!("expected an error reply, got {other:?}"),
+        };
+        assert_eq!(msg.hdr.typ, "error");
+        assert_eq!(msg.hdr.sid, SID);
+        assert!(msg.hdr.props.is_empty());
+        let body = msg.body.as_deref().unwrap_or_default();
+        (ControlError::decode(body).expect("error body"), end)
+    }
+
+    #[test]
+    fn open_with_version_1_is_accepted_listing_protocols() {
+        let open = Open { versions: vec![1] }.encode();
+        let a = control_action(&control("open", Some(open)), &[2, 3, 4]);
+        let ControlAction::Reply(m) = a else {
+            panic!("no reply")
+        };
+        assert_eq!((m.hdr.typ.as_str(), m.hdr.sid.as_str()), ("accept", SID));
+        let acc = Accept::decode(m.body.as_deref().unwrap_or_default()).expect("accept");
+        assert_eq!(acc.version, 1);
+        assert_eq!(acc.protocols, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn open_without_version_1_or_undecodable_ends_the_session() {
+        for body in [Open { versions: vec![2] }.encode(), Open::default().encode()] {
+            let (e, end) = error_of(&control_action(&control("open", Some(body)), &[]));
+            assert!(end);
+            assert_eq!(e.err, "handshake rejected: require version 1");
+            assert!(e.close);
+            assert_eq!((e.msgproto, e.msgtype.as_str()), (PROTO_CONTROL, "open"));
+        }
+        let (e, end) = error_of(&control_action(&control("open", Some(vec![0x01])), &[]));
+        assert!(end && e.close);
+        assert!(e.err.starts_with("failed to decode handshake request: "), "{}", e.err);
+    }
+
+    #[test]
+    fn accept_with_other_version_is_an_error() {
+        let body = Accept {
+            version: 2,
+            protocols: vec![],
+        }
+        .encode();
+        let (e, end) = error_of(&control_action(&control("accept", Some(body)), &[]));
+        assert!(end);
+        assert_eq!(e.err, "unsupported protocol version 2: require version 1");
+        let ok = Accept {
+            version: 1,
+            protocols: vec![],
+        }
+        .encode();
+        assert_eq!(
+            control_action(&control("accept", Some(ok)), &[]),
+            ControlAction::Nothing
+        );
+        let (e, _) = error_of(&control_action(&control("accept", Some(vec![0xc1])), &[]));
+        assert!(e.err.starts_with("malformed handshake response: "), "{}", e.err);
+    }
+
+    #[test]
+    fn ping_pong_close_error_and_unknown() {
+        let ControlAction::Reply(p) = control_action(&control("ping", None), &[]) else {
+            panic!("no pong")
+        };
+        assert_eq!(p, ProtoMsg::new(PROTO_CONTROL, "pong", SID));
+        assert_eq!(control_action(&control("pong", None), &[]), ControlAction::Nothing);
+        assert_eq!(control_action(&control("close", None), &[]), ControlAction::End);
+        let closing = ControlError::new("bye", true).encode();
+        assert_eq!(
+            control_action(&control("error", Some(closing)), &[]),
+            ControlAction::End
+        );
+        let open = ControlError::new("meh", false).encode();
+        assert_eq!(
+            control_action(&control("error", Some(open)), &[]),
+            ControlAction::Nothing
+        );
+        let (e, end) = error_of(&control_action(&control("bogus", None), &[]));
+        assert!(!end && !e.close);
+        assert_eq!(e.err, "session: control type message not understood: 'bogus'");
+        assert_eq!(e.msgtype, "bogus");
+    }
+
+    #[test]
+    fn sid8_is_char_safe() {
+        assert_eq!(sid8(SID), "3c2e6b0a");
+        assert_eq!(sid8("ab"), "ab");
+        assert_eq!(sid8("ééééééééé"), "éééééééé");
+    }
+}

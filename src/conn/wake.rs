@@ -1,0 +1,99 @@
+//! An eventfd that lets session threads wake the connection thread's `poll()`.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// A level-triggered wake-up flag backed by an eventfd.
+#[derive(Debug)]
+pub struct Wake {
+    fd: OwnedFd,
+}
+
+impl Wake {
+    /// Creates a non-blocking, close-on-exec eventfd.
+    pub fn new() -> io::Result<Wake> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly created descriptor that nothing else owns.
+        Ok(Wake {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Makes the fd readable until the next `drain`.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64. A full counter (EAGAIN) still
+        // leaves the fd readable, which is all a wake-up needs.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    /// Clears the readable state.
+    pub fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a valid u64; EAGAIN is fine.
+        unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut v as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+}
+
+impl AsRawFd for Wake {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Waits until one of `fds` is ready or `timeout_ms` (-1 = forever) passes.
+/// Returns the `revents` of each fd in order; EINTR counts as a timeout.
+pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: pfds is a valid array of pollfd of the given length.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(pfds.iter().map(|p| if rc < 0 { 0 } else { p.revents }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wake_makes_fd_readable_and_drain_clears_it() {
+        let w = Wake::new().expect("eventfd");
+        let r = poll_fds(&[(w.as_raw_fd(), libc::POLLIN)], 0).expect("poll");
+        assert_eq!(r[0] & libc::POLLIN, 0);
+        w.wake();
+        w.wake();
+        let r = poll_fds(&[(w.as_raw_fd(), libc::POLLIN)], 0).expect("poll");
+        assert_ne!(r[0] & libc::POLLIN, 0);
+        w.drain();
+        let r = poll_fds(&[(w.as_raw_fd(), libc::POLLIN)], 0).expect("poll");
+        assert_eq!(r[0] & libc::POLLIN, 0);
+    }
+}

@@ -1,0 +1,296 @@
+//! The main loop: authorization state, one connection thread at a time,
+//! reconnect back-off, signals (design.md "Connection lifecycle").
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, select};
+
+use crate::config::Config;
+use crate::conn::auth::{Auth, AuthError, AuthEvent};
+use crate::conn::backoff::{self, Backoff};
+use crate::conn::link::{Link, LinkEvent};
+use crate::conn::outbound::{self, OutboundRx};
+use crate::conn::router::Router;
+use crate::conn::timing::Timing;
+use crate::conn::url;
+use crate::conn::wake::Wake;
+use crate::sessions::Registry;
+
+/// While not authorized, ask the auth daemon again this often in case it
+/// never signals (behavior.md §3.3 SHOULD).
+const UNAUTHORIZED_POLL: Duration = Duration::from_secs(30);
+/// Everything on SIGTERM must be done well within the 2 s systemd expects.
+const SHUTDOWN_SESSIONS: Duration = Duration::from_millis(1000);
+const SHUTDOWN_LINK: Duration = Duration::from_millis(600);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug)]
+pub enum DaemonError {
+    /// The system bus or the auth subscription failed at start.
+    Auth(AuthError),
+    /// The system bus went away while running.
+    BusLost(String),
+    /// A thread or fd could not be created.
+    Setup(std::io::Error),
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonError::Auth(e) => write!(f, "{e}"),
+            DaemonError::BusLost(e) => write!(f, "lost the system D-Bus: {e}"),
+            DaemonError::Setup(e) => write!(f, "daemon setup failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+/// The router-session protocols this build serves, per the configuration.
+pub fn registry(_cfg: &Config) -> Registry {
+    Registry::new()
+}
+
+struct Supervisor {
+    router: Arc<Router>,
+    out_rx: OutboundRx,
+    timing: Timing,
+    auth: Auth,
+    link: Option<Link>,
+    link_seq: u64,
+    links_tx: crossbeam_channel::Sender<LinkEvent>,
+    creds: Option<(String, String)>,
+    authorized: bool,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    awaiting_refresh: bool,
+}
+
+/// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
+pub fn run(cfg: &Config) -> Result<(), DaemonError> {
+    let timing = Timing::from_env();
+    let wake = Arc::new(Wake::new().map_err(DaemonError::Setup)?);
+    let (out, out_rx) = outbound::queue(wake);
+    let router = Arc::new(Router::new(out, registry(cfg), None, timing));
+
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
+    crate::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1], sig_tx)
+        .map_err(DaemonError::Setup)?;
+    let (auth_tx, auth_rx) = crossbeam_channel::unbounded();
+    let auth = Auth::start(auth_tx).map_err(DaemonError::Auth)?;
+    let (links_tx, links_rx) = crossbeam_channel::unbounded();
+    let base = Duration::from_secs(cfg.reconnect_interval_seconds.max(1) as u64);
+    let mut sup = Supervisor {
+        router,
+        out_rx,
+        timing,
+        auth,
+        link: None,
+        link_seq: 0,
+        links_tx,
+        creds: None,
+        authorized: false,
+        backoff: Backoff::new(base, backoff::seed()),
+        retry_at: None,
+        awaiting_refresh: false,
+    };
+    sup.main_loop(&auth_rx, &links_rx, &sig_rx)
+}
+
+impl Supervisor {
+    fn main_loop(
+        &mut self,
+        auth_rx: &Receiver<AuthEvent>,
+        links_rx: &Receiver<LinkEvent>,
+        sig_rx: &Receiver<libc::c_int>,
+    ) -> Result<(), DaemonError> {
+        loop {
+            let timeout = self
+                .retry_at
+                .map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+            select! {
+                recv(sig_rx) -> sig => match sig {
+                    Ok(libc::SIGUSR1) => self.dump_status(),
+                    Ok(sig) => {
+                        log::info!("received signal {sig}; shutting down");
+                        self.shutdown();
+                        return Ok(());
+                    }
+                    Err(_) => {}
+                },
+                recv(auth_rx) -> ev => match ev {
+                    Ok(AuthEvent::BusLost(e)) => {
+                        self.shutdown();
+                        return Err(DaemonError::BusLost(e));
+                    }
+                    Ok(ev) => self.on_auth(ev),
+                    Err(_) => return Err(DaemonError::BusLost("D-Bus thread ended".to_string())),
+                },
+                recv(links_rx) -> ev => if let Ok(ev) = ev { self.on_link(ev) },
+                default(timeout) => self.on_timer(),
+            }
+        }
+    }
+
+    fn on_auth(&mut self, ev: AuthEvent) {
+        match ev {
+            AuthEvent::Token {
+                token,
+                url,
+                requested,
+            } => {
+                if token.is_empty() || url.is_empty() {
+                    self.deauthorize();
+                    if requested && self.creds.is_none() {
+                        self.retry_at = Some(Instant::now() + UNAUTHORIZED_POLL);
+                    }
+                    return;
+                }
+                let pair = (token, url);
+                let changed = self.creds.as_ref() != Some(&pair);
+                let was_authorized = self.authorized;
+                self.creds = Some(pair);
+                self.authorized = true;
+                if changed || !was_authorized {
+                    if changed && was_authorized {
+                        log::info!("token or server URL changed; reconnecting");
+                    }
+                    self.backoff.reset();
+                    self.connect_now();
+                } else if requested && self.awaiting_refresh {
+                    self.connect_now();
+                } else if self.link.is_none() && self.retry_at.is_none() {
+                    self.connect_now();
+                }
+            }
+            AuthEvent::CallFailed { requested, .. } => {
+                if !requested {
+                    return;
+                }
+                if self.authorized && self.awaiting_refresh {
+                    // The auth daemon may be restarting; the last token may still work.
+                    self.connect_now();
+                } else if !self.authorized {
+                    self.retry_at = Some(Instant::now() + UNAUTHORIZED_POLL);
+                }
+            }
+            AuthEvent::BusLost(_) => {}
+        }
+    }
+
+    fn deauthorize(&mut self) {
+        if self.authorized {
+            let shells = self.router.terminate_shells();
+            log::info!("authorization lost: terminated {shells} shells, disconnecting");
+        }
+        self.authorized = false;
+        self.awaiting_refresh = false;
+        self.retry_at = None;
+        if let Some(link) = self.link.take() {
+            link.stop_and_join(SHUTDOWN_LINK);
+        }
+    }
+
+    fn connect_now(&mut self) {
+        self.awaiting_refresh = false;
+        self.retry_at = None;
+        if let Some(old) = self.link.take() {
+            old.stop_and_join(SHUTDOWN_LINK);
+        }
+        let Some((token, server_url)) = self.creds.clone() else {
+            return;
+        };
+        let ep = match url::endpoint(&server_url) {
+            Ok(ep) => ep,
+            Err(e) => {
+                log::error!("cannot connect: {e}");
+                self.schedule_retry();
+                return;
+            }
+        };
+        self.link_seq += 1;
+        match Link::start(
+            self.link_seq,
+            ep,
+            token,
+            self.out_rx.clone(),
+            Arc::clone(&self.router),
+            self.timing,
+            self.links_tx.clone(),
+        ) {
+            Ok(link) => self.link = Some(link),
+            Err(e) => {
+                log::error!("cannot start the connection thread: {e}");
+                self.schedule_retry();
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self) {
+        let delay = self.backoff.next_delay();
+        log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Connected { id } => log::debug!("link {id} up"),
+            LinkEvent::Ended {
+                id,
+                error,
+                lived,
+                unauthorized,
+            } => {
+                if self.link.as_ref().map(Link::id) != Some(id) {
+                    return; // a link we already replaced
+                }
+                self.link = None;
+                if let Some(l) = lived {
+                    self.backoff.connection_lived(l);
+                }
+                if let Some(e) = &error {
+                    log::error!("connection lost: {e}");
+                }
+                if unauthorized {
+                    log::warn!("the server refused the token (HTTP 401)");
+                }
+                if self.authorized {
+                    self.schedule_retry();
+                }
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let Some(at) = self.retry_at else { return };
+        if Instant::now() < at {
+            return;
+        }
+        self.retry_at = None;
+        // Re-ask D-Bus before every attempt: the token may have been renewed.
+        self.awaiting_refresh = self.authorized;
+        self.auth.refresh();
+        if !self.authorized {
+            self.retry_at = Some(Instant::now() + UNAUTHORIZED_POLL);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.router.shutdown(SHUTDOWN_SESSIONS);
+        if let Some(link) = self.link.take() {
+            link.stop_and_join(SHUTDOWN_LINK);
+        }
+    }
+
+    fn dump_status(&self) {
+        log::info!(
+            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  router sessions: {}",
+            crate::cli::version(),
+            self.link.is_some(),
+            self.authorized,
+            self.router.session_count()
+        );
+    }
+}
