@@ -140,7 +140,6 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-
 /// Deepest container nesting `decode_value` accepts; real peers nest at most
 /// three levels, and the limit bounds the decoder's recursion.
 pub const MAX_DEPTH: usize = 32;
@@ -634,15 +633,13 @@ impl<'a> Reader<'a> {
 
     /// Go's `DecodeInt64`: any integer (uint64 wraps), nil as 0.
     pub(crate) fn go_int(&mut self) -> Result<i64, DecodeError> {
-        self.go_uint()
-            .map(|n| n as i64)
-            .map_err(|e| match e {
-                DecodeError::InvalidCode { code, .. } => DecodeError::InvalidCode {
-                    code,
-                    decoding: "int64",
-                },
-                e => e,
-            })
+        self.go_uint().map(|n| n as i64).map_err(|e| match e {
+            DecodeError::InvalidCode { code, .. } => DecodeError::InvalidCode {
+                code,
+                decoding: "int64",
+            },
+            e => e,
+        })
     }
 
     /// Go's `DecodeBool`: only real booleans, nil as false.
@@ -803,4 +800,425 @@ fn decode_props(r: &mut Reader<'_>, props: &mut Props) -> Result<(), DecodeError
         props.insert(key, value);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn enc(v: &Value) -> String {
+        let mut out = Vec::new();
+        encode_value(v, &mut out);
+        hex(&out)
+    }
+
+    /// msgpack str header + bytes, for hand-built inputs.
+    fn s(text: &str) -> String {
+        let mut out = Vec::new();
+        encode_value(&Value::Str(text.into()), &mut out);
+        hex(&out)
+    }
+
+    /// `{hdr: {<hdr_entries>}}` with `n` hdr entries.
+    fn with_hdr(n: u8, entries: &str) -> Vec<u8> {
+        h(&format!("81 {} {:02x} {entries}", s("hdr"), 0x80 | n))
+    }
+
+    const OPEN: &str = "82a368647283a570726f746fcdffffa3747970a46f70656ea3736964d92433633265366230612d396631642d346538622d623761342d356436633765386639303030a4626f6479c40c81a876657273696f6e739101";
+    const SHELL_NEW: &str = "81a368647284a570726f746fcd0001a3747970a36e6577a3736964d92438643466356436322d366332622d346435652d396135372d336631633162326137653031a570726f707383af7465726d696e616c5f686569676874d032ae7465726d696e616c5f7769647468ccc8a7757365725f6964d92462336630633961342d316432652d346635302d386136312d376338643965306631613262";
+    const CHECK_UPDATE: &str = "81a368647283a570726f746fcd0004a3747970ac636865636b2d757064617465a570726f707381a673746174757301";
+
+    #[test]
+    fn go_int_is_shortest() {
+        let cases: &[(i64, &str)] = &[
+            (0, "00"),
+            (127, "7f"),
+            (128, "cc80"),
+            (255, "ccff"),
+            (256, "cd0100"),
+            (65535, "cdffff"),
+            (65536, "ce00010000"),
+            (4_294_967_296, "cf0000000100000000"),
+            (-1, "ff"),
+            (-32, "e0"),
+            (-33, "d0df"),
+            (-128, "d080"),
+            (-129, "d1ff7f"),
+            (-32769, "d2ffff7fff"),
+            (i64::from(i32::MIN) - 1, "d3ffffffff7fffffff"),
+        ];
+        for &(n, want) in cases {
+            assert_eq!(enc(&Value::Int(n)), want, "{n}");
+        }
+    }
+
+    #[test]
+    fn sized_ints_are_fixed_width() {
+        assert_eq!(enc(&Value::I8(1)), "d001");
+        assert_eq!(enc(&Value::I16(1)), "d10001");
+        assert_eq!(enc(&Value::I32(1)), "d200000001");
+        assert_eq!(enc(&Value::I64(0)), "d30000000000000000");
+        assert_eq!(enc(&Value::U8(1)), "cc01");
+        assert_eq!(enc(&Value::U16(1)), "cd0001");
+        assert_eq!(enc(&Value::U32(420)), "ce000001a4");
+        assert_eq!(enc(&Value::U64(1)), "cf0000000000000001");
+        assert_eq!(enc(&Value::F32(1.0)), "ca3f800000");
+        assert_eq!(enc(&Value::F64(1.0)), "cb3ff0000000000000");
+        assert_eq!(enc(&Value::Nil), "c0");
+        assert_eq!(enc(&Value::Bool(true)), "c3");
+    }
+
+    #[test]
+    fn lengths_use_shortest_headers() {
+        assert_eq!(&enc(&Value::Str("a".repeat(31)))[..2], "bf");
+        assert_eq!(&enc(&Value::Str("a".repeat(32)))[..4], "d920");
+        assert_eq!(&enc(&Value::Str("a".repeat(256)))[..6], "da0100");
+        assert_eq!(&enc(&Value::Str("a".repeat(65536)))[..10], "db00010000");
+        assert_eq!(enc(&Value::Bin(vec![])), "c400");
+        assert_eq!(&enc(&Value::Bin(vec![0; 256]))[..6], "c50100");
+        assert_eq!(&enc(&Value::Bin(vec![0; 65536]))[..10], "c600010000");
+        assert_eq!(&enc(&Value::Array(vec![Value::Nil; 16]))[..6], "dc0010");
+        assert_eq!(enc(&Value::Map(vec![(Value::Nil, Value::Nil)])), "81c0c0");
+        assert_eq!(enc(&Value::Ext(-1, vec![0; 4])), "d6ff00000000");
+        assert_eq!(enc(&Value::Ext(-1, vec![0; 8])), "d7ff0000000000000000");
+        assert_eq!(&enc(&Value::Ext(-1, vec![0; 12]))[..6], "c70cff");
+        assert_eq!(&enc(&Value::Ext(5, vec![0; 16]))[..4], "d805");
+        assert_eq!(&enc(&Value::Ext(5, vec![0; 3]))[..6], "c70305");
+    }
+
+    #[test]
+    fn walk_through_vector_encodes() {
+        let msg = ProtoMsg::new(PROTO_MENDERCLIENT, "check-update", "")
+            .with_prop("status", Value::Int(1));
+        assert_eq!(hex(&encode(&msg)), CHECK_UPDATE);
+    }
+
+    #[test]
+    fn empty_body_is_omitted() {
+        let msg = ProtoMsg::new(PROTO_FILETRANSFER, "file_chunk", "s").with_body(vec![]);
+        let bytes = encode(&msg);
+        assert_eq!(bytes[0], 0x81);
+        assert_eq!(decode(&bytes).unwrap().body, None);
+        assert_eq!(
+            hex(&encode(&ProtoMsg::default())),
+            format!("81{}81{}cd0000", s("hdr"), s("proto"))
+        );
+    }
+
+    #[test]
+    fn decoding_follows_go() {
+        // Keys in any order, unknown keys (with nested values) skipped.
+        let unknown = format!("{} 92 81 a1 61 93 c0 c3 d6ff00000000 c70301616263", s("zz"));
+        let bytes = h(&format!(
+            "83 {} c4 01 41 {unknown} {} 82 {} a1 74 {} cd 0002",
+            s("body"),
+            s("hdr"),
+            s("typ"),
+            s("proto")
+        ));
+        let msg = decode(&bytes).unwrap();
+        assert_eq!(msg.hdr.proto, 2);
+        assert_eq!(msg.hdr.typ, "t");
+        assert_eq!(msg.body.as_deref(), Some(&b"A"[..]));
+
+        // Duplicate keys: last wins; a repeated hdr updates field by field.
+        let bytes = h(&format!(
+            "83 {} c4 01 41 {} 81 {} 01 {} a1 42",
+            s("body"),
+            s("hdr"),
+            s("proto"),
+            s("body")
+        ));
+        assert_eq!(decode(&bytes).unwrap().body.as_deref(), Some(&b"B"[..]));
+
+        // hdr missing or nil: zero header.
+        assert_eq!(decode(&h("80")).unwrap(), ProtoMsg::default());
+        assert_eq!(
+            decode(&h(&format!("81 {} c0", s("hdr")))).unwrap(),
+            ProtoMsg::default()
+        );
+
+        // proto: any integer format, truncated to 16 bits.
+        for (wire, want) in [
+            ("01", 1),
+            ("ff", 65535),
+            ("cc 05", 5),
+            ("ce 00010001", 1),
+            ("d3 0000000000000003", 3),
+            ("d0 fe", 65534),
+            ("c0", 0),
+        ] {
+            let msg = decode(&with_hdr(1, &format!("{} {wire}", s("proto")))).unwrap();
+            assert_eq!(msg.hdr.proto, want, "{wire}");
+        }
+
+        // typ/sid as str, bin or nil.
+        let bytes = with_hdr(2, &format!("{} c4 02 6869 {} c0", s("typ"), s("sid")));
+        let msg = decode(&bytes).unwrap();
+        assert_eq!((msg.hdr.typ.as_str(), msg.hdr.sid.as_str()), ("hi", ""));
+
+        // props nil; a later nil clears, a later map merges.
+        let p1 = format!("{} 81 {} 01", s("props"), s("a"));
+        let p2 = format!("{} 81 {} 02", s("props"), s("b"));
+        let msg = decode(&with_hdr(2, &format!("{p1} {p2}"))).unwrap();
+        assert_eq!(msg.hdr.props.len(), 2);
+        let msg = decode(&with_hdr(2, &format!("{p1} {} c0", s("props")))).unwrap();
+        assert!(msg.hdr.props.is_empty());
+
+        // body as str; nil; empty bin.
+        let body = |b: &str| decode(&h(&format!("81 {} {b}", s("body")))).unwrap().body;
+        assert_eq!(body("a1 78").as_deref(), Some(&b"x"[..]));
+        assert_eq!(body("c0"), None);
+        assert_eq!(body("c4 00"), Some(vec![]));
+
+        // Trailing bytes ignored.
+        assert_eq!(decode(&h("80 c1 ff")).unwrap(), ProtoMsg::default());
+
+        // Invalid UTF-8 is replaced, not rejected.
+        let msg = decode(&with_hdr(1, &format!("{} a2 ff41", s("typ")))).unwrap();
+        assert_eq!(msg.hdr.typ, "\u{fffd}A");
+    }
+
+    #[test]
+    fn props_keep_their_wire_width() {
+        let msg = decode(&h(SHELL_NEW)).unwrap();
+        assert_eq!(msg.prop("terminal_height"), Some(&Value::I8(50)));
+        assert_eq!(msg.prop("terminal_width"), Some(&Value::U8(200)));
+        assert_eq!(
+            msg.prop_str("user_id"),
+            Some("b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b")
+        );
+        assert_eq!(hex(&encode(&msg)), SHELL_NEW);
+        // A fixint comes back as int8 and is echoed as `d0` (§2.3.2).
+        let msg = decode(&h(CHECK_UPDATE)).unwrap();
+        assert_eq!(msg.prop("status"), Some(&Value::I8(1)));
+        assert!(hex(&encode(&msg)).ends_with("d001"));
+        assert_eq!(decode_value(&h("e0")).unwrap(), (Value::I8(-32), 1));
+    }
+
+    #[test]
+    fn value_accessors() {
+        assert_eq!(Value::U64(u64::MAX).as_i64(), None);
+        assert_eq!(Value::U64(u64::MAX).as_u64(), Some(u64::MAX));
+        assert_eq!(Value::I8(-1).as_u64(), None);
+        assert_eq!(Value::I8(-1).as_i64(), Some(-1));
+        assert_eq!(Value::U32(7).as_i64(), Some(7));
+        assert_eq!(Value::Str("x".into()).as_i64(), None);
+        assert_eq!(Value::Bin(b"x".to_vec()).as_str(), None);
+        assert_eq!(Value::Str("x".into()).as_str(), Some("x"));
+    }
+
+    #[test]
+    fn malformed_inputs_are_rejected() {
+        let deep_arrays = "91".repeat(100_000);
+        let deep_maps = "81a0".repeat(100_000);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("reserved c1", h("c1")),
+            ("top-level int", h("01")),
+            ("top-level array", h("9101")),
+            ("top-level nil", h("c0")),
+            ("top-level str", h("a161")),
+            ("proto str", with_hdr(1, &format!("{} a1 31", s("proto")))),
+            (
+                "proto float",
+                with_hdr(1, &format!("{} ca 3f800000", s("proto"))),
+            ),
+            (
+                "proto double",
+                with_hdr(1, &format!("{} cb 3ff0000000000000", s("proto"))),
+            ),
+            ("proto bool", with_hdr(1, &format!("{} c3", s("proto")))),
+            ("typ int", with_hdr(1, &format!("{} 01", s("typ")))),
+            ("hdr str", h(&format!("81 {} a1 78", s("hdr")))),
+            ("props array", with_hdr(1, &format!("{} 91 01", s("props")))),
+            (
+                "props int key",
+                with_hdr(1, &format!("{} 81 01 01", s("props"))),
+            ),
+            (
+                "props map key",
+                with_hdr(1, &format!("{} 81 80 01", s("props"))),
+            ),
+            ("top int key", h("81 01 01")),
+            ("body int", h(&format!("81 {} 01", s("body")))),
+            ("body array", h(&format!("81 {} 90", s("body")))),
+            ("array32 4GiB", h("dd ffffffff 00")),
+            ("map32 4GiB", h("df ffffffff 0000")),
+            ("str32 4GiB", h("db ffffffff 61")),
+            ("bin32 4GiB", h("c6 ffffffff 61")),
+            ("ext32 4GiB", h("c9 ffffffff 01 61")),
+            (
+                "array32 in props",
+                with_hdr(1, &format!("{} 81 a1 61 dd ffffffff 00", s("props"))),
+            ),
+            ("map32 as hdr", h(&format!("81 {} df ffffffff", s("hdr")))),
+            ("str32 as key", h("81 db ffffffff 61")),
+            ("bin32 body", h(&format!("81 {} c6 ffffffff 00", s("body")))),
+            (
+                "unknown key array32",
+                h(&format!("81 {} dd ffffffff 00", s("zz"))),
+            ),
+            ("deep arrays", h(&deep_arrays)),
+            ("deep maps", h(&deep_maps)),
+            (
+                "deep arrays in props",
+                with_hdr(1, &format!("{} 81 a1 61 {deep_arrays} 00", s("props"))),
+            ),
+            (
+                "deep arrays under unknown key",
+                h(&format!("81 {} {deep_arrays}", s("zz"))),
+            ),
+        ];
+        let start = std::time::Instant::now();
+        for (name, bytes) in &cases {
+            assert!(decode(bytes).is_err(), "{name}: decode accepted");
+        }
+        // The ones that are malformed msgpack, not just a malformed message.
+        let raw = ["empty", "reserved c1", "deep arrays", "deep maps"];
+        for (name, bytes) in &cases {
+            if raw.contains(name) || name.ends_with("4GiB") {
+                assert!(
+                    decode_value(bytes).is_err(),
+                    "{name}: decode_value accepted"
+                );
+            }
+        }
+        assert_eq!(decode_value(&h(&deep_arrays)), Err(DecodeError::TooDeep));
+        assert_eq!(decode(&h("")), Err(DecodeError::Eof));
+        assert_eq!(
+            decode(&with_hdr(1, &format!("{} a1 31", s("proto")))),
+            Err(DecodeError::WrongType {
+                field: "hdr.proto",
+                found: "str"
+            })
+        );
+        assert_eq!(
+            decode(&h("dd ffffffff 00")),
+            Err(DecodeError::WrongType {
+                field: "message",
+                found: "array"
+            })
+        );
+        assert_eq!(
+            decode_value(&h("dd ffffffff 00")),
+            Err(DecodeError::LengthExceedsInput(0xffff_ffff))
+        );
+        assert_eq!(
+            decode(&with_hdr(1, &format!("{} 81 01 01", s("props")))),
+            Err(DecodeError::NonStringKey)
+        );
+        // Deep nesting under an unknown key is skipped without recursion.
+        assert!(decode(&h(&format!("81 {} {deep_arrays} 00", s("zz")))).is_ok());
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        for vector in [OPEN, SHELL_NEW, CHECK_UPDATE] {
+            let bytes = h(vector);
+            assert!(decode(&bytes).is_ok());
+            for len in 0..bytes.len() {
+                assert!(decode(&bytes[..len]).is_err(), "prefix {len} of {vector}");
+            }
+        }
+        let body = h("81a876657273696f6e739101");
+        for len in 0..body.len() {
+            assert!(decode_value(&body[..len]).is_err(), "prefix {len}");
+        }
+    }
+
+    /// Decoding arbitrary bytes never panics, and whatever decodes re-encodes
+    /// to something that decodes to the same thing.
+    fn no_panic(bytes: &[u8]) {
+        if let Ok(msg) = decode(bytes) {
+            let once = encode(&msg);
+            let again = decode(&once).expect("re-decode of encoded message");
+            assert_eq!(encode(&again), once);
+        }
+        if let Ok((v, used)) = decode_value(bytes) {
+            assert!(used <= bytes.len());
+            let mut once = Vec::new();
+            encode_value(&v, &mut once);
+            let (again, n) = decode_value(&once).expect("re-decode of encoded value");
+            assert_eq!(n, once.len());
+            let mut twice = Vec::new();
+            encode_value(&again, &mut twice);
+            assert_eq!(twice, once);
+        }
+    }
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        // Biased towards map/str/container markers so inputs get past the
+        // first byte often enough to exercise the nested paths.
+        let alphabet = h(
+            "80 81 82 83 a3 a4 a5 c0 c2 c3 c4 c5 c6 cc cd ce cf d0 d3 d6 d7 d9 dc dd de df 90 91 01 ff 00 ca cb c7 c8 c9",
+        );
+        let keys: Vec<Vec<u8>> = ["hdr", "body", "proto", "typ", "sid", "props"]
+            .iter()
+            .map(|k| h(&s(k)))
+            .collect();
+        let mut buf = Vec::new();
+        for _ in 0..200_000 {
+            buf.clear();
+            let len = (rng.next() % 48) as usize;
+            while buf.len() < len {
+                let r = rng.next();
+                match r % 4 {
+                    0 => buf.push(r as u8 >> 2),
+                    1 => buf.push(alphabet[(r >> 8) as usize % alphabet.len()]),
+                    2 => buf.extend_from_slice(&keys[(r >> 8) as usize % keys.len()]),
+                    _ => buf.push((r >> 16) as u8),
+                }
+            }
+            no_panic(&buf);
+        }
+    }
+
+    #[test]
+    fn mutated_vectors_never_panic() {
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for vector in [OPEN, SHELL_NEW, CHECK_UPDATE] {
+            let original = h(vector);
+            for _ in 0..20_000 {
+                let mut m = original.clone();
+                for _ in 0..1 + rng.next() % 4 {
+                    let r = rng.next();
+                    let at = (r >> 8) as usize % m.len().max(1);
+                    match r % 4 {
+                        0 if !m.is_empty() => m[at] = (r >> 32) as u8,
+                        1 if !m.is_empty() => m[at] ^= 1 << ((r >> 32) % 8),
+                        2 => m.insert(at.min(m.len()), (r >> 32) as u8),
+                        _ => m.truncate(at),
+                    }
+                }
+                no_panic(&m);
+            }
+        }
+    }
 }

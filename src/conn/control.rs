@@ -220,3 +220,174 @@ fn read_list<'a, T>(
     }
     Ok(items)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn err_text<T: std::fmt::Debug>(r: Result<T, DecodeError>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bodies_encode_as_go_does() {
+        let open = Open { versions: vec![1] };
+        assert_eq!(hex(&open.encode()), "81a876657273696f6e739101");
+        let accept = Accept {
+            version: 1,
+            protocols: vec![1, 2, 3, 4],
+        };
+        assert_eq!(
+            hex(&accept.encode()),
+            "82a776657273696f6e01a970726f746f636f6c7394cd0001cd0002cd0003cd0004"
+        );
+        let timeout = ControlError::new("session timeout", true);
+        assert_eq!(
+            hex(&timeout.encode()),
+            "82a3657272af73657373696f6e2074696d656f7574a5636c6f7365c3"
+        );
+        // `code` sits between close and msgproto, written as a Go int.
+        let e = ControlError {
+            code: 500,
+            msgproto: 2,
+            msgid: "m".into(),
+            ..ControlError::new("x", false)
+        };
+        assert_eq!(
+            hex(&e.encode()),
+            "85a3657272a178a5636c6f7365c2a4636f6465cd01f4a86d736770726f746fcd0002a56d73676964a16d"
+        );
+        assert_eq!(ControlError::decode(&e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn decoding_is_tolerant_like_go() {
+        // Unknown keys (with nested values) skipped, any key order, nil = zero.
+        let body = h("83 a1 78 92 81 a1 79 c0 c3 a8 76657273696f6e73 92 02 cc01 a1 7a c0");
+        assert_eq!(Open::decode(&body).unwrap().versions, vec![2, 1]);
+        assert_eq!(Open::decode(&h("c0")).unwrap(), Open::default());
+        assert_eq!(
+            Open::decode(&h("81 a8 76657273696f6e73 c0")).unwrap(),
+            Open::default()
+        );
+        let accept = Accept::decode(&h(
+            "82 a9 70726f746f636f6c73 93 01 ce00010002 ff a7 76657273696f6e d3 0000000000000001",
+        ))
+        .unwrap();
+        assert_eq!(accept.version, 1);
+        assert_eq!(accept.protocols, vec![1, 2, 65535]);
+        // `code` of another type is ignored, as the reference (no such field) does.
+        let e = ControlError::decode(&h("83 a3 657272 a1 78 a4 636f6465 a1 79 a5 636c6f7365 c3"))
+            .unwrap();
+        assert_eq!(e, ControlError::new("x", true));
+    }
+
+    #[test]
+    fn decode_errors_read_like_go() {
+        assert_eq!(err_text(Open::decode(&[])), "EOF");
+        assert_eq!(
+            err_text(Open::decode(&h("01"))),
+            "msgpack: invalid code=1 decoding map length"
+        );
+        assert_eq!(
+            err_text(Open::decode(&h("81 a8 76657273696f6e73 a1 31"))),
+            "msgpack: invalid code=a1 decoding array length"
+        );
+        assert_eq!(
+            err_text(Open::decode(&h("81 a8 76657273696f6e73 91 a1 31"))),
+            "msgpack: invalid code=a1 decoding int64"
+        );
+        // Go would say "EOF" here; the length check fires before the read.
+        assert_eq!(
+            err_text(Open::decode(&h("81 a8 76657273696f6e73 92 01"))),
+            "msgpack: length 2 exceeds the input"
+        );
+        assert_eq!(
+            err_text(Open::decode(&h("81 a8 766572"))),
+            "msgpack: length 8 exceeds the input"
+        );
+        assert_eq!(
+            err_text(Accept::decode(&h("81 a7 76657273696f6e cd 00"))),
+            "unexpected EOF"
+        );
+        assert_eq!(
+            err_text(Accept::decode(&h("81 a9 70726f746f636f6c73 91 c3"))),
+            "msgpack: invalid code=c3 decoding uint64"
+        );
+        assert_eq!(
+            err_text(ControlError::decode(&h("81 a5 636c6f7365 01"))),
+            "msgpack: invalid code=1 decoding bool"
+        );
+        assert_eq!(
+            err_text(ControlError::decode(&h("81 a3 657272 01"))),
+            "msgpack: invalid code=1 decoding string/bytes length"
+        );
+        assert_eq!(
+            err_text(ControlError::decode(&h("81 01 01"))),
+            "msgpack: invalid code=1 decoding string/bytes length"
+        );
+        assert!(ControlError::decode(&h("81 a5 636c6f7365 c1")).is_err());
+    }
+
+    #[test]
+    fn generic_maps_round_trip() {
+        let body = encode_map(&[
+            ("err", Value::Str("unknown connection".into())),
+            ("msgtype", Value::Str("forward".into())),
+        ]);
+        assert_eq!(
+            hex(&body),
+            "82a3657272b2756e6b6e6f776e20636f6e6e656374696f6ea76d736774797065a7666f7277617264"
+        );
+        let entries = decode_map(&body).unwrap();
+        assert_eq!(
+            entries[0],
+            ("err".into(), Value::Str("unknown connection".into()))
+        );
+        assert_eq!(entries[1].0, "msgtype");
+        assert_eq!(decode_map(&h("c0")).unwrap(), vec![]);
+        assert_eq!(decode_map(&h("81 01 01")), Err(DecodeError::NonStringKey));
+        assert!(decode_map(&h("91 01")).is_err());
+        assert!(decode_map(&h("df ffffffff")).is_err());
+        assert!(decode_map(&h(&format!("81 a1 61 {}", "91".repeat(10_000)))).is_err());
+    }
+
+    #[test]
+    fn random_bodies_never_panic() {
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let alphabet = h("80 81 82 91 92 a1 a3 a5 a7 a8 a9 c0 c1 c2 c3 cd ce d3 dc dd de df 01 ff");
+        let mut buf = Vec::new();
+        for _ in 0..50_000 {
+            buf.clear();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 24) as usize;
+            let mut y = x;
+            for _ in 0..len {
+                y = y.rotate_left(7).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                buf.push(if y.is_multiple_of(2) {
+                    alphabet[(y >> 8) as usize % alphabet.len()]
+                } else {
+                    (y >> 16) as u8
+                });
+            }
+            let _ = Open::decode(&buf);
+            let _ = Accept::decode(&buf);
+            let _ = ControlError::decode(&buf);
+            let _ = decode_map(&buf);
+        }
+    }
+}
