@@ -107,9 +107,9 @@ impl Supervisor {
         sig_rx: &Receiver<libc::c_int>,
     ) -> Result<(), DaemonError> {
         loop {
-            let timeout = self
-                .retry_at
-                .map_or(Duration::from_secs(3600), |t| t.saturating_duration_since(Instant::now()));
+            let timeout = self.retry_at.map_or(Duration::from_secs(3600), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
             select! {
                 recv(sig_rx) -> sig => match sig {
                     Ok(libc::SIGUSR1) => self.dump_status(),
@@ -159,9 +159,9 @@ impl Supervisor {
                     }
                     self.backoff.reset();
                     self.connect_now();
-                } else if requested && self.awaiting_refresh {
-                    self.connect_now();
-                } else if self.link.is_none() && self.retry_at.is_none() {
+                } else if (requested && self.awaiting_refresh)
+                    || (self.link.is_none() && self.retry_at.is_none())
+                {
                     self.connect_now();
                 }
             }
@@ -287,7 +287,7 @@ impl Supervisor {
     fn dump_status(&self) {
         log::info!(
             "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  router sessions: {}",
-            crate::cli::version(),
+            crate::cli::version_line(),
             self.link.is_some(),
             self.authorized,
             self.router.session_count()

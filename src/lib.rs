@@ -4,8 +4,8 @@
 pub mod cli;
 pub mod config;
 pub mod conn;
-pub mod limits;
 pub mod daemon;
+pub mod limits;
 pub mod logging;
 pub mod sessions;
 pub mod signals;

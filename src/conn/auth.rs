@@ -94,7 +94,10 @@ impl Auth {
         let signal_events = events.clone();
         let rule = MatchRule::new_signal(INTERFACE, "JwtTokenStateChange").with_path(OBJECT_PATH);
         conn.add_match(rule, move |(token, url): (String, String), _, _| {
-            log::debug!("JwtTokenStateChange: token {} bytes, url {url:?}", token.len());
+            log::debug!(
+                "JwtTokenStateChange: token {} bytes, url {url:?}",
+                token.len()
+            );
             let _ = signal_events.send(AuthEvent::Token {
                 token,
                 url,

@@ -7,11 +7,11 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use tungstenite::WebSocket;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::http::HeaderValue;
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::WebSocket;
 
 use super::url::Endpoint;
 
@@ -124,14 +124,17 @@ pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> 
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let tcp = connect_tcp(ep, deadline)?;
     let _ = tcp.set_nodelay(true);
-    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     tcp.set_read_timeout(Some(remaining))
         .and_then(|_| tcp.set_write_timeout(Some(remaining)))
         .map_err(|e| DialError::Connect(ep.host.clone(), e))?;
     let stream = if ep.tls {
         // Built per dial, and only for wss, so a plain ws link never loads
         // libssl's CA store (design.md "TLS").
-        let connector = native_tls::TlsConnector::new().map_err(|e| DialError::Tls(e.to_string()))?;
+        let connector =
+            native_tls::TlsConnector::new().map_err(|e| DialError::Tls(e.to_string()))?;
         let tls = connector.connect(&ep.host, tcp).map_err(|e| match e {
             native_tls::HandshakeError::Failure(e) => DialError::Tls(e.to_string()),
             native_tls::HandshakeError::WouldBlock(_) => {
@@ -160,9 +163,7 @@ pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> 
             Err(DialError::Status(resp.status().as_u16()))
         }
         Err(HandshakeError::Failure(e)) => Err(DialError::Handshake(e.to_string())),
-        Err(HandshakeError::Interrupted(_)) => {
-            Err(DialError::Handshake("timed out".to_string()))
-        }
+        Err(HandshakeError::Interrupted(_)) => Err(DialError::Handshake("timed out".to_string())),
     }
 }
 

@@ -73,7 +73,16 @@ impl Link {
             .name("conn".to_string())
             .stack_size(LINK_STACK)
             .spawn(move || {
-                let ev = run(id, &ep, &token, &thread_out, &router, timing, &thread_stop, &events);
+                let ev = run(
+                    id,
+                    &ep,
+                    &token,
+                    &thread_out,
+                    &router,
+                    timing,
+                    &thread_stop,
+                    &events,
+                );
                 let _ = events.send(ev);
             })?;
         Ok(Link {
@@ -122,12 +131,13 @@ fn run(
     stop: &AtomicBool,
     events: &Sender<LinkEvent>,
 ) -> LinkEvent {
-    let ended = |error: Option<String>, lived: Option<Duration>, unauthorized: bool| LinkEvent::Ended {
-        id,
-        error,
-        lived,
-        unauthorized,
-    };
+    let ended =
+        |error: Option<String>, lived: Option<Duration>, unauthorized: bool| LinkEvent::Ended {
+            id,
+            error,
+            lived,
+            unauthorized,
+        };
     let mut ws = match dial::dial(ep, token) {
         Ok(ws) => ws,
         Err(e) => {
@@ -213,11 +223,9 @@ fn pump(
             while let Ok(frame) = out.rx.try_recv() {
                 match ws.write(Message::Binary(frame.into())) {
                     Ok(()) => {}
-                    // the frame is buffered; wait for POLLOUT before taking more
-                    Err(e) if is_would_block(&e) => {
-                        write_blocked = true;
-                        break;
-                    }
+                    // the frame is buffered; the flush below finds the socket
+                    // full and we wait for POLLOUT before taking more
+                    Err(e) if is_would_block(&e) => break,
                     Err(e) => return Err(format!("write: {e}")),
                 }
             }

@@ -181,7 +181,10 @@ impl Inner {
     fn shell_unavailable(&self, msg: &ProtoMsg) {
         if msg.hdr.sid.is_empty() {
             // the server aborts the link on a shell message without sid (§1.7)
-            log::warn!("ignoring shell message {:?} without session id", msg.hdr.typ);
+            log::warn!(
+                "ignoring shell message {:?} without session id",
+                msg.hdr.typ
+            );
             return;
         }
         let reply = ProtoMsg::new(PROTO_SHELL, &msg.hdr.typ, &msg.hdr.sid)
@@ -349,10 +352,8 @@ fn handle_message(
             ControlAction::ReplyAndEnd(r) => (Some(r), false),
             ControlAction::End => (None, false),
         };
-        if let Some(r) = reply {
-            if let Err(e) = ctx.out.send(&r) {
-                log::debug!("session {}: control reply not sent: {e}", ctx.sid);
-            }
+        if let Some(Err(e)) = reply.map(|r| ctx.out.send(&r)) {
+            log::debug!("session {}: control reply not sent: {e}", ctx.sid);
         }
         return go_on;
     }
@@ -429,9 +430,10 @@ pub fn control_action(msg: &ProtoMsg, protocols: &[u16]) -> ControlAction {
                 ),
                 true,
             )),
-            Err(e) => {
-                ControlAction::ReplyAndEnd(error(format!("malformed handshake response: {e}"), true))
-            }
+            Err(e) => ControlAction::ReplyAndEnd(error(
+                format!("malformed handshake response: {e}"),
+                true,
+            )),
         },
         "ping" => ControlAction::Reply(ProtoMsg::new(PROTO_CONTROL, "pong", sid)),
         "pong" => ControlAction::Nothing,
@@ -456,7 +458,6 @@ pub fn control_action(msg: &ProtoMsg, protocols: &[u16]) -> ControlAction {
         )),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -498,7 +499,10 @@ mod tests {
 
     #[test]
     fn open_without_version_1_or_undecodable_ends_the_session() {
-        for body in [Open { versions: vec![2] }.encode(), Open::default().encode()] {
+        for body in [
+            Open { versions: vec![2] }.encode(),
+            Open::default().encode(),
+        ] {
             let (e, end) = error_of(&control_action(&control("open", Some(body)), &[]));
             assert!(end);
             assert_eq!(e.err, "handshake rejected: require version 1");
@@ -507,7 +511,11 @@ mod tests {
         }
         let (e, end) = error_of(&control_action(&control("open", Some(vec![0x01])), &[]));
         assert!(end && e.close);
-        assert!(e.err.starts_with("failed to decode handshake request: "), "{}", e.err);
+        assert!(
+            e.err.starts_with("failed to decode handshake request: "),
+            "{}",
+            e.err
+        );
     }
 
     #[test]
@@ -530,7 +538,11 @@ mod tests {
             ControlAction::Nothing
         );
         let (e, _) = error_of(&control_action(&control("accept", Some(vec![0xc1])), &[]));
-        assert!(e.err.starts_with("malformed handshake response: "), "{}", e.err);
+        assert!(
+            e.err.starts_with("malformed handshake response: "),
+            "{}",
+            e.err
+        );
     }
 
     #[test]
@@ -539,8 +551,14 @@ mod tests {
             panic!("no pong")
         };
         assert_eq!(p, ProtoMsg::new(PROTO_CONTROL, "pong", SID));
-        assert_eq!(control_action(&control("pong", None), &[]), ControlAction::Nothing);
-        assert_eq!(control_action(&control("close", None), &[]), ControlAction::End);
+        assert_eq!(
+            control_action(&control("pong", None), &[]),
+            ControlAction::Nothing
+        );
+        assert_eq!(
+            control_action(&control("close", None), &[]),
+            ControlAction::End
+        );
         let closing = ControlError::new("bye", true).encode();
         assert_eq!(
             control_action(&control("error", Some(closing)), &[]),
@@ -553,7 +571,10 @@ mod tests {
         );
         let (e, end) = error_of(&control_action(&control("bogus", None), &[]));
         assert!(!end && !e.close);
-        assert_eq!(e.err, "session: control type message not understood: 'bogus'");
+        assert_eq!(
+            e.err,
+            "session: control type message not understood: 'bogus'"
+        );
         assert_eq!(e.msgtype, "bogus");
     }
 

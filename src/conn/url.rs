@@ -105,7 +105,10 @@ mod tests {
             e.url,
             "ws://127.0.0.1:33489/api/devices/v1/deviceconnect/connect"
         );
-        assert_eq!((e.host.as_str(), e.port, e.tls), ("127.0.0.1", 33489, false));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.tls),
+            ("127.0.0.1", 33489, false)
+        );
 
         let e = endpoint("https://example.com/prefix?x=1").expect("ok");
         assert_eq!(
@@ -114,22 +117,34 @@ mod tests {
         );
         let e = endpoint("http://user:pw@[::1]:8080/x").expect("ok");
         assert_eq!((e.host.as_str(), e.port), ("::1", 8080));
-        assert_eq!(e.url, "ws://[::1]:8080/api/devices/v1/deviceconnect/connect");
+        assert_eq!(
+            e.url,
+            "ws://[::1]:8080/api/devices/v1/deviceconnect/connect"
+        );
         assert!(endpoint("ws://h").is_ok_and(|e| !e.tls && e.port == 80));
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(endpoint("hosted.mender.io"), Err(UrlError::NoScheme(_))));
+        assert!(matches!(
+            endpoint("hosted.mender.io"),
+            Err(UrlError::NoScheme(_))
+        ));
         assert!(matches!(
             endpoint("ftp://x"),
             Err(UrlError::UnsupportedScheme(_))
         ));
-        assert!(matches!(endpoint("http://"), Err(UrlError::BadAuthority(_))));
+        assert!(matches!(
+            endpoint("http://"),
+            Err(UrlError::BadAuthority(_))
+        ));
         assert!(matches!(
             endpoint("http://h:99999"),
             Err(UrlError::BadAuthority(_))
         ));
-        assert!(matches!(endpoint("http://[::1"), Err(UrlError::BadAuthority(_))));
+        assert!(matches!(
+            endpoint("http://[::1"),
+            Err(UrlError::BadAuthority(_))
+        ));
     }
 }

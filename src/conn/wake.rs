@@ -76,7 +76,10 @@ pub fn poll_fds(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
             return Err(err);
         }
     }
-    Ok(pfds.iter().map(|p| if rc < 0 { 0 } else { p.revents }).collect())
+    Ok(pfds
+        .iter()
+        .map(|p| if rc < 0 { 0 } else { p.revents })
+        .collect())
 }
 
 #[cfg(test)]
