@@ -1,0 +1,113 @@
+//! Shared integration-test bed: a private D-Bus, a stand-in Mender auth
+//! service, a stand-in deviceconnect server (plain and TLS) and a helper to run
+//! the daemon under test.
+//!
+//! Used by integration tests with `mod common;` and by `examples/standin.rs`
+//! through `#[path = "../tests/common/mod.rs"] mod common;`. Each test uses a
+//! subset, hence the `dead_code` allowances.
+//!
+//! Every helper owns what it starts: dropping it stops its threads, kills and
+//! reaps its processes and removes its temporary files. Every wait has a
+//! deadline; nothing sleeps to synchronise.
+#![allow(dead_code)]
+
+pub mod auth;
+pub mod daemon;
+pub mod dbus;
+pub mod server;
+pub mod tls;
+
+#[allow(unused_imports)]
+pub use self::auth::AuthService;
+#[allow(unused_imports)]
+pub use self::daemon::{Daemon, default_config};
+#[allow(unused_imports)]
+pub use self::dbus::DbusDaemon;
+#[allow(unused_imports)]
+pub use self::server::{ConnHandle, Event, Frame, Server};
+#[allow(unused_imports)]
+pub use self::tls::TlsCert;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Default deadline for "this should happen promptly" waits in tests.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The deviceconnect websocket path (protocol.md §1.2).
+pub const CONNECT_PATH: &str = "/api/devices/v1/deviceconnect/connect";
+
+/// A directory under the system temp dir, removed (recursively) on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh, empty directory named after `tag`, the process id and
+    /// a process-wide counter (unique even when tests run in parallel).
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("mc-testbed-{}-{}-{}", tag, std::process::id(), n));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `self.path().join(name)`.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `cond` until it returns true or `timeout` passes; returns the last
+/// result. For conditions nobody can notify us about (files, processes); the
+/// pause between polls is only pacing, never the synchronisation itself.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a process with this id exists (zombies included).
+pub fn process_exists(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence/permission.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Hex dump of at most `max` bytes, for failure messages and the demo log.
+pub fn hex(bytes: &[u8], max: usize) -> String {
+    let mut s: String = bytes
+        .iter()
+        .take(max)
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if bytes.len() > max {
+        s.push_str(&format!(" … (+{} bytes)", bytes.len() - max));
+    }
+    s
+}
