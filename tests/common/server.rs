@@ -463,22 +463,22 @@ impl Io {
                 FilterState::Header(h) => {
                     h.push(buf[0]);
                     buf = &buf[1..];
-                    if let Some((hlen, plen)) = frame_header_len(h) {
-                        if h.len() == hlen {
-                            let is_pong = h[0] & 0x0f == 0x0a;
-                            let drop = is_pong && !answer;
-                            if !drop {
-                                self.out.extend_from_slice(h);
-                            }
-                            self.filter = if plen == 0 {
-                                FilterState::Header(Vec::new())
-                            } else {
-                                FilterState::Payload {
-                                    remaining: plen,
-                                    drop,
-                                }
-                            };
+                    if let Some((hlen, plen)) = frame_header_len(h)
+                        && h.len() == hlen
+                    {
+                        let is_pong = h[0] & 0x0f == 0x0a;
+                        let drop = is_pong && !answer;
+                        if !drop {
+                            self.out.extend_from_slice(h);
                         }
+                        self.filter = if plen == 0 {
+                            FilterState::Header(Vec::new())
+                        } else {
+                            FilterState::Payload {
+                                remaining: plen,
+                                drop,
+                            }
+                        };
                     }
                 }
                 FilterState::Payload { remaining, drop } => {
@@ -761,6 +761,8 @@ impl Drop for ConnGuard {
     }
 }
 
+// The handshake callback's error type is fixed by tungstenite.
+#[allow(clippy::result_large_err)]
 fn handle_conn(
     seq: usize,
     tcp: TcpStream,
@@ -818,12 +820,29 @@ fn handle_conn(
         } else {
             (101, None)
         };
-        captured = Some(UpgradeRequest {
+        let request = UpgradeRequest {
             path,
             uri: req.uri().to_string(),
             headers,
             status,
-        });
+        };
+        // Recorded before the response goes out, so attempts are in the
+        // order the client saw the answers.
+        {
+            let mut g = shared.state.lock().unwrap();
+            g.attempts.push(request.clone());
+            if status != 101 {
+                publish(
+                    &shared.subscribers,
+                    Event::Upgrade {
+                        conn: None,
+                        request: request.clone(),
+                    },
+                );
+            }
+        }
+        shared.cond.notify_all();
+        captured = Some(request);
         if status == 101 {
             Ok(resp)
         } else {
@@ -835,20 +854,7 @@ fn handle_conn(
     let result = tungstenite::accept_hdr_with_config(io, callback, Some(config)).ok();
     let Some(request) = captured else { return };
 
-    let Some(mut ws) = result else {
-        let mut g = shared.state.lock().unwrap();
-        g.attempts.push(request.clone());
-        publish(
-            &shared.subscribers,
-            Event::Upgrade {
-                conn: None,
-                request,
-            },
-        );
-        drop(g);
-        shared.cond.notify_all();
-        return;
-    };
+    let Some(mut ws) = result else { return };
 
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let (wake_rx, wake_tx) = UnixStream::pair().expect("socketpair");
@@ -876,7 +882,6 @@ fn handle_conn(
             socket: socket.try_clone().expect("clone socket"),
             answer_pings,
         }));
-        g.attempts.push(request.clone());
         g.conns.push(conn.clone());
         publish(
             &shared.subscribers,
@@ -949,12 +954,12 @@ fn run_conn(
             }
         }
         // Own keepalive.
-        if let (Some(at), Some(i)) = (next_ping, ping_interval) {
-            if Instant::now() >= at {
-                next_ping = Some(Instant::now() + i);
-                if conn.0.answer_pings.load(Ordering::SeqCst) {
-                    let _ = ws.write(Message::Ping(b"60".to_vec().into()));
-                }
+        if let (Some(at), Some(i)) = (next_ping, ping_interval)
+            && Instant::now() >= at
+        {
+            next_ping = Some(Instant::now() + i);
+            if conn.0.answer_pings.load(Ordering::SeqCst) {
+                let _ = ws.write(Message::Ping(b"60".to_vec().into()));
             }
         }
         match ws.flush() {
