@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use dbus::blocking::Connection;
+use dbus::channel::{BusType, Channel};
 use dbus::message::MatchRule;
 
 use super::wake::{Wake, poll_fds};
@@ -88,7 +89,10 @@ impl Auth {
     /// libdbus), subscribes, and starts the thread, which immediately asks for
     /// the token once. Failing to reach the bus is fatal (exit 1 upstream).
     pub fn start(events: Sender<AuthEvent>) -> Result<Auth, AuthError> {
-        let conn = Connection::new_system().map_err(AuthError::Connect)?;
+        let mut channel = Channel::get_private(BusType::System).map_err(AuthError::Connect)?;
+        // The fd is needed to poll the bus together with the wake fd.
+        channel.set_watch_enabled(true);
+        let conn = Connection::from(channel);
         let wake = Arc::new(Wake::new().map_err(AuthError::Thread)?);
         let (requests, req_rx) = crossbeam_channel::unbounded::<()>();
         let signal_events = events.clone();
