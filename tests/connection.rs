@@ -14,7 +14,7 @@ struct Bed {
     daemon: Daemon,
     server: Server,
     auth: AuthService,
-    bus: DbusDaemon,
+    _bus: DbusDaemon,
 }
 
 fn bed_with(env: &[(&str, &str)]) -> Bed {
@@ -26,7 +26,7 @@ fn bed_with(env: &[(&str, &str)]) -> Bed {
         daemon,
         server,
         auth,
-        bus,
+        _bus: bus,
     }
 }
 
@@ -60,7 +60,7 @@ fn connects_over_tls_trusting_the_system_store() {
     let bus = DbusDaemon::start();
     let server = Server::start_tls(&cert);
     let _auth = AuthService::start(bus.address(), "token-tls", &server.url());
-    let mut daemon = Daemon::spawn(&default_config(), bus.address(), &[cert.env()]);
+    let daemon = Daemon::spawn(&default_config(), bus.address(), &[cert.env()]);
     let Some(conn) = server.wait_connection(TIMEOUT) else {
         daemon.dump_log();
         panic!("no TLS connection");
@@ -166,7 +166,7 @@ fn empty_token_disconnects_and_a_new_token_connects_again() {
 
 #[test]
 fn unanswered_pings_are_detected_within_the_pong_wait() {
-    let mut bed = bed_with(&[("MENDER_CONNECT_PONG_WAIT_MS", "1500")]);
+    let bed = bed_with(&[("MENDER_CONNECT_PONG_WAIT_MS", "1500")]);
     let first = bed
         .server
         .wait_connection(TIMEOUT)
