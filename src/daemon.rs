@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 
-use crate::config::Config;
+use crate::config::{Config, ValidatedUser};
 use crate::conn::auth::{Auth, AuthError, AuthEvent};
 use crate::conn::backoff::{self, Backoff};
 use crate::conn::link::{Link, LinkEvent};
-use crate::conn::outbound::{self, OutboundRx};
+use crate::conn::outbound::{self, Outbound, OutboundRx};
 use crate::conn::router::Router;
 use crate::conn::timing::Timing;
 use crate::conn::url;
 use crate::conn::wake::Wake;
-use crate::sessions::Registry;
+use crate::sessions::{Registry, ShellRouter};
 
 /// While not authorized, ask the auth daemon again this often in case it
 /// never signals (behavior.md §3.3 SHOULD).
@@ -49,8 +49,17 @@ impl fmt::Display for DaemonError {
 impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
-pub fn registry(_cfg: &Config) -> Registry {
+pub fn registry(_cfg: &Config, _user: &ValidatedUser) -> Registry {
     Registry::new()
+}
+
+/// The terminal, unless `Terminal.Disable` (or not built yet).
+pub fn shell_router(
+    _cfg: &Config,
+    _user: &ValidatedUser,
+    _out: &Outbound,
+) -> Option<Arc<dyn ShellRouter>> {
+    None
 }
 
 struct Supervisor {
@@ -69,11 +78,12 @@ struct Supervisor {
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
-pub fn run(cfg: &Config) -> Result<(), DaemonError> {
+pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
     let timing = Timing::from_env();
     let wake = Arc::new(Wake::new().map_err(DaemonError::Setup)?);
     let (out, out_rx) = outbound::queue(wake);
-    let router = Arc::new(Router::new(out, registry(cfg), None, timing));
+    let shell = shell_router(cfg, user, &out);
+    let router = Arc::new(Router::new(out, registry(cfg, user), shell, timing));
 
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     crate::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1], sig_tx)

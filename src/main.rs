@@ -32,11 +32,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = config::validate(&cfg, Path::new("/etc/shells")) {
-        log::error!("{e}");
-        return ExitCode::from(1);
-    }
-    match daemon::run(&cfg) {
+    let user = match config::validate(&cfg, Path::new(config::DEFAULT_SHELLS_FILE)) {
+        Ok(user) => user,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match daemon::run(&cfg, &user) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
