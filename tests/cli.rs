@@ -147,7 +147,7 @@ fn debug_and_trace_flags_set_the_level() {
         ("-trace", true, true),
         ("-debug=false", false, false),
     ] {
-        let mut child = Command::new(BIN)
+        let child = Command::new(BIN)
             .args([flag, "-c", &file, "daemon"])
             .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
             .env_remove("RUST_LOG")
