@@ -149,13 +149,13 @@ fn run(
             );
         }
     };
-    if stop.load(Ordering::Acquire) {
-        let _ = ws.close(None);
-        let _ = ws.flush();
-        return ended(None, None, false);
-    }
     if let Err(e) = ws.get_ref().set_nonblocking(true) {
         return ended(Some(format!("socket setup: {e}")), None, false);
+    }
+    if stop.load(Ordering::Acquire) {
+        // replaced while dialing (token change): still say goodbye properly
+        close_gracefully(&mut ws);
+        return ended(None, None, false);
     }
     let up = Instant::now();
     out.set_connected(id, true);
