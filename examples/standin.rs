@@ -89,14 +89,9 @@ fn stdin_eof_channel() -> crossbeam_channel::Receiver<()> {
     rx
 }
 
-/// `decode` may still be a stub that panics; keep the demo running.
 fn describe_frame(data: &[u8]) -> String {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let decoded = std::panic::catch_unwind(|| mender_connect::conn::codec::decode(data));
-    std::panic::set_hook(hook);
-    match decoded {
-        Ok(Ok(m)) => format!(
+    match mender_connect::conn::codec::decode(data) {
+        Ok(m) => format!(
             "proto={:#x} typ={:?} sid={:?} props={:?} body={}",
             m.hdr.proto,
             m.hdr.typ,
@@ -104,14 +99,36 @@ fn describe_frame(data: &[u8]) -> String {
             m.hdr.props,
             match &m.body {
                 None => "none".to_string(),
-                Some(b) => match std::str::from_utf8(b) {
-                    Ok(s) if s.len() <= 120 => format!("{s:?}"),
-                    _ => format!("{} bytes", b.len()),
-                },
+                Some(b) => describe_body(m.hdr.proto, b),
             }
         ),
-        Ok(Err(e)) => format!("undecodable: {e}"),
-        Err(_) => "decoder not available (panicked)".to_string(),
+        Err(e) => format!("undecodable: {e}"),
+    }
+}
+
+/// Control bodies are nested msgpack documents; show them decoded.
+fn describe_body(proto: u16, b: &[u8]) -> String {
+    if proto == mender_connect::conn::codec::PROTO_CONTROL {
+        if let Ok(fields) = mender_connect::conn::control::decode_map(b) {
+            return format!("{fields:?}");
+        }
+    }
+    match std::str::from_utf8(b) {
+        Ok(s) if s.len() <= 120 => format!("{s:?}"),
+        _ => format!("{} bytes", b.len()),
+    }
+}
+
+/// Does what deviceconnect and mender-cli do first on a session: the
+/// handshake, so the demo shows which protocols the device offers.
+fn send_handshake(server: &Server, conn: usize) {
+    use mender_connect::conn::codec::{PROTO_CONTROL, ProtoMsg};
+    use mender_connect::conn::control::Open;
+    if let Some(c) = server.connection(conn) {
+        let open = ProtoMsg::new(PROTO_CONTROL, "open", "demo-session")
+            .with_body(Open { versions: vec![1] }.encode());
+        println!("[conn {conn}] -> open {{versions: [1]}} sid=\"demo-session\"");
+        c.send_msg(&open);
     }
 }
 
@@ -185,7 +202,12 @@ fn main() {
     loop {
         crossbeam_channel::select! {
             recv(events) -> ev => match ev {
-                Ok(ev) => print_event(&ev),
+                Ok(ev) => {
+                    print_event(&ev);
+                    if let Event::Upgrade { conn: Some(c), .. } = ev {
+                        send_handshake(&server, c);
+                    }
+                }
                 Err(_) => break,
             },
             recv(signals) -> sig => {

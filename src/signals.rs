@@ -21,7 +21,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Routes `signals` to `tx` from now on.
+/// Routes `signals` to `tx` from now on; call before starting other threads.
 pub fn install(signals: &[libc::c_int], tx: Sender<libc::c_int>) -> io::Result<()> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: fds has room for the two descriptors pipe2 writes.
@@ -55,6 +55,18 @@ pub fn install(signals: &[libc::c_int], tx: Sender<libc::c_int>) -> io::Result<(
                 }
             }
         })?;
+    // A parent (a test harness, a wrapper script) may hand us these signals
+    // blocked, and the mask is inherited across exec: unblock them here,
+    // before any other thread exists, so every thread inherits the open mask.
+    // SAFETY: sigset operations on a local, initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
     for &sig in signals {
         // SAFETY: a zeroed sigaction with a valid handler and SA_RESTART is a
         // well-formed argument; the handler is async-signal-safe.

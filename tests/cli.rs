@@ -167,3 +167,43 @@ fn debug_and_trace_flags_set_the_level() {
         assert_eq!(log.contains("level=trace"), expect_trace, "{flag}: {log}");
     }
 }
+
+#[test]
+fn sigterm_works_even_when_the_parent_blocked_it() {
+    use std::os::unix::process::CommandExt;
+    let bus = DbusDaemon::start();
+    let server = Server::start_plain();
+    let _auth = AuthService::start(bus.address(), "t", &server.url());
+    let (_dir, file) = config_dir(&default_config());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-c", &file, "daemon"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    let conn = server.wait_connection(TIMEOUT).expect("connected");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let ok = common::wait_until(Duration::from_secs(2), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    if !ok {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("SIGTERM ignored when inherited blocked");
+    }
+    assert_eq!(child.wait().ok().and_then(|s| s.code()), Some(0));
+    assert!(conn.wait_closed(TIMEOUT));
+}
