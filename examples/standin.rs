@@ -108,10 +108,10 @@ fn describe_frame(data: &[u8]) -> String {
 
 /// Control bodies are nested msgpack documents; show them decoded.
 fn describe_body(proto: u16, b: &[u8]) -> String {
-    if proto == mender_connect::conn::codec::PROTO_CONTROL {
-        if let Ok(fields) = mender_connect::conn::control::decode_map(b) {
-            return format!("{fields:?}");
-        }
+    if proto == mender_connect::conn::codec::PROTO_CONTROL
+        && let Ok(fields) = mender_connect::conn::control::decode_map(b)
+    {
+        return format!("{fields:?}");
     }
     match std::str::from_utf8(b) {
         Ok(s) if s.len() <= 120 => format!("{s:?}"),
