@@ -67,6 +67,10 @@ impl fmt::Display for DialError {
             DialError::Lookup { net, addr, text } => {
                 write!(f, "dial {}: lookup {addr}: {text}", net.name())
             }
+            // Go names the failing syscall, except for its own deadline
+            DialError::Connect { net, addr, text } if text == "i/o timeout" => {
+                write!(f, "dial {} {addr}: {text}", net.name())
+            }
             DialError::Connect { net, addr, text } => {
                 write!(f, "dial {} {addr}: connect: {text}", net.name())
             }
