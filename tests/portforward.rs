@@ -801,3 +801,28 @@ fn port_forward_disable_removes_protocol_3() {
     assert_eq!(e.err, "no handler registered for protocol: 0x0003");
     assert!(!e.close);
 }
+
+#[test]
+fn a_client_ignoring_flow_control_gets_an_error_and_a_stop() {
+    let bed = bed_with(&default_config(), &[("MENDER_CONNECT_PF_DIAL_MS", "3000")]);
+    let hole = Blackhole::start();
+    let mut link = bed.mux.link(&uuid(1), &uuid(2));
+    link.send_new(&hole.addr.ip().to_string(), hole.addr.port(), "tcp");
+    // the dial hangs, so nothing is acked; a well-behaved client waits
+    for _ in 0..20 {
+        link.send("forward", Some(b"flood".to_vec()));
+    }
+    let (err, typ) = error_text(&link.expect("error"));
+    assert_eq!(typ, "forward");
+    assert!(err.contains("flow control"), "{err}");
+    link.expect("stop");
+    // the connection is gone for good: later messages are unknown
+    link.send("forward", Some(b"late".to_vec()));
+    let mut unknown = 0;
+    while unknown == 0 {
+        let (err, _) = error_text(&link.expect("error"));
+        if err == "unknown connection" {
+            unknown += 1;
+        }
+    }
+}
