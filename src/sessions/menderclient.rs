@@ -94,6 +94,8 @@ pub enum McError {
     UnknownType,
     /// Too many requests already waiting.
     Busy,
+    /// The worker thread could not be started.
+    Thread(std::io::Error),
 }
 
 impl fmt::Display for McError {
@@ -117,6 +119,7 @@ impl fmt::Display for McError {
             McError::Wait(e) => write!(f, "wait: {}", go_text(e)),
             McError::UnknownType => write!(f, "unknown message type"),
             McError::Busy => write!(f, "too many pending mender client requests"),
+            McError::Thread(e) => write!(f, "cannot start a thread: {e}"),
         }
     }
 }
@@ -292,7 +295,7 @@ impl MenderClient {
                     }
                 }
             })
-            .map_err(|e| McError::Spawn(PathBuf::from("thread"), e))?;
+            .map_err(McError::Thread)?;
         self.worker = Some(tx.clone());
         Ok(tx)
     }
