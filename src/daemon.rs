@@ -49,8 +49,23 @@ impl fmt::Display for DaemonError {
 impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
-pub fn registry(_cfg: &Config, _user: &ValidatedUser) -> Registry {
-    Registry::new()
+pub fn registry(cfg: &Config, _user: &ValidatedUser) -> Registry {
+    use crate::conn::codec::{PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
+    use crate::sessions::{menderclient, portforward};
+    let mut r = Registry::new();
+    if !cfg.port_forward.disable {
+        r.register(
+            PROTO_PORTFORWARD,
+            portforward::factory(portforward::Settings::from_env()),
+        );
+    }
+    if !cfg.mender_client.disable {
+        r.register(
+            PROTO_MENDERCLIENT,
+            menderclient::factory(menderclient::Settings::from_env()),
+        );
+    }
+    r
 }
 
 /// The terminal, unless `Terminal.Disable` (or not built yet).

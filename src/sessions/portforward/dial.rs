@@ -1,0 +1,257 @@
+//! Opening the target socket (transfer.md §4.2 step 5) and the Go-style
+//! error texts the server relays to users (`dial tcp 127.0.0.1:1: connect:
+//! connection refused`).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Transport of a forwarded connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// A TCP stream.
+    Tcp,
+    /// A connected UDP socket: one `forward` body is one datagram.
+    Udp,
+}
+
+impl Net {
+    /// `tcp` / `udp` (the wire name and Go's network name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Net::Tcp => "tcp",
+            Net::Udp => "udp",
+        }
+    }
+}
+
+/// Where a `new` asks to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Transport.
+    pub net: Net,
+    /// Host as sent (name or literal; IPv6 literals bracketed by the client).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// Why a dial failed; displays as Go's `net.OpError` does.
+#[derive(Debug)]
+pub enum DialError {
+    /// Name resolution failed or gave no address.
+    Lookup {
+        /// Transport.
+        net: Net,
+        /// The `host:port` string that was resolved.
+        addr: String,
+        /// Resolver text.
+        text: String,
+    },
+    /// Every resolved address failed; this is the first failure.
+    Connect {
+        /// Transport.
+        net: Net,
+        /// The address tried.
+        addr: SocketAddr,
+        /// OS text (`connection refused`, `i/o timeout`).
+        text: String,
+    },
+}
+
+impl fmt::Display for DialError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DialError::Lookup { net, addr, text } => {
+                write!(f, "dial {}: lookup {addr}: {text}", net.name())
+            }
+            // Go names the failing syscall, except for its own deadline
+            DialError::Connect { net, addr, text } if text == "i/o timeout" => {
+                write!(f, "dial {} {addr}: {text}", net.name())
+            }
+            DialError::Connect { net, addr, text } => {
+                write!(f, "dial {} {addr}: connect: {text}", net.name())
+            }
+        }
+    }
+}
+
+impl std::error::Error for DialError {}
+
+/// An OS error as Go prints it: the lower-case strerror text without Rust's
+/// ` (os error N)` suffix; timeouts are Go's `i/o timeout`.
+pub fn os_text(e: &io::Error) -> String {
+    if e.raw_os_error().is_none() && e.kind() == io::ErrorKind::TimedOut {
+        return "i/o timeout".to_string();
+    }
+    let s = e.to_string();
+    let s = match s.rfind(" (os error ") {
+        Some(i) => &s[..i],
+        None => &s,
+    };
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// The open target socket, non-blocking once `dial` returns.
+#[derive(Debug)]
+pub enum Sock {
+    /// TCP stream.
+    Tcp(TcpStream),
+    /// Connected UDP socket.
+    Udp(UdpSocket),
+}
+
+impl Sock {
+    /// Reads one chunk (TCP) or one datagram (UDP). For UDP the returned
+    /// length is the datagram's real length, which exceeds `buf.len()` when
+    /// the kernel had to truncate it.
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Udp(s) => {
+                // SAFETY: recv writes at most buf.len() bytes into buf; with
+                // MSG_TRUNC it returns the datagram's full length.
+                let n = unsafe {
+                    libc::recv(
+                        s.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_TRUNC,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            }
+        }
+    }
+
+    /// Writes some of `data` (TCP) or all of it as one datagram (UDP).
+    pub fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(data),
+            Sock::Udp(s) => s.send(data),
+        }
+    }
+
+    /// The raw fd, for poll.
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Udp(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// `local->peer`, as Go writes it in read/write errors.
+    pub fn endpoints(&self) -> String {
+        let (l, p) = match self {
+            Sock::Tcp(s) => (s.local_addr(), s.peer_addr()),
+            Sock::Udp(s) => (s.local_addr(), s.peer_addr()),
+        };
+        let show =
+            |a: io::Result<SocketAddr>| a.map_or_else(|_| "?".to_string(), |a| a.to_string());
+        format!("{}->{}", show(l), show(p))
+    }
+}
+
+/// Resolves and connects, trying each address in turn within `timeout`
+/// overall. Runs on the connection's own thread: it may block that long.
+pub fn dial(target: &Target, timeout: Duration) -> Result<Sock, DialError> {
+    let deadline = Instant::now() + timeout;
+    // Go concatenates host and port; a client brackets IPv6 literals itself.
+    let addr = format!("{}:{}", target.host, target.port);
+    let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            return Err(DialError::Lookup {
+                net: target.net,
+                addr,
+                text: os_text(&e),
+            });
+        }
+    };
+    let mut first: Option<DialError> = None;
+    for a in &addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = if left.is_zero() {
+            Err(io::Error::from(io::ErrorKind::TimedOut))
+        } else {
+            connect_one(target.net, *a, left)
+        };
+        match result {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                first.get_or_insert(DialError::Connect {
+                    net: target.net,
+                    addr: *a,
+                    text: os_text(&e),
+                });
+            }
+        }
+    }
+    Err(first.unwrap_or(DialError::Lookup {
+        net: target.net,
+        addr,
+        text: "no such host".to_string(),
+    }))
+}
+
+fn connect_one(net: Net, addr: SocketAddr, timeout: Duration) -> io::Result<Sock> {
+    match net {
+        Net::Tcp => {
+            let s = TcpStream::connect_timeout(&addr, timeout)?;
+            // Go's default, and interactive protocols (ssh) need it.
+            s.set_nodelay(true)?;
+            s.set_nonblocking(true)?;
+            Ok(Sock::Tcp(s))
+        }
+        Net::Udp => {
+            let local: SocketAddr = if addr.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let s = UdpSocket::bind(local)?;
+            s.connect(addr)?;
+            s.set_nonblocking(true)?;
+            Ok(Sock::Udp(s))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_like_go() {
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(os_text(&refused), "connection refused");
+        assert_eq!(
+            os_text(&io::Error::from(io::ErrorKind::TimedOut)),
+            "i/o timeout"
+        );
+    }
+
+    #[test]
+    fn a_closed_port_gives_the_reference_text() {
+        let target = Target {
+            net: Net::Tcp,
+            host: "127.0.0.1".to_string(),
+            port: 1,
+        };
+        let e = dial(&target, Duration::from_secs(5)).expect_err("port 1 is closed");
+        assert_eq!(
+            e.to_string(),
+            "dial tcp 127.0.0.1:1: connect: connection refused"
+        );
+    }
+}

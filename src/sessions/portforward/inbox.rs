@@ -1,0 +1,260 @@
+//! What the session thread and one connection's thread share: the queue of
+//! server messages not yet handled, the send window, and the closed flags.
+//! One mutex guards all of it, so "closed" and "queued" can never disagree
+//! (a message is either handled by the connection or answered by the
+//! handler with `unknown connection`, never silently lost).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::conn::wake::Wake;
+
+/// Server messages queued per connection before the client counts as having
+/// broken flow control (transfer.md §4.3 suggests 4: forward + stop + slack).
+pub const QUEUE_LIMIT: usize = 8;
+
+/// One server message for the connection's thread, in arrival order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Item {
+    /// Bytes to write to the target, then ack.
+    Forward(Vec<u8>),
+    /// Close the target and echo `stop`.
+    Stop,
+}
+
+impl Item {
+    /// The message type this item came from (for error replies).
+    pub fn typ(&self) -> &'static str {
+        match self {
+            Item::Forward(_) => "forward",
+            Item::Stop => "stop",
+        }
+    }
+}
+
+/// Result of queueing a server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// Queued; the thread was woken.
+    Queued,
+    /// The connection is gone (answer `unknown connection`).
+    Closed,
+    /// The queue is full: the client broke flow control.
+    Full,
+}
+
+/// Result of a server `ack`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// A `forward` was in flight; the window is open again.
+    Released,
+    /// Nothing was in flight (duplicate or unsolicited ack): ignored.
+    Unexpected,
+    /// The connection is gone.
+    Closed,
+}
+
+/// What the connection thread should do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// The session ended or the id was reused: drop everything, say nothing.
+    Quit,
+    /// Go on; maybe with the next queued item.
+    Go {
+        /// The next item, when one was asked for and is queued.
+        item: Option<Item>,
+        /// Whether a device `forward` still waits for its ack.
+        awaiting_ack: bool,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Item>,
+    closed: bool,
+    quiet: bool,
+    awaiting_ack: bool,
+}
+
+/// Shared between a connection's handler entry and its thread.
+#[derive(Debug)]
+pub struct Inbox {
+    state: Mutex<State>,
+    wake: Wake,
+    slots: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    /// A fresh inbox holding one of the global `slots` (released on close).
+    pub fn new(slots: Arc<AtomicUsize>) -> std::io::Result<Inbox> {
+        Ok(Inbox {
+            state: Mutex::new(State::default()),
+            wake: Wake::new()?,
+            slots,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The fd the connection thread polls to learn about new items.
+    pub fn wake_fd(&self) -> &Wake {
+        &self.wake
+    }
+
+    fn mark_closed(&self, st: &mut State) {
+        if !st.closed {
+            st.closed = true;
+            self.slots.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Handler side: queues a server message.
+    pub fn push(&self, item: Item) -> Push {
+        let mut st = self.lock();
+        if st.closed {
+            return Push::Closed;
+        }
+        if st.queue.len() >= QUEUE_LIMIT {
+            return Push::Full;
+        }
+        st.queue.push_back(item);
+        drop(st);
+        self.wake.wake();
+        Push::Queued
+    }
+
+    /// Handler side: a server `ack` arrived.
+    pub fn ack(&self) -> Ack {
+        let mut st = self.lock();
+        if st.closed {
+            return Ack::Closed;
+        }
+        if !st.awaiting_ack {
+            return Ack::Unexpected;
+        }
+        st.awaiting_ack = false;
+        drop(st);
+        self.wake.wake();
+        Ack::Released
+    }
+
+    /// Handler side: end the connection without any message to the server
+    /// (session end, reused id, broken flow control). Returns what was queued.
+    pub fn close_quietly(&self) -> Vec<Item> {
+        let mut st = self.lock();
+        st.quiet = true;
+        self.mark_closed(&mut st);
+        let left = st.queue.drain(..).collect();
+        drop(st);
+        self.wake.wake();
+        left
+    }
+
+    /// Whether the connection has ended (either side).
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Thread side: what to do next; pops an item only when `want_item`.
+    pub fn next(&self, want_item: bool) -> Next {
+        self.wake.drain();
+        let mut st = self.lock();
+        if st.quiet {
+            return Next::Quit;
+        }
+        let item = if want_item {
+            st.queue.pop_front()
+        } else {
+            None
+        };
+        Next::Go {
+            item,
+            awaiting_ack: st.awaiting_ack,
+        }
+    }
+
+    /// Thread side: a `forward` is about to be sent. False when the
+    /// connection was closed quietly meanwhile (then send nothing).
+    pub fn start_forward(&self) -> bool {
+        let mut st = self.lock();
+        if st.quiet {
+            return false;
+        }
+        st.awaiting_ack = true;
+        true
+    }
+
+    /// Thread side: the connection ends. Returns the unhandled items (to be
+    /// answered with `unknown connection`), or `None` when it was closed
+    /// quietly and nothing at all may be sent.
+    pub fn finish(&self) -> Option<Vec<Item>> {
+        let mut st = self.lock();
+        if st.quiet {
+            return None;
+        }
+        self.mark_closed(&mut st);
+        Some(st.queue.drain(..).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox() -> (Inbox, Arc<AtomicUsize>) {
+        let slots = Arc::new(AtomicUsize::new(1));
+        (Inbox::new(slots.clone()).expect("eventfd"), slots)
+    }
+
+    #[test]
+    fn items_come_out_in_order_and_the_queue_is_bounded() {
+        let (ib, _) = inbox();
+        for i in 0..QUEUE_LIMIT {
+            assert_eq!(ib.push(Item::Forward(vec![i as u8])), Push::Queued);
+        }
+        assert_eq!(ib.push(Item::Stop), Push::Full);
+        for i in 0..QUEUE_LIMIT {
+            let want = Some(Item::Forward(vec![i as u8]));
+            assert_eq!(
+                ib.next(true),
+                Next::Go {
+                    item: want,
+                    awaiting_ack: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_solicited_ack_opens_the_window() {
+        let (ib, _) = inbox();
+        assert_eq!(ib.ack(), Ack::Unexpected);
+        assert!(ib.start_forward());
+        assert_eq!(ib.ack(), Ack::Released);
+        assert_eq!(ib.ack(), Ack::Unexpected);
+    }
+
+    #[test]
+    fn finishing_hands_back_queued_items_and_releases_the_slot_once() {
+        let (ib, slots) = inbox();
+        ib.push(Item::Forward(b"x".to_vec()));
+        assert_eq!(ib.finish(), Some(vec![Item::Forward(b"x".to_vec())]));
+        assert_eq!(slots.load(Ordering::Acquire), 0);
+        assert_eq!(ib.push(Item::Stop), Push::Closed);
+        assert_eq!(ib.ack(), Ack::Closed);
+        ib.close_quietly();
+        assert_eq!(slots.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_quiet_close_silences_the_thread() {
+        let (ib, _) = inbox();
+        ib.close_quietly();
+        assert_eq!(ib.next(true), Next::Quit);
+        assert!(!ib.start_forward());
+        assert_eq!(ib.finish(), None);
+    }
+}
