@@ -49,8 +49,16 @@ impl fmt::Display for DaemonError {
 impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
-pub fn registry(_cfg: &Config, _user: &ValidatedUser) -> Registry {
-    Registry::new()
+pub fn registry(cfg: &Config, _user: &ValidatedUser) -> Registry {
+    let mut reg = Registry::new();
+    if !cfg.file_transfer.disable {
+        let ft = Arc::new(crate::sessions::filetransfer::Service::new(&cfg.limits));
+        reg.register(
+            crate::conn::codec::PROTO_FILETRANSFER,
+            Box::new(move |ctx| ft.handler(ctx)),
+        );
+    }
+    reg
 }
 
 /// The terminal, unless `Terminal.Disable` (or not built yet).
