@@ -158,7 +158,7 @@ impl Bed {
                             assert!(!b.is_empty() && b.len() <= CHUNK, "chunk of {}", b.len());
                             data.extend_from_slice(&b);
                             chunks += 1;
-                            if chunks % 10 == 0 {
+                            if chunks.is_multiple_of(10) {
                                 self.conn.send_msg(&ack(data.len()));
                             }
                         }
@@ -779,7 +779,7 @@ fn download_rate_follows_the_configured_limit() {
         if got >= burst && t0.is_none() {
             t0 = Some((Instant::now(), got));
         }
-        if chunks % 10 == 0 {
+        if chunks.is_multiple_of(10) {
             b.conn
                 .send_msg(&ft("ack", &sid).with_prop("offset", Value::I64(got as i64)));
         }
