@@ -50,9 +50,13 @@ impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
 pub fn registry(cfg: &Config, _user: &ValidatedUser) -> Registry {
-    use crate::conn::codec::{PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
-    use crate::sessions::{menderclient, portforward};
+    use crate::conn::codec::{PROTO_FILETRANSFER, PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
+    use crate::sessions::{filetransfer, menderclient, portforward};
     let mut r = Registry::new();
+    if !cfg.file_transfer.disable {
+        let ft = Arc::new(filetransfer::Service::new(&cfg.limits));
+        r.register(PROTO_FILETRANSFER, Box::new(move |ctx| ft.handler(ctx)));
+    }
     if !cfg.port_forward.disable {
         r.register(
             PROTO_PORTFORWARD,

@@ -1,6 +1,7 @@
 //! Per-session protocol handlers (shell, file transfer, port forward,
 //! mender-client) and the interface the router drives them through.
 
+pub mod filetransfer;
 pub mod menderclient;
 pub mod portforward;
 

@@ -1,0 +1,229 @@
+//! `Limits.FileTransfer` resolved once at startup (transfer.md §3): names to
+//! numeric ids, the Umask parsed, the chroot opened, the rate buckets built,
+//! so that a request only compares numbers from `fstat`.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use crate::config::LimitsConfig;
+use crate::limits::bucket::Bucket;
+use crate::limits::path::Resolver;
+
+/// Environment knob: resolve paths with the openat walk even where openat2
+/// exists (tests of the fallback on current kernels).
+pub const FORCE_WALK_ENV: &str = "MENDER_CONNECT_FORCE_PATH_WALK";
+
+/// The effective file-transfer restrictions.
+#[derive(Debug)]
+pub struct Policy {
+    /// `Limits.Enabled`; when false nothing below restricts anything.
+    pub enabled: bool,
+    /// Where paths may resolve.
+    pub resolver: Resolver,
+    /// Set when the configured chroot cannot be opened: every request is refused.
+    pub broken_chroot: Option<String>,
+    /// Allowed owners of downloads (`None` = any).
+    pub owner_get: Option<Vec<libc::uid_t>>,
+    /// Allowed groups of downloads (`None` = any).
+    pub group_get: Option<Vec<libc::gid_t>>,
+    /// Owner of uploads (`OwnerPut`); `Err` = the name does not exist.
+    pub owner_put: Result<Option<libc::uid_t>, String>,
+    /// Group of uploads (`GroupPut`); `Err` = the name does not exist.
+    pub group_put: Result<Option<libc::gid_t>, String>,
+    /// `Umask` parsed as octal; `Err` = not an octal number.
+    pub umask: Result<Option<u32>, String>,
+    /// Largest file in either direction; 0 = unlimited.
+    pub max_file_size: u64,
+    /// `AllowOverwrite`.
+    pub allow_overwrite: bool,
+    /// `AllowSuid`.
+    pub allow_suid: bool,
+    /// `RegularFilesOnly`.
+    pub regular_files_only: bool,
+    /// `PreserveMode`.
+    pub preserve_mode: bool,
+    /// `PreserveOwner`.
+    pub preserve_owner: bool,
+    /// `PreserveGroup`.
+    pub preserve_group: bool,
+    /// Download budget (`MaxBytesTxPerMinute`), shared by all sessions.
+    pub tx: Option<Bucket>,
+    /// Upload budget (`MaxBytesRxPerMinute`), shared by all sessions.
+    pub rx: Option<Bucket>,
+}
+
+impl Policy {
+    /// No restrictions (`Limits.Enabled` false).
+    pub fn disabled() -> Policy {
+        Policy {
+            enabled: false,
+            resolver: Resolver::unrestricted(),
+            broken_chroot: None,
+            owner_get: None,
+            group_get: None,
+            owner_put: Ok(None),
+            group_put: Ok(None),
+            umask: Ok(None),
+            max_file_size: 0,
+            allow_overwrite: true,
+            allow_suid: false,
+            regular_files_only: false,
+            preserve_mode: true,
+            preserve_owner: true,
+            preserve_group: true,
+            tx: None,
+            rx: None,
+        }
+    }
+
+    /// Builds the policy, logging every problem once (they then surface as
+    /// refusals, never as a crash).
+    pub fn from_config(cfg: &LimitsConfig) -> Policy {
+        if !cfg.enabled {
+            return Policy::disabled();
+        }
+        let ft = &cfg.file_transfer;
+        let force_walk = std::env::var_os(FORCE_WALK_ENV).is_some();
+        let chroot = (!ft.chroot.is_empty()).then(|| Path::new(&ft.chroot));
+        let (resolver, broken_chroot) = match Resolver::new(chroot, ft.follow_symlinks) {
+            Ok(r) => (r.force_walk(force_walk), None),
+            Err(e) => {
+                let msg = format!("cannot open the chroot {}: {e}", ft.chroot);
+                log::error!("file transfer: {msg}; every transfer will be refused");
+                (Resolver::unrestricted(), Some(msg))
+            }
+        };
+        let umask = if ft.umask.is_empty() {
+            Ok(None)
+        } else {
+            parse_octal(&ft.umask).map(Some).ok_or_else(|| {
+                let msg = format!("invalid Umask {:?}: not an octal number", ft.umask);
+                log::error!("file transfer: {msg}; uploads will be refused");
+                msg
+            })
+        };
+        if let Ok(Some(u)) = umask {
+            log::info!(
+                "file transfer: Umask {:03o} gives uploads mode {:03o} (upstream meaning)",
+                u,
+                0o777 & !u
+            );
+        }
+        let c = ft.counters;
+        Policy {
+            enabled: true,
+            resolver,
+            broken_chroot,
+            owner_get: id_list(&ft.owner_get, user_id, "OwnerGet"),
+            group_get: id_list(&ft.group_get, group_id, "GroupGet"),
+            owner_put: put_id(&ft.owner_put, user_id, "OwnerPut"),
+            group_put: put_id(&ft.group_put, group_id, "GroupPut"),
+            umask,
+            max_file_size: ft.max_file_size,
+            allow_overwrite: ft.allow_overwrite,
+            allow_suid: ft.allow_suid,
+            regular_files_only: ft.regular_files_only,
+            preserve_mode: ft.preserve_mode,
+            preserve_owner: ft.preserve_owner,
+            preserve_group: ft.preserve_group,
+            tx: Bucket::per_minute(c.max_bytes_tx_per_minute),
+            rx: Bucket::per_minute(c.max_bytes_rx_per_minute),
+        }
+    }
+}
+
+/// Octal digits with an optional leading 0 (no `0o` prefix), as upstream.
+fn parse_octal(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(s, 8).ok().filter(|v| *v <= 0o7777)
+}
+
+fn id_list(names: &[String], lookup: fn(&str) -> Option<u32>, key: &str) -> Option<Vec<u32>> {
+    if names.is_empty() {
+        return None;
+    }
+    let ids = names
+        .iter()
+        .filter_map(|n| {
+            let id = lookup(n);
+            if id.is_none() {
+                log::warn!("file transfer: {key} name {n:?} is unknown and never matches");
+            }
+            id
+        })
+        .collect();
+    Some(ids)
+}
+
+fn put_id(name: &str, lookup: fn(&str) -> Option<u32>, key: &str) -> Result<Option<u32>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    lookup(name).map(Some).ok_or_else(|| {
+        let msg = format!("{key} {name:?} is unknown");
+        log::error!("file transfer: {msg}; uploads will be refused");
+        msg
+    })
+}
+
+/// The uid of a passwd name.
+pub fn user_id(name: &str) -> Option<libc::uid_t> {
+    let c = CString::new(name).ok()?;
+    let mut buf: Vec<libc::c_char> = vec![0; 4096];
+    loop {
+        // SAFETY: passwd is plain old data; zeroed is a valid initial state.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut res: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; buf.len() is its size.
+        let rc = unsafe {
+            libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut res)
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        return (rc == 0 && !res.is_null()).then_some(pwd.pw_uid);
+    }
+}
+
+/// The gid of a group name.
+pub fn group_id(name: &str) -> Option<libc::gid_t> {
+    let c = CString::new(name).ok()?;
+    let mut buf: Vec<libc::c_char> = vec![0; 4096];
+    loop {
+        // SAFETY: group is plain old data; zeroed is a valid initial state.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut res: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; buf.len() is its size.
+        let rc = unsafe {
+            libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut res)
+        };
+        if rc == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        return (rc == 0 && !res.is_null()).then_some(grp.gr_gid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn umask_is_octal_only() {
+        assert_eq!(parse_octal("022"), Some(0o22));
+        assert_eq!(parse_octal("0202"), Some(0o202));
+        assert_eq!(parse_octal("9x"), None);
+        assert_eq!(parse_octal("0o22"), None);
+    }
+
+    #[test]
+    fn root_resolves_by_name() {
+        assert_eq!(user_id("root"), Some(0));
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(user_id("no-such-user-xyz"), None);
+    }
+}

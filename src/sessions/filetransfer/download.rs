@@ -1,0 +1,214 @@
+//! `get_file`: stream a file in 4096-byte chunks within the 20-chunk window,
+//! throttled by the shared Tx bucket, EOF as a body-less chunk (§2.3).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use crate::conn::codec::{ProtoHdr, ProtoMsg};
+use crate::limits::bucket::{LimitError, MAX_WAIT};
+use crate::limits::path::os_text;
+
+use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
+use super::{FileTransfer, Link, Next, Service};
+
+impl FileTransfer {
+    /// Checks and opens the file, then starts the streaming thread.
+    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), String> {
+        let req = wire::Request::decode(msg.body.as_deref())?;
+        let path = req.path()?.to_vec();
+        let shown = String::from_utf8_lossy(&path).into_owned();
+        // O_NONBLOCK: opening a FIFO without a writer must not hang the session.
+        let (fd, st) = self
+            .svc
+            .check_download(&path, libc::O_RDONLY | libc::O_NONBLOCK)
+            .map_err(|e| {
+                e.text(|os| format!("failed to open file for reading: open {shown}: {os}"))
+            })?;
+        let p = &self.svc.policy;
+        if p.enabled
+            && let Some(tx) = &p.tx
+        {
+            tx.check_start().map_err(|e| e.to_string())?;
+        }
+        if self.busy() {
+            return Err("another file transfer is in progress".into());
+        }
+        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
+        if regular {
+            // Regular files never block; plain reads keep the loop simple.
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe {
+                let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                if fl >= 0 {
+                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+                }
+            }
+        }
+        let job = Download {
+            svc: Arc::clone(&self.svc),
+            file: File::from(fd),
+            path: shown,
+            req: msg.hdr.clone(),
+        };
+        self.spawn("download", move |link| job.run(&link))
+    }
+}
+
+struct Download {
+    svc: Arc<Service>,
+    file: File,
+    path: String,
+    req: ProtoHdr,
+}
+
+enum Fail {
+    /// Tell the server (against this header, with this msgtype).
+    Reply(Box<ProtoHdr>, String, String),
+    /// End quietly (cancelled, connection gone, server error).
+    Quiet,
+}
+
+impl Download {
+    fn run(mut self, link: &Link) {
+        if let Err(Fail::Reply(hdr, msgtype, err)) = self.stream(link) {
+            log::info!(
+                "file transfer {}: download of {}: {err}",
+                link.sid,
+                self.path
+            );
+            link.send(&wire::error_reply(&hdr, &msgtype, &err));
+        }
+    }
+
+    fn stream(&mut self, link: &Link) -> Result<(), Fail> {
+        let svc = Arc::clone(&self.svc);
+        let p = &svc.policy;
+        let bucket = if p.enabled { p.tx.as_ref() } else { None };
+        let max = if p.enabled { p.max_file_size } else { 0 };
+        let mut buf = vec![0u8; CHUNK];
+        let mut offset: u64 = 0;
+        let mut acked: u64 = 0;
+        let mut eof_sent = false;
+        // Errors inside the transfer are reported against the last ack (or the request).
+        let mut last = (self.req.clone(), "get_file".to_string());
+        loop {
+            while !eof_sent && offset < acked + WINDOW_CHUNKS * CHUNK as u64 {
+                let n = self.fill(&mut buf, link).map_err(|e| match e {
+                    None => Fail::Quiet,
+                    Some(e) => Fail::Reply(
+                        Box::new(last.0.clone()),
+                        last.1.clone(),
+                        format!(
+                            "failed to copy file chunk to session: read {}: {}",
+                            self.path,
+                            os_text(&e)
+                        ),
+                    ),
+                })?;
+                if n == 0 {
+                    if !link.send(&wire::with_offset("file_chunk", &link.sid, offset)) {
+                        return Err(Fail::Quiet);
+                    }
+                    eof_sent = true;
+                    break;
+                }
+                if max > 0 && offset + n as u64 > max {
+                    // The file grew past the limit while streaming (§7 #17).
+                    let err = "access denied: the file size is over the limit".to_string();
+                    return Err(Fail::Reply(Box::new(last.0.clone()), last.1.clone(), err));
+                }
+                if let Some(b) = bucket {
+                    match b.reserve(n as u64, MAX_WAIT) {
+                        Ok(wait) if wait.is_zero() => {}
+                        Ok(wait) => {
+                            if !link.pause(wait) {
+                                return Err(Fail::Quiet);
+                            }
+                        }
+                        Err(e @ LimitError::Exhausted) | Err(e @ LimitError::WaitTooLong(_)) => {
+                            return Err(Fail::Reply(
+                                Box::new(last.0.clone()),
+                                last.1.clone(),
+                                e.to_string(),
+                            ));
+                        }
+                    }
+                }
+                let chunk =
+                    wire::with_offset("file_chunk", &link.sid, offset).with_body(buf[..n].to_vec());
+                if !link.send(&chunk) {
+                    return Err(Fail::Quiet);
+                }
+                offset += n as u64;
+            }
+            if eof_sent && acked >= offset {
+                return Ok(());
+            }
+            let msg = match link.next() {
+                Next::Msg(m) => m,
+                Next::Stop => return Err(Fail::Quiet),
+            };
+            match msg.hdr.typ.as_str() {
+                "ack" => match offset_of(&msg) {
+                    Some(Ok(o)) => {
+                        // Upstream takes any value; a negative one only holds the window shut.
+                        acked = u64::try_from(o).unwrap_or(0);
+                        last = (msg.hdr, "ack".to_string());
+                    }
+                    Some(Err(())) => {
+                        let err = "invalid offset data type: require int64".to_string();
+                        return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
+                    }
+                    None => {
+                        let err = "ack message: offset property cannot be blank".to_string();
+                        return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
+                    }
+                },
+                "error" => {
+                    log::info!(
+                        "file transfer {}: the server aborted the download",
+                        link.sid
+                    );
+                    return Err(Fail::Quiet);
+                }
+                other => {
+                    let err = format!("received unexpected message type '{other}'; expected 'ack'");
+                    let t = other.to_string();
+                    return Err(Fail::Reply(Box::new(msg.hdr), t, err));
+                }
+            }
+        }
+    }
+
+    /// Reads up to one chunk. `Err(None)` = the transfer was cancelled while
+    /// a non-regular file had nothing to read.
+    fn fill(&mut self, buf: &mut [u8], link: &Link) -> Result<usize, Option<io::Error>> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if got > 0 {
+                        break;
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: self.file.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, 200) };
+                    if !link.alive() {
+                        return Err(None);
+                    }
+                }
+                Err(e) => return Err(Some(e)),
+            }
+        }
+        Ok(got)
+    }
+}

@@ -1,0 +1,359 @@
+//! Protocol 2, file transfer (transfer.md §2): `stat` answered at once,
+//! `get_file` / `put_file` run on a named thread per transfer (`ft-<sid8>`),
+//! one transfer per session, all paths resolved under the configured limits.
+
+mod download;
+mod upload;
+pub mod wire;
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
+
+use crate::config::LimitsConfig;
+use crate::conn::codec::{ProtoHdr, ProtoMsg};
+use crate::conn::outbound::Outbound;
+use crate::conn::router::sid8;
+use crate::limits::path::{PathError, fstat, os_text};
+use crate::limits::policy::Policy;
+use crate::sessions::{Handler, SessionCtx};
+
+use self::wire::Request;
+
+/// Messages queued for a running transfer (≥ 21 chunks + EOF + slack).
+const QUEUE: usize = 64;
+/// How often a waiting transfer checks that the websocket is still up.
+const POLL: Duration = Duration::from_millis(200);
+/// How long `close` waits for a transfer thread to clean up.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
+/// Transfer threads only stream through heap buffers.
+const STACK: usize = 128 * 1024;
+
+/// State shared by every file-transfer handler of the daemon.
+#[derive(Debug)]
+pub struct Service {
+    policy: Policy,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    temp_counter: AtomicU32,
+}
+
+impl Service {
+    /// Resolves the limits once for the daemon's lifetime.
+    pub fn new(limits: &LimitsConfig) -> Service {
+        Service::with_policy(Policy::from_config(limits))
+    }
+
+    /// A service with an explicit policy.
+    pub fn with_policy(policy: Policy) -> Service {
+        Service {
+            policy,
+            // SAFETY: geteuid/getegid cannot fail.
+            uid: unsafe { libc::geteuid() },
+            // SAFETY: as above.
+            gid: unsafe { libc::getegid() },
+            temp_counter: AtomicU32::new(0),
+        }
+    }
+
+    /// A handler for one router session.
+    pub fn handler(self: &Arc<Self>, ctx: &SessionCtx) -> Box<dyn Handler> {
+        Box::new(FileTransfer {
+            svc: Arc::clone(self),
+            ctx: ctx.clone(),
+            active: None,
+        })
+    }
+}
+
+/// The transfer thread's side of the session.
+struct Link {
+    out: Outbound,
+    sid: String,
+    rx: Receiver<ProtoMsg>,
+    /// Never sent on: the handler drops the sender to cancel.
+    cancel: Receiver<()>,
+    /// `done` closes when the thread ends (the receiver sees Disconnected).
+    _done: Sender<()>,
+}
+
+enum Next {
+    Msg(ProtoMsg),
+    Stop,
+}
+
+impl Link {
+    /// The next inbound message, or Stop on cancel / connection loss.
+    fn next(&self) -> Next {
+        loop {
+            select! {
+                recv(self.rx) -> m => return m.map_or(Next::Stop, Next::Msg),
+                recv(self.cancel) -> _ => return Next::Stop,
+                default(POLL) => if !self.out.is_connected() {
+                    return Next::Stop;
+                },
+            }
+        }
+    }
+
+    /// Sleeps `d` unless cancelled or disconnected (then false).
+    fn pause(&self, d: Duration) -> bool {
+        let until = std::time::Instant::now() + d;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            match self.cancel.recv_timeout(left.min(POLL)) {
+                Err(RecvTimeoutError::Timeout) if self.out.is_connected() => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether the transfer should keep going.
+    fn alive(&self) -> bool {
+        !matches!(
+            self.cancel.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        ) && self.out.is_connected()
+    }
+
+    fn send(&self, msg: &ProtoMsg) -> bool {
+        match self.out.send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("file transfer {}: not sent: {e}", self.sid);
+                false
+            }
+        }
+    }
+}
+
+struct Active {
+    tx: Sender<ProtoMsg>,
+    cancel: Option<Sender<()>>,
+    done: Receiver<()>,
+}
+
+impl Active {
+    fn running(&self) -> bool {
+        !matches!(
+            self.done.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
+    }
+
+    fn stop(&mut self) {
+        self.cancel.take();
+        let _ = self.done.recv_timeout(CLOSE_WAIT);
+    }
+}
+
+/// One session's protocol-2 handler.
+struct FileTransfer {
+    svc: Arc<Service>,
+    ctx: SessionCtx,
+    active: Option<Active>,
+}
+
+impl FileTransfer {
+    fn reply_error(&self, req: &ProtoHdr, msgtype: &str, err: &str) {
+        log::info!("file transfer {}: {msgtype}: {err}", self.ctx.sid);
+        if let Err(e) = self.ctx.out.send(&wire::error_reply(req, msgtype, err)) {
+            log::debug!("file transfer {}: error not sent: {e}", self.ctx.sid);
+        }
+    }
+
+    fn busy(&mut self) -> bool {
+        match &self.active {
+            Some(a) if a.running() => true,
+            _ => {
+                self.active = None;
+                false
+            }
+        }
+    }
+
+    /// Starts `body` on a named thread with a fresh link.
+    fn spawn(
+        &mut self,
+        what: &str,
+        body: impl FnOnce(Link) + Send + 'static,
+    ) -> Result<(), String> {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let (cancel_tx, cancel_rx) = crossbeam_channel::bounded(0);
+        let (done_tx, done_rx) = crossbeam_channel::bounded(0);
+        let link = Link {
+            out: self.ctx.out.clone(),
+            sid: self.ctx.sid.clone(),
+            rx,
+            cancel: cancel_rx,
+            _done: done_tx,
+        };
+        std::thread::Builder::new()
+            .name(format!("ft-{}", sid8(&self.ctx.sid)))
+            .stack_size(STACK)
+            .spawn(move || body(link))
+            .map_err(|e| format!("failed to start the {what}: {e}"))?;
+        self.active = Some(Active {
+            tx,
+            cancel: Some(cancel_tx),
+            done: done_rx,
+        });
+        Ok(())
+    }
+
+    fn stat(&self, msg: &ProtoMsg) {
+        let result = Request::decode(msg.body.as_deref()).and_then(|req| {
+            let path = req.path()?.to_vec();
+            let st = self
+                .svc
+                .check_download(&path, libc::O_PATH)
+                .map(|(_, st)| st)
+                .map_err(|e| {
+                    e.text(|os| {
+                        let p = String::from_utf8_lossy(&path);
+                        format!("failed to get file info from path '{p}': stat {p}: {os}")
+                    })
+                })?;
+            Ok(wire::file_info(&self.ctx.sid, &path, &st))
+        });
+        match result {
+            Ok(info) => {
+                if let Err(e) = self.ctx.out.send(&info) {
+                    log::debug!("file transfer {}: file_info not sent: {e}", self.ctx.sid);
+                }
+            }
+            Err(e) => self.reply_error(&msg.hdr, "stat", &e),
+        }
+    }
+
+    fn forward_to_transfer(&mut self, msg: ProtoMsg) {
+        let typ = msg.hdr.typ.clone();
+        if !self.busy() {
+            if typ == "error" {
+                log::info!(
+                    "file transfer {}: error from the server while idle",
+                    self.ctx.sid
+                );
+            } else {
+                self.reply_error(&msg.hdr, &typ, "no file transfer in progress");
+            }
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        match active.tx.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(m)) => {
+                self.active = None;
+                if typ != "error" {
+                    self.reply_error(&m.hdr, &typ, "no file transfer in progress");
+                }
+            }
+            Err(TrySendError::Full(m)) => {
+                // The peer ignores the window; the transfer cannot stay consistent.
+                active.stop();
+                self.active = None;
+                self.reply_error(&m.hdr, &typ, "too many file transfer messages queued");
+            }
+        }
+    }
+}
+
+impl Handler for FileTransfer {
+    fn handle(&mut self, msg: ProtoMsg) {
+        match msg.hdr.typ.as_str() {
+            "stat" => self.stat(&msg),
+            "get_file" => {
+                if let Err(e) = self.start_download(&msg) {
+                    self.reply_error(&msg.hdr, "get_file", &e);
+                }
+            }
+            "put_file" => {
+                if let Err(e) = self.start_upload(&msg) {
+                    self.reply_error(&msg.hdr, "put_file", &e);
+                }
+            }
+            "ack" | "file_chunk" | "error" => self.forward_to_transfer(msg),
+            other => {
+                let err = format!("session: filetransfer message type '{other}' not supported");
+                self.reply_error(&msg.hdr, other, &err);
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(mut a) = self.active.take() {
+            a.stop();
+        }
+    }
+}
+
+/// A refusal before a transfer starts: a permit reason or an OS error.
+enum Refusal {
+    Denied(String),
+    Os(std::io::Error),
+}
+
+impl Refusal {
+    /// The reply text; `os` formats OS errors for the request at hand.
+    fn text(self, os: impl FnOnce(String) -> String) -> String {
+        match self {
+            Refusal::Denied(r) => format!("access denied: {r}"),
+            Refusal::Os(e) => os(os_text(&e)),
+        }
+    }
+}
+
+impl From<PathError> for Refusal {
+    fn from(e: PathError) -> Refusal {
+        match e {
+            PathError::Os(e) => Refusal::Os(e),
+            other => Refusal::Denied(other.to_string()),
+        }
+    }
+}
+
+impl Service {
+    /// Opens `path` for a download (or a stat with `O_PATH`) and runs every
+    /// permit check on the opened descriptor.
+    fn check_download(
+        &self,
+        path: &[u8],
+        flags: libc::c_int,
+    ) -> Result<(std::os::fd::OwnedFd, libc::stat), Refusal> {
+        let p = &self.policy;
+        if let Some(msg) = &p.broken_chroot {
+            return Err(Refusal::Denied(msg.clone()));
+        }
+        let fd = p.resolver.open(path, flags)?;
+        let st = fstat(fd.as_fd()).map_err(Refusal::Os)?;
+        if p.enabled {
+            if p.regular_files_only && st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(Refusal::Denied("only regular files are allowed".into()));
+            }
+            if p.owner_get
+                .as_ref()
+                .is_some_and(|ids| !ids.contains(&st.st_uid))
+            {
+                return Err(Refusal::Denied("the file owner does not match".into()));
+            }
+            if p.group_get
+                .as_ref()
+                .is_some_and(|ids| !ids.contains(&st.st_gid))
+            {
+                return Err(Refusal::Denied("the file group does not match".into()));
+            }
+            if p.max_file_size > 0 && st.st_size > 0 && st.st_size as u64 > p.max_file_size {
+                return Err(Refusal::Denied("the file size is over the limit".into()));
+            }
+        }
+        Ok((fd, st))
+    }
+}

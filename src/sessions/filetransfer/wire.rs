@@ -1,0 +1,219 @@
+//! File-transfer message shapes (protocol.md §3.2): request bodies, the
+//! `file_info` reply, error replies that echo the request header, Go's
+//! FileMode bit layout and msgpack timestamps.
+
+use crate::conn::codec::{PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Value};
+use crate::conn::control::{decode_map, encode_map};
+
+/// Bytes per `file_chunk` (upstream `FileTransferBufSize`).
+pub const CHUNK: usize = 4096;
+/// Download window in chunks beyond the last ack (`ACKSlidingWindowRecv`).
+pub const WINDOW_CHUNKS: u64 = 20;
+/// Upload chunks taken per ack at most (`ACKSlidingWindowSend`).
+pub const ACK_EVERY: usize = 10;
+
+/// A decoded `stat` / `get_file` / `put_file` body.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Request {
+    /// `path`; `None` when absent or nil.
+    pub path: Option<Vec<u8>>,
+    /// `src_path` (uploads into a directory).
+    pub src_path: Option<Vec<u8>>,
+    /// Announced `size`.
+    pub size: Option<i64>,
+    /// Requested owner.
+    pub uid: Option<u32>,
+    /// Requested group.
+    pub gid: Option<u32>,
+    /// Requested mode (permission bits, maybe setuid in either encoding).
+    pub mode: Option<u32>,
+}
+
+impl Request {
+    /// Decodes a body; the error is the full reply text.
+    pub fn decode(body: Option<&[u8]>) -> Result<Request, String> {
+        let malformed = |e: String| format!("malformed request parameters: {e}");
+        let entries = decode_map(body.unwrap_or_default()).map_err(|e| malformed(e.to_string()))?;
+        let mut r = Request::default();
+        for (k, v) in entries {
+            match k.as_str() {
+                "path" => r.path = bytes(&v, "path").map_err(malformed)?,
+                "src_path" => r.src_path = bytes(&v, "src_path").map_err(malformed)?,
+                "size" => r.size = int(&v, "size").map_err(malformed)?.map(|n| n as i64),
+                // Go decodes into uint32 by truncation (−1 → 4294967295).
+                "uid" => r.uid = int(&v, "uid").map_err(malformed)?.map(|n| n as u32),
+                "gid" => r.gid = int(&v, "gid").map_err(malformed)?.map(|n| n as u32),
+                "mode" => r.mode = int(&v, "mode").map_err(malformed)?.map(|n| n as u32),
+                _ => {}
+            }
+        }
+        Ok(r)
+    }
+
+    /// The path, unless absent or empty.
+    pub fn path(&self) -> Result<&[u8], String> {
+        match self.path.as_deref() {
+            Some(p) if !p.is_empty() => Ok(p),
+            _ => Err("invalid request parameters: path: cannot be blank.".to_string()),
+        }
+    }
+}
+
+fn bytes(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::Str(s) => Ok(Some(s.as_bytes().to_vec())),
+        Value::Bin(b) => Ok(Some(b.clone())),
+        _ => Err(format!("msgpack: invalid type for string field {field}")),
+    }
+}
+
+/// Any integer width, as its 64-bit two's complement (nil = absent).
+fn int(v: &Value, field: &str) -> Result<Option<u64>, String> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::U64(n) => Ok(Some(*n)),
+        _ => v
+            .as_i64()
+            .map(|n| Some(n as u64))
+            .ok_or_else(|| format!("msgpack: invalid type for integer field {field}")),
+    }
+}
+
+/// A file-transfer `error` against `req`: its header (sid, props) copied,
+/// `typ` = error, body `{err, msgtype}`.
+pub fn error_reply(req: &ProtoHdr, msgtype: &str, err: &str) -> ProtoMsg {
+    let mut hdr = req.clone();
+    hdr.proto = PROTO_FILETRANSFER;
+    hdr.typ = "error".to_string();
+    ProtoMsg {
+        hdr,
+        body: Some(encode_map(&[
+            ("err", Value::Str(err.to_string())),
+            ("msgtype", Value::Str(msgtype.to_string())),
+        ])),
+    }
+}
+
+/// A header-only message with `offset` as int64 (download chunks carry a body).
+pub fn with_offset(typ: &str, sid: &str, offset: u64) -> ProtoMsg {
+    ProtoMsg::new(PROTO_FILETRANSFER, typ, sid).with_prop("offset", Value::I64(offset as i64))
+}
+
+/// The `offset` of an inbound ack/chunk: only int64 counts (upstream type
+/// assertion; deviceconnect always sends `d3`). `None` = absent.
+pub fn offset_of(msg: &ProtoMsg) -> Option<Result<i64, ()>> {
+    match msg.prop("offset")? {
+        Value::I64(n) => Some(Ok(*n)),
+        _ => Some(Err(())),
+    }
+}
+
+/// Go `os.FileMode` bits for a Unix `st_mode`.
+pub fn go_mode(st_mode: u32) -> u32 {
+    let mut m = st_mode & 0o777;
+    m |= match st_mode & libc::S_IFMT {
+        libc::S_IFDIR => 1 << 31,
+        libc::S_IFLNK => 1 << 27,
+        libc::S_IFBLK => 1 << 26,
+        libc::S_IFCHR => (1 << 26) | (1 << 21),
+        libc::S_IFIFO => 1 << 25,
+        libc::S_IFSOCK => 1 << 24,
+        _ => 0,
+    };
+    if st_mode & libc::S_ISUID != 0 {
+        m |= 1 << 23;
+    }
+    if st_mode & libc::S_ISGID != 0 {
+        m |= 1 << 22;
+    }
+    if st_mode & libc::S_ISVTX != 0 {
+        m |= 1 << 20;
+    }
+    m
+}
+
+/// Go's setuid bit in a FileMode.
+pub const GO_SETUID: u32 = 1 << 23;
+
+/// msgpack timestamp (ext −1) in the shortest form Go writes.
+pub fn timestamp(secs: i64, nsec: u32) -> Value {
+    if secs >= 0 && (secs >> 34) == 0 {
+        if nsec == 0 && secs <= i64::from(u32::MAX) {
+            return Value::Ext(-1, (secs as u32).to_be_bytes().to_vec());
+        }
+        let v = (u64::from(nsec) << 34) | secs as u64;
+        return Value::Ext(-1, v.to_be_bytes().to_vec());
+    }
+    let mut d = nsec.to_be_bytes().to_vec();
+    d.extend_from_slice(&secs.to_be_bytes());
+    Value::Ext(-1, d)
+}
+
+/// The `file_info` reply for `stat` (no props; key order as upstream).
+pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
+    let body = encode_map(&[
+        (
+            "path",
+            Value::Str(String::from_utf8_lossy(path).into_owned()),
+        ),
+        ("size", Value::I64(st.st_size)),
+        ("uid", Value::U32(st.st_uid)),
+        ("gid", Value::U32(st.st_gid)),
+        ("mode", Value::U32(go_mode(st.st_mode))),
+        (
+            "modtime",
+            timestamp(st.st_mtime, st.st_mtime_nsec.clamp(0, 999_999_999) as u32),
+        ),
+    ]);
+    ProtoMsg::new(PROTO_FILETRANSFER, "file_info", sid).with_body(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::codec::encode_value;
+
+    #[test]
+    fn go_modes_match_observed_values() {
+        assert_eq!(go_mode(libc::S_IFREG | 0o644), 420);
+        assert_eq!(go_mode(libc::S_IFDIR | 0o755), 0x800001ED);
+        assert_eq!(go_mode(libc::S_IFCHR | 0o666), 0x042001B6);
+        assert_eq!(go_mode(libc::S_IFDIR | libc::S_ISVTX | 0o777), 0x801001FF);
+        assert_eq!(go_mode(libc::S_IFREG | libc::S_ISUID | 0o755), 0x008001ED);
+    }
+
+    #[test]
+    fn timestamps_use_go_forms() {
+        let enc = |v: Value| {
+            let mut out = Vec::new();
+            encode_value(&v, &mut out);
+            out
+        };
+        assert_eq!(enc(timestamp(1, 0)), [0xd6, 0xff, 0, 0, 0, 1]);
+        assert_eq!(enc(timestamp(1, 1))[..2], [0xd7, 0xff]);
+        assert_eq!(enc(timestamp(-1, 0))[..3], [0xc7, 12, 0xff]);
+    }
+
+    #[test]
+    fn requests_decode_any_int_and_nil_as_absent() {
+        let body = encode_map(&[
+            ("path", Value::Str("/x".into())),
+            ("uid", Value::Nil),
+            ("gid", Value::Int(-1)),
+            ("mode", Value::U32(0o644)),
+        ]);
+        let r = Request::decode(Some(&body)).expect("decodes");
+        assert_eq!(r.path(), Ok(&b"/x"[..]));
+        assert_eq!((r.uid, r.gid, r.mode), (None, Some(u32::MAX), Some(0o644)));
+        let e = Request::decode(Some(b"\xa6foobar")).expect_err("not a map");
+        assert!(e.starts_with("malformed request parameters: "), "{e}");
+        let e = Request::decode(None).expect_err("empty");
+        assert_eq!(e, "malformed request parameters: EOF");
+        let blank = Request::decode(Some(&encode_map(&[("path", Value::Nil)]))).expect("nil path");
+        assert_eq!(
+            blank.path().expect_err("blank"),
+            "invalid request parameters: path: cannot be blank."
+        );
+    }
+}
