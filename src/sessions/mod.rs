@@ -1,6 +1,8 @@
 //! Per-session protocol handlers (shell, file transfer, port forward,
 //! mender-client) and the interface the router drives them through.
 
+pub mod shell;
+
 use std::collections::BTreeMap;
 
 use crate::conn::codec::ProtoMsg;
