@@ -216,10 +216,16 @@ fn spawn_echo_exit_sends_stop_and_frees_the_slot() {
     let mut b = bed(|_| {}, &[]);
     let l = &mut b.link;
     l.open_ok(&sid(1), "alice");
-    assert!(b.daemon.wait_log("starting shell command passing process, pid:", TIMEOUT));
+    assert!(
+        b.daemon
+            .wait_log("starting shell command passing process, pid:", TIMEOUT)
+    );
     // MaxPerUser defaults to 1
     let r = l.open(&sid(2), "alice");
-    assert_eq!((status(&r), body(&r).as_str()), (Some(2), "user has too many open sessions"));
+    assert_eq!(
+        (status(&r), body(&r).as_str()),
+        (Some(2), "user has too many open sessions")
+    );
     assert_eq!(r.hdr.props.len(), 1);
     // echo round trip
     assert!(l.run(&sid(1), "echo hel''lo").contains("hello"));
@@ -242,11 +248,17 @@ fn spawn_echo_exit_sends_stop_and_frees_the_slot() {
     let r = l.stop(&sid(9));
     assert_eq!(
         body(&r),
-        format!("routeMessage: StopShellMessage: session not found for id {}", sid(9))
+        format!(
+            "routeMessage: StopShellMessage: session not found for id {}",
+            sid(9)
+        )
     );
     l.send(&shell_msg("ping", &sid(3), "alice"));
     let r = l.reply(&sid(3), "ping");
-    assert_eq!((status(&r), body(&r).as_str()), (Some(2), "unknown message protocol and type: 1/ping"));
+    assert_eq!(
+        (status(&r), body(&r).as_str()),
+        (Some(2), "unknown message protocol and type: 1/ping")
+    );
     let r = l.stop(&sid(3));
     assert_eq!((status(&r), r.body.as_deref()), (Some(1), None));
 }
@@ -277,14 +289,26 @@ fn resize_changes_stty_size_and_spawn_size_is_used() {
 
 #[test]
 fn stop_kills_the_whole_terminal_session() {
-    let mut b = bed(|_| {}, &[]);
+    stop_kills_jobs_of(|_| {});
+}
+
+#[test]
+fn stop_kills_the_jobs_of_a_bash_login_shell() {
+    stop_kills_jobs_of(|c| {
+        c["ShellCommand"] = "/bin/bash".into();
+        c["ShellArguments"] = serde_json::json!(["--login"]);
+    });
+}
+
+fn stop_kills_jobs_of(tweak: impl FnOnce(&mut serde_json::Value)) {
+    let mut b = bed(tweak, &[]);
     let l = &mut b.link;
     let s = sid(1);
     l.open_ok(&s, "u");
     let out = l.run(&s, "sleep 1000 & echo PID=$!=");
     let pid: i32 = out
-        .split("PID=")
-        .nth(1)
+        .rsplit("PID=")
+        .next()
         .and_then(|r| r.split('=').next())
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("no pid in {out:?}"));
@@ -294,8 +318,15 @@ fn stop_kills_the_whole_terminal_session() {
     let t = Instant::now();
     let r = l.stop(&s);
     assert_eq!((status(&r), r.body.as_deref()), (Some(1), None));
-    assert!(t.elapsed() < Duration::from_secs(3), "stop took {:?}", t.elapsed());
-    assert!(common::wait_until(TIMEOUT, || dead(pid)), "background job survived");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        common::wait_until(TIMEOUT, || dead(pid)),
+        "background job survived"
+    );
     assert!(children(b.daemon.pid()).is_empty(), "shell not reaped");
     l.open_ok(&sid(2), "u");
 }
@@ -324,8 +355,15 @@ fn runs_as_user_with_its_groups_when_root() {
     unsafe { libc::getgrouplist(c"nobody".as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
     groups.truncate(n.max(0) as usize);
     assert!(out.contains(&format!("U={uid}=")), "{out}");
-    let got = out.split("G=").nth(1).and_then(|r| r.split('=').next()).unwrap_or("");
-    let mut got: Vec<u32> = got.split_whitespace().filter_map(|g| g.parse().ok()).collect();
+    let got = out
+        .split("G=")
+        .nth(1)
+        .and_then(|r| r.split('=').next())
+        .unwrap_or("");
+    let mut got: Vec<u32> = got
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .collect();
     got.sort_unstable();
     groups.sort_unstable();
     groups.dedup();
@@ -337,7 +375,10 @@ fn runs_as_user_with_its_groups_when_root() {
 
 #[test]
 fn per_user_and_global_limits() {
-    let mut b = bed(|c| c["Sessions"] = serde_json::json!({"MaxPerUser": 2}), &[]);
+    let mut b = bed(
+        |c| c["Sessions"] = serde_json::json!({"MaxPerUser": 2}),
+        &[],
+    );
     let l = &mut b.link;
     l.open_ok(&sid(1), "a");
     l.open_ok(&sid(2), "a");
@@ -349,7 +390,10 @@ fn per_user_and_global_limits() {
         l.open_ok(&sid(10 + i), &format!("user{i}"));
     }
     let r = l.open(&sid(40), "z");
-    assert_eq!((status(&r), body(&r).as_str()), (Some(2), "too many shells spawned"));
+    assert_eq!(
+        (status(&r), body(&r).as_str()),
+        (Some(2), "too many shells spawned")
+    );
     // an operator that went away: the server's stop frees the slot at once
     l.send(
         &shell_msg("stop", &sid(2), "a")
@@ -385,7 +429,9 @@ fn idle_shell_expires_on_time() {
     let idle_from = Instant::now();
     l.type_in(&s, "\n");
     let stop = l
-        .next(Duration::from_secs(6), |m| m.hdr.sid == s && m.hdr.typ == "stop")
+        .next(Duration::from_secs(6), |m| {
+            m.hdr.sid == s && m.hdr.typ == "stop"
+        })
         .expect("expired shell stopped");
     let took = idle_from.elapsed();
     assert!(
@@ -432,7 +478,11 @@ fn missing_pong_ends_the_shell_and_late_pongs_are_harmless() {
     assert!(l.run(&alive, "echo ok").contains("ok"));
     l.open_ok(&sid(3), "b");
     l.send(&ProtoMsg::new(PROTO_CONTROL, "ping", "ctl"));
-    assert!(l.next(TIMEOUT, |m| m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "pong").is_some());
+    assert!(
+        l.next(TIMEOUT, |m| m.hdr.proto == PROTO_CONTROL
+            && m.hdr.typ == "pong")
+            .is_some()
+    );
 }
 
 #[test]
@@ -492,7 +542,10 @@ fn shells_survive_a_reconnect_and_output_arrives_afterwards() {
     let _ = b.link.output_until(&s, "\n", TIMEOUT);
     b.link.conn.drop_tcp();
     assert!(b.link.conn.wait_closed(TIMEOUT));
-    assert!(common::wait_until(TIMEOUT, || flag.exists()), "shell never finished");
+    assert!(
+        common::wait_until(TIMEOUT, || flag.exists()),
+        "shell never finished"
+    );
     b.server.set_reject(None);
     let Some(conn) = b.server.wait_connection(Duration::from_secs(30)) else {
         b.daemon.dump_log();
@@ -515,7 +568,10 @@ fn shells_survive_a_reconnect_and_output_arrives_afterwards() {
 
 #[test]
 fn sigterm_stops_all_shells_quickly() {
-    let mut b = bed(|c| c["Sessions"] = serde_json::json!({"MaxPerUser": 8}), &[]);
+    let mut b = bed(
+        |c| c["Sessions"] = serde_json::json!({"MaxPerUser": 8}),
+        &[],
+    );
     for i in 0..6 {
         b.link.open_ok(&sid(i), "u");
     }
@@ -525,13 +581,20 @@ fn sigterm_stops_all_shells_quickly() {
     let t = Instant::now();
     b.daemon.signal(libc::SIGTERM);
     assert!(b.daemon.wait_exit(Duration::from_secs(3)).is_some());
-    assert!(t.elapsed() < Duration::from_millis(2500), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(shells.iter().all(|&p| dead(p)));
 }
 
 #[test]
 fn disabled_terminal_refuses_new() {
-    let mut b = bed(|c| c["Terminal"] = serde_json::json!({"Disable": true}), &[]);
+    let mut b = bed(
+        |c| c["Terminal"] = serde_json::json!({"Disable": true}),
+        &[],
+    );
     let r = b.link.open(&sid(1), "u");
     assert_eq!(
         (status(&r), body(&r).as_str()),

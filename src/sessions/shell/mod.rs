@@ -135,17 +135,32 @@ impl Shells {
         let ping = ping_from_env();
         let s = &cfg.sessions;
         let (expire_after, expire_idle) = if s.stop_expired {
-            (nonzero_secs(s.expire_after), nonzero_secs(s.expire_after_idle))
+            (
+                nonzero_secs(s.expire_after),
+                nonzero_secs(s.expire_after_idle),
+            )
         } else {
             (None, None)
         };
         let settings = Settings {
             recipe,
-            rows: if cfg.terminal.height > 0 { cfg.terminal.height } else { 40 },
-            cols: if cfg.terminal.width > 0 { cfg.terminal.width } else { 80 },
+            rows: if cfg.terminal.height > 0 {
+                cfg.terminal.height
+            } else {
+                40
+            },
+            cols: if cfg.terminal.width > 0 {
+                cfg.terminal.width
+            } else {
+                80
+            },
             max_per_user: (s.max_per_user.max(1)) as usize,
             // Idle expiry wins when both are set (§5.8).
-            expire_after: if expire_idle.is_some() { None } else { expire_after },
+            expire_after: if expire_idle.is_some() {
+                None
+            } else {
+                expire_after
+            },
             expire_idle,
             ping,
             pong_wait: ping * 65 / 60,
@@ -191,7 +206,8 @@ impl Inner {
         t.live.remove(sid);
         if tombstone {
             let now = Instant::now();
-            t.tombs.retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
+            t.tombs
+                .retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
             if t.tombs.len() >= MAX_TOMBSTONES {
                 t.tombs.clear();
             }

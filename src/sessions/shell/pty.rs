@@ -308,13 +308,12 @@ unsafe fn child(
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
-        if let Some((uid, gid, groups)) = &r.creds {
-            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+        if let Some((uid, gid, groups)) = &r.creds
+            && (libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(*gid) < 0
-                || libc::setuid(*uid) < 0
-            {
-                fail(err_w);
-            }
+                || libc::setuid(*uid) < 0)
+        {
+            fail(err_w);
         }
         if libc::chdir(r.home.as_ptr()) < 0 {
             libc::chdir(root);
@@ -421,19 +420,35 @@ impl Child {
         }
     }
 
-    /// Waits up to `limit` for the child to exit and reaps it.
-    pub fn wait(&mut self, limit: Duration) -> Option<libc::c_int> {
+    /// Whether the child has exited, without reaping it: while it is a
+    /// zombie its pid cannot be reused, so its session can still be signalled.
+    fn has_exited(&self) -> bool {
+        if self.reaped {
+            return true;
+        }
+        // SAFETY: waitid writes into a zeroed siginfo_t we own.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc = libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            rc < 0 || info.si_pid() == self.pid
+        }
+    }
+
+    /// Waits up to `limit` for the child to exit (it stays unreaped).
+    pub fn wait_exit(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(st) = self.try_reap() {
-                return Some(st);
-            }
-            if self.reaped {
-                return None;
+            if self.has_exited() {
+                return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return false;
             }
             match &self.pidfd {
                 Some(fd) => {
@@ -446,19 +461,23 @@ impl Child {
         }
     }
 
+    /// Waits up to `limit` for the child to exit and reaps it.
+    pub fn wait(&mut self, limit: Duration) -> Option<libc::c_int> {
+        if self.wait_exit(limit) {
+            self.try_reap()
+        } else {
+            None
+        }
+    }
+
     /// Ends the shell: SIGHUP (+SIGCONT, so stopped jobs see it) to the whole
     /// terminal session, SIGTERM after `grace`, SIGKILL after `grace` more;
-    /// returns as soon as the shell is reaped, with its wait status.
+    /// returns as soon as the shell has exited, reaped, with its wait status.
+    /// Jobs it left in the session get the signal that ended it.
     pub fn terminate(&mut self, grace: Duration) -> Result<Option<libc::c_int>, String> {
-        if let Some(st) = self.try_reap() {
-            // Already gone: its leftover jobs still get the hangup.
-            signal_session(self.pid, libc::SIGHUP);
-            signal_session(self.pid, libc::SIGCONT);
-            return Ok(Some(st));
-        }
         for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGKILL] {
             if self.reaped {
-                break;
+                return Ok(None);
             }
             signal_session(self.pid, sig);
             if sig == libc::SIGHUP {
@@ -469,21 +488,27 @@ impl Child {
             } else {
                 grace
             };
-            if let Some(st) = self.wait(limit) {
-                // Jobs left behind in the session follow the shell.
+            if self.wait_exit(limit) {
                 if sig != libc::SIGHUP {
                     signal_session(self.pid, sig);
                 }
-                return Ok(Some(st));
+                return Ok(self.try_reap());
             }
-        }
-        if self.reaped {
-            return Ok(None);
         }
         Err(format!(
             "waiting for pid {} timeout. the process will remain as zombie.",
             self.pid
         ))
+    }
+
+    /// After the shell exited by itself: the hangup a real terminal gives the
+    /// jobs still attached to it, then reap. Returns the wait status.
+    pub fn hang_up_and_reap(&mut self) -> Option<libc::c_int> {
+        if !self.reaped {
+            signal_session(self.pid, libc::SIGHUP);
+            signal_session(self.pid, libc::SIGCONT);
+        }
+        self.try_reap()
     }
 }
 

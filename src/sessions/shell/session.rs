@@ -59,7 +59,10 @@ fn run(inner: Arc<Inner>, sid: String, ctl: Arc<Control>, rx: Receiver<Cmd>, row
         Err(e) => {
             log::error!("session {sid}: failed to start shell: {e}");
             inner.release(&sid, false);
-            send(&inner, reply("new", &sid, 2, Some(format!("failed to start shell: {e}"))));
+            send(
+                &inner,
+                reply("new", &sid, 2, Some(format!("failed to start shell: {e}"))),
+            );
             return;
         }
     };
@@ -89,7 +92,10 @@ fn run(inner: Arc<Inner>, sid: String, ctl: Arc<Control>, rx: Receiver<Cmd>, row
 
 /// Sends a reply or notice from the shell's thread (may wait for room).
 fn send(inner: &Inner, msg: ProtoMsg) {
-    if let Err(e) = inner.out.send_frame(codec::encode(&msg), Duration::from_secs(4)) {
+    if let Err(e) = inner
+        .out
+        .send_frame(codec::encode(&msg), Duration::from_secs(4))
+    {
         log::debug!(
             "shell message {:?} for session {} not sent: {e}",
             msg.hdr.typ,
@@ -195,7 +201,7 @@ impl Shell {
                 fds.push((p.as_raw_fd(), libc::POLLIN));
             }
             let ms = timeout.as_millis().min(3_600_000) as i32
-                + i32::from(timeout.subsec_nanos() % 1_000_000 != 0);
+                + i32::from(!timeout.subsec_nanos().is_multiple_of(1_000_000));
             let rev = match poll_fds(&fds, ms) {
                 Ok(r) => r,
                 Err(e) => {
@@ -222,11 +228,7 @@ impl Shell {
     }
 
     fn health_deadline(&self) -> Instant {
-        let last = self
-            .ctl
-            .pong_ms
-            .load(Ordering::Acquire)
-            .max(self.start_ms);
+        let last = self.ctl.pong_ms.load(Ordering::Acquire).max(self.start_ms);
         self.inner.epoch + Duration::from_millis(last) + self.inner.settings.pong_wait
     }
 
@@ -240,7 +242,13 @@ impl Shell {
     }
 
     fn ping(&self) {
-        let secs = self.inner.settings.pong_wait.as_millis().div_ceil(1000).max(1) as i64;
+        let secs = self
+            .inner
+            .settings
+            .pong_wait
+            .as_millis()
+            .div_ceil(1000)
+            .max(1) as i64;
         let msg = ProtoMsg::new(PROTO_SHELL, "ping", &self.sid)
             .with_prop("status", Value::Int(3))
             .with_prop("timeout", Value::Int(secs));
@@ -430,7 +438,12 @@ impl Shell {
                 if want_reply {
                     send(
                         &self.inner,
-                        reply("stop", &self.sid, 2, Some(format!("could not terminate shell: {e}."))),
+                        reply(
+                            "stop",
+                            &self.sid,
+                            2,
+                            Some(format!("could not terminate shell: {e}.")),
+                        ),
                     );
                 }
                 false
@@ -447,11 +460,11 @@ impl Shell {
     /// meanwhile, or send the device's own `stop` with `notice`.
     fn finish(&mut self, mut want_reply: bool, notice: Option<&str>) {
         want_reply |= self.ctl.stop.swap(0, Ordering::AcqRel) & STOP_REPLY != 0;
-        if let Some(text) = notice {
-            if !want_reply {
-                self.flush(Duration::from_secs(1));
-                send(&self.inner, reply("stop", &self.sid, 2, Some(text.into())));
-            }
+        if let Some(text) = notice
+            && !want_reply
+        {
+            self.flush(Duration::from_secs(1));
+            send(&self.inner, reply("stop", &self.sid, 2, Some(text.into())));
         }
         if want_reply {
             send(&self.inner, reply("stop", &self.sid, 1, None));
@@ -478,14 +491,12 @@ impl Shell {
     /// left behind, free the slot at once and send the device `stop`.
     fn natural_exit(&mut self) {
         let _ = self.read_output(BACKLOG_MAX);
-        let status = match self.child.wait(Duration::from_millis(500)) {
-            Some(st) => Some(st),
+        let status = if self.child.wait_exit(Duration::from_millis(500)) {
+            self.child.hang_up_and_reap()
+        } else {
             // EOF but still alive (it closed its terminal): end it.
-            None => self.child.terminate(QUIET_GRACE).ok().flatten(),
+            self.child.terminate(QUIET_GRACE).ok().flatten()
         };
-        // jobs that still hold the terminal get the hangup a real one sends
-        pty::signal_session(self.child.pid, libc::SIGHUP);
-        pty::signal_session(self.child.pid, libc::SIGCONT);
         match status {
             Some(st) => log::info!(
                 "session {}: shell exited: {}",
