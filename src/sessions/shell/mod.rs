@@ -104,6 +104,20 @@ pub(crate) fn reply(typ: &str, sid: &str, status: i64, body: Option<String>) -> 
     }
 }
 
+/// The health-check ping: `status` 3 and the pong deadline in seconds.
+pub(crate) fn ping_msg(sid: &str, timeout_secs: i64) -> ProtoMsg {
+    ProtoMsg::new(PROTO_SHELL, "ping", sid)
+        .with_prop("status", Value::Int(3))
+        .with_prop("timeout", Value::Int(timeout_secs))
+}
+
+/// One piece of terminal output.
+pub(crate) fn output_msg(sid: &str, bytes: Vec<u8>) -> ProtoMsg {
+    ProtoMsg::new(PROTO_SHELL, "shell", sid)
+        .with_prop("status", Value::Int(1))
+        .with_body(bytes)
+}
+
 fn ping_from_env() -> Duration {
     std::env::var(PING_ENV)
         .ok()
@@ -449,5 +463,108 @@ impl ShellRouter for Shells {
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::codec::encode;
+
+    fn vector(name: &str) -> String {
+        let all: serde_json::Value =
+            serde_json::from_str(include_str!("../../../tests/data/vectors.json"))
+                .expect("vectors.json");
+        all.as_array()
+            .and_then(|a| a.iter().find(|v| v["name"] == name))
+            .and_then(|v| v["hex"].as_str())
+            .unwrap_or_else(|| panic!("no vector {name}"))
+            .to_string()
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    const S1: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e01";
+    const S2: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e02";
+    const S3: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e03";
+    const S4: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e04";
+
+    #[test]
+    fn device_messages_match_the_reference_bytes() {
+        let cases = [
+            (
+                "shell_new_ok_device",
+                reply("new", S1, 1, Some("Shell started".into())),
+            ),
+            (
+                "shell_new_error_device",
+                reply("new", S4, 2, Some("user has too many open sessions".into())),
+            ),
+            (
+                "shell_data_device",
+                output_msg(S1, b"echo hello\r\n".to_vec()),
+            ),
+            (
+                "shell_data_no_session_device",
+                reply("shell", S3, 2, Some("session not found".into())),
+            ),
+            ("shell_ping_device", ping_msg(S1, 65)),
+            ("shell_stop_ok_device", reply("stop", S1, 1, None)),
+            (
+                "shell_stop_unknown_session_device",
+                reply(
+                    "stop",
+                    S3,
+                    2,
+                    Some(format!(
+                        "routeMessage: StopShellMessage: session not found for id {S3}"
+                    )),
+                ),
+            ),
+            (
+                "shell_stop_device_initiated",
+                reply(
+                    "stop",
+                    S2,
+                    2,
+                    Some("read /dev/ptmx: input/output error".into()),
+                ),
+            ),
+            (
+                "shell_unknown_type_device",
+                reply(
+                    "foo",
+                    S1,
+                    2,
+                    Some("unknown message protocol and type: 1/foo".into()),
+                ),
+            ),
+        ];
+        for (name, msg) in cases {
+            assert_eq!(hex(&encode(&msg)), vector(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn size_needs_both_positive_integers() {
+        let m = |h: Value, w: Value| {
+            ProtoMsg::new(PROTO_SHELL, "new", S1)
+                .with_prop("terminal_height", h)
+                .with_prop("terminal_width", w)
+        };
+        assert_eq!(
+            size_props(&m(Value::I8(50), Value::U8(200))),
+            Some((50, 200))
+        );
+        assert_eq!(size_props(&m(Value::I8(0), Value::U8(200))), None);
+        assert_eq!(size_props(&m(Value::F64(50.0), Value::U8(200))), None);
+        assert_eq!(size_props(&m(Value::Str("50".into()), Value::U8(9))), None);
+        assert_eq!(
+            size_props(&m(Value::I64(65536 + 7), Value::U16(9))),
+            Some((7, 9))
+        );
+        assert_eq!(size_props(&ProtoMsg::new(PROTO_SHELL, "new", S1)), None);
     }
 }

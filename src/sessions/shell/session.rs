@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::pty::{self, Child};
-use super::{Cmd, Control, Inner, STOP_REPLY, reply};
-use crate::conn::codec::{self, PROTO_SHELL, ProtoMsg, Value};
+use super::{Cmd, Control, Inner, STOP_REPLY, output_msg, ping_msg, reply};
+use crate::conn::codec::{self, ProtoMsg};
 use crate::conn::outbound::SendError;
 use crate::conn::wake::poll_fds;
 
@@ -249,10 +249,7 @@ impl Shell {
             .as_millis()
             .div_ceil(1000)
             .max(1) as i64;
-        let msg = ProtoMsg::new(PROTO_SHELL, "ping", &self.sid)
-            .with_prop("status", Value::Int(3))
-            .with_prop("timeout", Value::Int(secs));
-        if let Err(e) = self.inner.out.try_send(&msg) {
+        if let Err(e) = self.inner.out.try_send(&ping_msg(&self.sid, secs)) {
             log::debug!("health-check ping for session {} not sent: {e}", self.sid);
         }
     }
@@ -386,9 +383,7 @@ impl Shell {
     fn flush(&mut self, wait: Duration) -> Flush {
         while !self.backlog.is_empty() {
             let n = self.backlog.len().min(CHUNK);
-            let msg = ProtoMsg::new(PROTO_SHELL, "shell", &self.sid)
-                .with_prop("status", Value::Int(1))
-                .with_body(self.backlog[..n].to_vec());
+            let msg = output_msg(&self.sid, self.backlog[..n].to_vec());
             match self.inner.out.send_frame(codec::encode(&msg), wait) {
                 Ok(()) => {
                     self.backlog.drain(..n);
