@@ -601,3 +601,26 @@ fn disabled_terminal_refuses_new() {
         (Some(2), "unknown message protocol and type: 1/new")
     );
 }
+
+#[test]
+fn exit_with_a_job_still_on_the_terminal_hangs_it_up_and_stops_at_once() {
+    let mut b = bed(|_| {}, &[]);
+    let l = &mut b.link;
+    let s = sid(1);
+    l.open_ok(&s, "u");
+    let out = l.run(&s, "sleep 1000 & echo PID=$!=");
+    let pid: i32 = out
+        .rsplit("PID=")
+        .next()
+        .and_then(|r| r.split('=').next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    // the job keeps the terminal open, so there is no EOF: the shell's own
+    // exit must still end the session
+    l.type_in(&s, "exit\n");
+    let stop = l.reply(&s, "stop");
+    assert_eq!((status(&stop), body(&stop).as_str()), (Some(2), EXIT_TEXT));
+    assert!(common::wait_until(TIMEOUT, || dead(pid)), "job not hung up");
+    assert!(children(b.daemon.pid()).is_empty());
+    l.open_ok(&sid(2), "u");
+}

@@ -2,6 +2,17 @@
 //! shells keyed by sid, limits counted from that table, and the non-blocking
 //! hand-off of every shell message from the connection thread to the shell's
 //! own thread (`session.rs`), which owns the PTY and the process (`pty.rs`).
+//!
+//! Differences from the reference, all compatible: a shell that exits frees
+//! its slot at once (its sid then answers a later `stop` with success for
+//! 10 minutes); stops signal the whole terminal session and reply as soon as
+//! the shell is reaped; expiry and health checks are per-shell timers (an
+//! expired or unanswered shell also sends a device `stop`, status 2); output
+//! produced while the link is down is kept (64 KiB per shell, oldest dropped)
+//! and sent once `Outbound::is_connected` is true again — a shell holding
+//! such output checks that every 200 ms, so `outbound.rs` needed no change.
+//! `MENDER_CONNECT_SHELL_PING_MS` shortens the 60 s health-check period for
+//! tests; the pong deadline stays 65/60 of it.
 
 mod pty;
 mod session;
