@@ -74,11 +74,20 @@ pub fn registry(cfg: &Config, _user: &ValidatedUser) -> Registry {
 
 /// The terminal, unless `Terminal.Disable` (or not built yet).
 pub fn shell_router(
-    _cfg: &Config,
-    _user: &ValidatedUser,
-    _out: &Outbound,
+    cfg: &Config,
+    user: &ValidatedUser,
+    out: &Outbound,
 ) -> Option<Arc<dyn ShellRouter>> {
-    None
+    if cfg.terminal.disable {
+        return None;
+    }
+    match crate::sessions::shell::Shells::new(cfg, user, out.clone()) {
+        Ok(shells) => Some(Arc::new(shells)),
+        Err(e) => {
+            log::error!("remote terminal disabled: {e}");
+            None
+        }
+    }
 }
 
 struct Supervisor {

@@ -4,6 +4,7 @@
 pub mod filetransfer;
 pub mod menderclient;
 pub mod portforward;
+pub mod shell;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,164 @@
+//! Remote-terminal numbers (printed, not asserted): bulk output throughput
+//! through the stand-in server, and daemon memory per open shell.
+//!
+//! `cargo bench --bench shell` (release profile; the daemon binary under test
+//! is the bench build's `mender-connect`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
+use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
+
+/// Raw bytes fed to base64; its output is 4/3 of this plus newlines ≈ 20 MiB.
+const RAW_BYTES: usize = 15 * 1024 * 1024;
+const SHELLS_FOR_RSS: usize = 10;
+
+fn msg(typ: &str, sid: &str) -> ProtoMsg {
+    ProtoMsg::new(PROTO_SHELL, typ, sid).with_prop("user_id", Value::Str(sid.into()))
+}
+
+/// Opens a shell and waits for "Shell started".
+fn open(conn: &ConnHandle, sid: &str) {
+    conn.send_msg(&msg("new", sid));
+    loop {
+        let m = conn.recv_msg(TIMEOUT).expect("reply to new");
+        if m.hdr.sid == sid && m.hdr.typ == "new" {
+            assert_eq!(m.body.as_deref(), Some(&b"Shell started"[..]), "{m:?}");
+            return;
+        }
+    }
+}
+
+/// Types `line` and collects output of `sid` until `marker` shows up;
+/// returns (output bytes, messages).
+fn run_until(conn: &ConnHandle, sid: &str, line: &str, marker: &[u8]) -> (usize, usize) {
+    conn.send_msg(&msg("shell", sid).with_body(line.as_bytes().to_vec()));
+    let (mut bytes, mut msgs) = (0, 0);
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let m = conn
+            .recv_msg(Duration::from_secs(120))
+            .expect("shell output");
+        if m.hdr.sid != sid || m.hdr.typ != "shell" {
+            continue;
+        }
+        let b = m.body.unwrap_or_default();
+        bytes += b.len();
+        msgs += 1;
+        tail.extend_from_slice(&b);
+        if tail.windows(marker.len()).any(|w| w == marker) {
+            return (bytes, msgs);
+        }
+        let keep = tail.len().saturating_sub(marker.len());
+        tail.drain(..keep);
+    }
+}
+
+fn rollup(pid: u32) -> (u64, u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"), field("Anonymous:"))
+}
+
+fn main() {
+    // cargo passes `--bench`; nothing to filter
+    let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
+    cfg["ShellArguments"] = serde_json::json!([]);
+    cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 16 });
+    let bus = DbusDaemon::start();
+    let server = Server::start_plain();
+    let _auth = AuthService::start(bus.address(), "bench", &server.url());
+    let daemon = Daemon::spawn_with_binary(
+        std::path::Path::new(common::daemon::BINARY.expect("bench binary")),
+        &cfg.to_string(),
+        bus.address(),
+        &[],
+        false,
+    );
+    let conn = server.wait_connection(TIMEOUT).expect("daemon connected");
+    let pid = daemon.pid();
+
+    // --- throughput ---
+    let sid = "bench-bulk-0000";
+    open(&conn, sid);
+    run_until(&conn, sid, "stty -echo; echo W$((1+1))W\n", b"W2W");
+    let t = Instant::now();
+    let (bytes, msgs) = run_until(
+        &conn,
+        sid,
+        &format!("head -c {RAW_BYTES} /dev/urandom | base64; echo '@@'$((2+3))'@@'\n"),
+        b"@@5@@",
+    );
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "shell bulk output: {:.1} MiB in {secs:.2} s = {:.1} MiB/s, {msgs} messages, {:.0} bytes/message",
+        bytes as f64 / 1048576.0,
+        bytes as f64 / 1048576.0 / secs,
+        bytes as f64 / msgs as f64
+    );
+    conn.send_msg(&msg("stop", sid));
+
+    // --- memory per shell ---
+    // one shell opened and closed first, so lazily built state is in the baseline
+    open(&conn, "bench-warm");
+    run_until(&conn, "bench-warm", "echo R$((1+1))R\n", b"R2R");
+    conn.send_msg(&msg("stop", "bench-warm"));
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let base_threads = {
+        let mut last = threads();
+        // settle: wait until the stopped shells' threads are gone
+        common::wait_until(TIMEOUT, || {
+            let now = threads();
+            let settled = now == last
+                && !std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|t| {
+                        std::fs::read_to_string(t.path().join("comm"))
+                            .is_ok_and(|c| c.starts_with("shell-"))
+                    });
+            last = now;
+            settled
+        });
+        last
+    };
+    let (rss0, pss0, anon0) = rollup(pid);
+    for i in 0..SHELLS_FOR_RSS {
+        let sid = format!("bench-rss-{i:04}");
+        open(&conn, &sid);
+        run_until(&conn, &sid, "echo R$((1+1))R\n", b"R2R");
+    }
+    let (rss1, pss1, anon1) = rollup(pid);
+    let n = SHELLS_FOR_RSS as u64;
+    println!(
+        "daemon memory with {SHELLS_FOR_RSS} shells open (shell processes excluded): \
+         Rss +{} KiB ({} KiB/shell), Pss +{} KiB ({} KiB/shell), Anonymous +{} KiB ({} KiB/shell); \
+         threads {} -> {}",
+        rss1.saturating_sub(rss0),
+        rss1.saturating_sub(rss0) / n,
+        pss1.saturating_sub(pss0),
+        pss1.saturating_sub(pss0) / n,
+        anon1.saturating_sub(anon0),
+        anon1.saturating_sub(anon0) / n,
+        base_threads,
+        threads()
+    );
+    println!("daemon totals: Rss {rss1} KiB, Pss {pss1} KiB, Anonymous {anon1} KiB");
+    for i in 0..SHELLS_FOR_RSS {
+        conn.send_msg(&msg("stop", &format!("bench-rss-{i:04}")));
+    }
+}
