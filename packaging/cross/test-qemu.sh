@@ -41,7 +41,7 @@ done
 if $readelf --dyn-syms -W "$v5" | grep -E '__(sync|atomic)_[a-z_]+_8\b'; then
     fail "armel binary calls 64-bit atomic helpers (libatomic): see above"
 fi
-log "armel attributes: Tag_CPU_arch=$(attr "$v5" Tag_CPU_arch) Tag_ABI_VFP_args=$(attr "$v5" Tag_ABI_VFP_args || true)"
+log "armel attributes: Tag_CPU_arch=$(attr "$v5" Tag_CPU_arch) ELF flags: $($readelf -h "$v5" | sed -n "s/^ *Flags: *//p")"
 
 # idle RSS: the daemon with a valid config on a private system bus where the
 # Mender auth service never appears, so it sits idle waiting for it
@@ -51,12 +51,19 @@ if command -v dbus-daemon >/dev/null && [[ -f $home/guest-rss.py ]]; then
     printf '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>system</type><listen>unix:path=%s/bus</listen><auth>EXTERNAL</auth>
 <policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n' "$tmp" > "$tmp/bus.conf"
-    dbus-daemon --config-file="$tmp/bus.conf" --nofork --nopidfile & busp=$!
+    dbus-daemon --config-file="$tmp/bus.conf" --nofork --nopidfile 2>/dev/null & busp=$!
     for _ in $(seq 50); do [[ -S $tmp/bus ]] && break; sleep 0.1; done
     rss=$(DBUS_SYSTEM_BUS_ADDRESS="unix:path=$tmp/bus" python3 "$home/guest-rss.py" --duration 8 -- \
             qemu-arm -cpu arm926 -L "$home/sysroot-armel" "$v5" --config "$tmp/conf" --fallback-config "$tmp/none" daemon \
             2>&1 >/dev/null | tee "$tmp/log" | grep GUEST_RSS || true)
-    if [[ -n $rss ]]; then log "armel idle daemon (8 s, arm926): $rss"; else log "WARN: no RSS figure:"; sed 's/^/  /' "$tmp/log" | tail -5 >&2; fi
+    # rc=-15: still running after 8 s and terminated by guest-rss.py, i.e. idle as intended
+    if [[ $rss == *"rc=-15"* ]]; then
+        log "armel idle daemon (8 s, arm926): $rss"
+    else
+        # TODO: make this fatal once the daemon runs idle (see the log below)
+        log "WARN: the daemon did not stay up for 8 s, idle RSS not measured: ${rss:-no figure}"
+        grep -v '^ *[0-9]*: \|^ *at ' "$tmp/log" | tail -n 6 | sed 's/^/  /' >&2
+    fi
 fi
 
 # TODO(terminal feature, issue 6): connect the armel daemon under qemu-arm -cpu arm926
@@ -67,11 +74,13 @@ fi
 
 # --- ARMv6 hard-float: ELF attributes ----------------------------------------------
 stripped "$v6"
-arch=$(attr "$v6" Tag_CPU_arch); fp=$(attr "$v6" Tag_FP_arch); vfpargs=$(attr "$v6" Tag_ABI_VFP_args)
-log "armhf attributes: Tag_CPU_arch=$arch Tag_FP_arch=$fp Tag_ABI_VFP_args=$vfpargs"
-[[ $arch == v6* ]] || fail "armhf Tag_CPU_arch is '$arch', want v6"
+arch=$(attr "$v6" Tag_CPU_arch); fp=$(attr "$v6" Tag_FP_arch)
+# lld (zig) does not emit Tag_ABI_VFP_args; the ELF header's EF_ARM_ABI_FLOAT_HARD says the same
+flags=$($readelf -h "$v6" | sed -n 's/^ *Flags: *//p')
+log "armhf attributes: Tag_CPU_arch=$arch Tag_FP_arch=$fp; ELF flags: $flags"
+[[ $arch == v6 || $arch == v6K || $arch == v6KZ ]] || fail "armhf Tag_CPU_arch is '$arch', want v6"
 [[ $fp == VFPv2 ]] || fail "armhf Tag_FP_arch is '$fp', want VFPv2"
-[[ $vfpargs == "VFP registers" ]] || fail "armhf is not hard-float (Tag_ABI_VFP_args '$vfpargs')"
+[[ $flags == *"hard-float ABI"* ]] || fail "armhf is not hard-float (ELF flags '$flags')"
 interp=$($readelf -l "$v6" | sed -n 's/.*interpreter: \(.*\)]/\1/p')
 [[ $interp == /lib/ld-linux-armhf.so.3 ]] || fail "armhf interpreter is '$interp'"
 
