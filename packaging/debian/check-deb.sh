@@ -98,4 +98,28 @@ dpkg -r mender-connect-rs-dbgsym mender-connect-rs >&2
 dpkg -P mender-connect-rs >&2
 [[ ! -e $conf ]] || fail "$conf still there after purge"
 
+# --- drop-in over Debian's Go mender-connect -------------------------------------
+# dpkg moves the conffile over from the Go package (Replaces): an unchanged Go
+# config is replaced by ours without a question; an edited one gets dpkg's
+# usual conffile question (default: keep yours), which --force-confold answers
+# for unattended installs.
+if [[ ${SKIP_TAKEOVER:-} != 1 ]] && apt-cache show mender-connect >/dev/null 2>&1; then
+    log "drop-in over Debian's mender-connect $(apt-cache show mender-connect | sed -n 's/^Version: //p' | head -n1)"
+    go_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mender-connect >&2; }
+    go_install
+    dpkg -i "$deb" </dev/null >&2 || fail "dpkg -i over the unchanged Go package asked or failed"
+    dpkg-query -W -f='${Status}\n' mender-connect 2>/dev/null | grep -q "install ok installed" && fail "Go mender-connect still installed"
+    [[ $(cat "$conf") == '{"ShellCommand": "/bin/bash", "User": "nobody"}' ]] || fail "unchanged Go config not replaced by ours"
+    [[ $(stat -c %a "$conf") == 600 ]] || fail "$conf mode $(stat -c %a "$conf") after take-over, want 600"
+    dpkg -P mender-connect-rs mender-connect >&2
+    go_install
+    printf '{"ShellCommand": "/bin/sh", "User": "root"}\n' > "$conf"
+    dpkg -i --force-confold "$deb" </dev/null >&2 || fail "dpkg -i --force-confold over the edited Go package failed"
+    [[ $(cat "$conf") == '{"ShellCommand": "/bin/sh", "User": "root"}' ]] || fail "the edited Go config was not kept"
+    "$bin" --version >/dev/null || fail "--version after take-over"
+    dpkg -P mender-connect-rs mender-connect >&2
+    rm -f "$conf.dpkg-dist" "$conf.dpkg-new"
+    [[ ! -e $conf ]] || fail "$conf still there after purge"
+fi
+
 log "OK ($(( $(date +%s) - t0 )) s)"
