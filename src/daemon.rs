@@ -96,7 +96,7 @@ struct Supervisor {
     timing: Timing,
     auth: Auth,
     link: Option<Link>,
-    link_seq: u64,
+    link_seq: usize,
     links_tx: crossbeam_channel::Sender<LinkEvent>,
     creds: Option<(String, String)>,
     authorized: bool,

@@ -32,12 +32,12 @@ pub enum LinkEvent {
     /// Link `id` completed the websocket upgrade.
     Connected {
         /// Which link.
-        id: u64,
+        id: usize,
     },
     /// Link `id` is gone (or never came up).
     Ended {
         /// Which link.
-        id: u64,
+        id: usize,
         /// Why it ended; `None` when asked to stop.
         error: Option<String>,
         /// How long it was up; `None` when the dial failed.
@@ -49,7 +49,7 @@ pub enum LinkEvent {
 
 /// The supervisor's handle on one connection thread.
 pub struct Link {
-    id: u64,
+    id: usize,
     stop: Arc<AtomicBool>,
     out: OutboundRx,
     join: Option<JoinHandle<()>>,
@@ -58,7 +58,7 @@ pub struct Link {
 impl Link {
     /// Starts connection thread number `id` dialing `ep` with `token`.
     pub fn start(
-        id: u64,
+        id: usize,
         ep: Endpoint,
         token: String,
         out: OutboundRx,
@@ -94,7 +94,7 @@ impl Link {
     }
 
     /// Which link this is.
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> usize {
         self.id
     }
 
@@ -122,7 +122,7 @@ impl Link {
 
 #[allow(clippy::too_many_arguments)]
 fn run(
-    id: u64,
+    id: usize,
     ep: &Endpoint,
     token: &str,
     out: &OutboundRx,

@@ -2,7 +2,7 @@
 //! only the connection thread drains.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
@@ -39,7 +39,7 @@ impl std::error::Error for SendError {}
 pub struct Outbound {
     tx: Sender<Vec<u8>>,
     wake: Arc<Wake>,
-    connected: Arc<AtomicU64>,
+    connected: Arc<AtomicUsize>,
 }
 
 /// Consumer side, held by whichever connection thread is current.
@@ -49,13 +49,13 @@ pub struct OutboundRx {
     pub rx: Receiver<Vec<u8>>,
     /// Signalled after every push, polled by the connection thread.
     pub wake: Arc<Wake>,
-    connected: Arc<AtomicU64>,
+    connected: Arc<AtomicUsize>,
 }
 
 /// Creates the queue.
 pub fn queue(wake: Arc<Wake>) -> (Outbound, OutboundRx) {
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_FRAMES);
-    let connected = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicUsize::new(0));
     (
         Outbound {
             tx,
@@ -118,7 +118,7 @@ impl OutboundRx {
     /// counts if it is still the current one, so a slow old link cannot mark a
     /// fresh one down. Going down drops whatever is queued, so that producers
     /// blocked on a full queue return and see the link is gone.
-    pub fn set_connected(&self, link: u64, up: bool) {
+    pub fn set_connected(&self, link: usize, up: bool) {
         if up {
             self.connected.store(link, Ordering::Release);
         } else if self

@@ -3,7 +3,7 @@
 //! sessions get messages through unbounded channels whose depth it meters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ enum Inbox {
 struct Entry {
     tx: Sender<Inbox>,
     depth: Arc<AtomicUsize>,
-    id: u64,
+    id: usize,
 }
 
 /// Routes decoded messages to shell and router sessions.
@@ -43,7 +43,7 @@ struct Inner {
     shell: Option<Arc<dyn ShellRouter>>,
     timing: Timing,
     sessions: Mutex<HashMap<String, Entry>>,
-    next_id: AtomicU64,
+    next_id: AtomicUsize,
     live: (Mutex<usize>, Condvar),
 }
 
@@ -76,7 +76,7 @@ impl Router {
                 shell,
                 timing,
                 sessions: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(1),
+                next_id: AtomicUsize::new(1),
                 live: (Mutex::new(0), Condvar::new()),
             }),
         }
@@ -266,7 +266,7 @@ impl Inner {
 
     /// Removes session `id` from the table; messages that reached it after it
     /// decided to end go, in order, to a fresh session for the same sid.
-    fn end_session(this: &Arc<Inner>, sid: &str, id: u64, rx: &Receiver<Inbox>) {
+    fn end_session(this: &Arc<Inner>, sid: &str, id: usize, rx: &Receiver<Inbox>) {
         let mut sessions = this.lock_sessions();
         if sessions.get(sid).is_some_and(|e| e.id == id) {
             sessions.remove(sid);
@@ -285,7 +285,13 @@ pub fn sid8(sid: &str) -> &str {
     &sid[..end]
 }
 
-fn session_loop(inner: &Arc<Inner>, sid: &str, id: u64, rx: Receiver<Inbox>, depth: &AtomicUsize) {
+fn session_loop(
+    inner: &Arc<Inner>,
+    sid: &str,
+    id: usize,
+    rx: Receiver<Inbox>,
+    depth: &AtomicUsize,
+) {
     let ctx = SessionCtx {
         sid: sid.to_string(),
         out: inner.out.clone(),

@@ -18,7 +18,7 @@ mod pty;
 mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,9 @@ pub(crate) enum Cmd {
 pub(crate) struct Control {
     pub wake: Wake,
     pub stop: AtomicU8,
-    /// Milliseconds since `Inner::epoch` of the last pong (0 = none yet).
-    pub pong_ms: AtomicU64,
+    /// When the last pong arrived. A mutex held only for a load or store:
+    /// ARMv5 has no 64-bit atomics to keep a timestamp in.
+    pub pong_at: Mutex<Option<Instant>>,
     pub queued: AtomicUsize,
 }
 
@@ -288,7 +289,7 @@ impl Inner {
         let ctl = Arc::new(Control {
             wake,
             stop: AtomicU8::new(0),
-            pong_ms: AtomicU64::new(0),
+            pong_at: Mutex::new(None),
             queued: AtomicUsize::new(0),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -365,7 +366,9 @@ impl Inner {
     fn pong(&self, sid: &str) {
         let t = self.lock();
         match t.live.get(sid) {
-            Some(e) => e.ctl.pong_ms.store(self.now_ms().max(1), Ordering::Release),
+            Some(e) => {
+                *e.ctl.pong_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now())
+            }
             None => log::error!("pong: session not found for id {sid}"),
         }
     }

@@ -228,8 +228,9 @@ impl Shell {
     }
 
     fn health_deadline(&self) -> Instant {
-        let last = self.ctl.pong_ms.load(Ordering::Acquire).max(self.start_ms);
-        self.inner.epoch + Duration::from_millis(last) + self.inner.settings.pong_wait
+        let started = self.inner.epoch + Duration::from_millis(self.start_ms);
+        let pong = *self.ctl.pong_at.lock().unwrap_or_else(|p| p.into_inner());
+        pong.map_or(started, |p| p.max(started)) + self.inner.settings.pong_wait
     }
 
     fn expiry(&self) -> Option<Instant> {
