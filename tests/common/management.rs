@@ -301,10 +301,9 @@ fn on_event(shared: &Shared, ev: Event) {
             };
             match sink {
                 Some(Sink::Ws(user)) => user.send(&frame.data),
+                // A gone receiver unregisters itself (the session's drop).
                 Some(Sink::Rest(tx)) => {
-                    if tx.send(msg).is_err() {
-                        shared.unregister(&frame_sid(&frame.data));
-                    }
+                    let _ = tx.send(msg);
                 }
                 None => {}
             }
@@ -319,10 +318,6 @@ fn on_event(shared: &Shared, ev: Event) {
         }
         _ => {}
     }
-}
-
-fn frame_sid(data: &[u8]) -> String {
-    codec::decode(data).map(|m| m.hdr.sid).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
