@@ -763,3 +763,125 @@ fn port_forward_http_get_and_10_mib_echo() {
         "mender-cli port-forward exited early"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The management stand-in itself (no mender-cli needed)
+
+/// One raw HTTP/1.1 request; returns (status, head, body) — the body read to
+/// EOF (the stand-in closes every connection) and de-chunked.
+fn http_request(url: &str, method: &str, target: &str, auth: bool) -> (u16, String, Vec<u8>) {
+    let addr = url.strip_prefix("http://").expect("plain http url");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
+    let auth = if auth {
+        format!("Authorization: Bearer {TOKEN}\r\n")
+    } else {
+        String::new()
+    };
+    write!(s, "{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head")
+        + 4;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head[9..12].parse().expect("status");
+    let mut body = raw[split..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("chunk line");
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("hex"), 16)
+                .expect("chunk size");
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+            rest = &rest[eol + 4 + n..];
+        }
+        body = out;
+    }
+    (status, head, body)
+}
+
+#[test]
+fn management_standin_status_head_and_error_mapping() {
+    // Runs without mender-cli: the stand-in's own REST behaviour.
+    let bus = DbusDaemon::start();
+    let server = Server::start_plain();
+    let mgmt = Management::start(&server);
+    let dev = format!(
+        "/api/management/v1/deviceconnect/devices/{}",
+        mgmt.device_id()
+    );
+
+    let (st, _, body) = http_request(mgmt.url(), "GET", &dev, true);
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["status"], "disconnected");
+
+    let _auth = AuthService::start(bus.address(), TOKEN, &server.url());
+    let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
+    cfg["ShellArguments"] = serde_json::json!(["-i"]);
+    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), &[]);
+    assert!(mgmt.wait_device(TIMEOUT), "daemon never connected");
+
+    let (st, _, body) = http_request(mgmt.url(), "GET", &dev, true);
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["status"], "connected");
+    let (st, _, _) = http_request(mgmt.url(), "GET", &dev, false);
+    assert_eq!(st, 401, "no token");
+    let other = "/api/management/v1/deviceconnect/devices/nope";
+    assert_eq!(http_request(mgmt.url(), "GET", other, true).0, 404);
+
+    let dir = TempDir::new("mgmt-head");
+    let file = dir.join("f.bin");
+    std::fs::write(&file, pattern(10_000, 5)).expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let q = |p: &Path| format!("{dev}/download?path={}", p.display());
+
+    // HEAD: the stat headers, no body, no get_file.
+    let (st, head, body) = http_request(mgmt.url(), "HEAD", &q(&file), true);
+    assert_eq!(st, 200, "{head}");
+    assert!(head.contains("X-MEN-File-Size: 10000"), "{head}");
+    assert!(head.contains("X-MEN-File-Mode: 644"), "{head}");
+    assert!(body.is_empty());
+    assert!(
+        !mgmt.sent().iter().any(|m| m.hdr.typ == "get_file"),
+        "HEAD sent get_file"
+    );
+
+    // GET: the bytes.
+    let (st, head, body) = http_request(mgmt.url(), "GET", &q(&file), true);
+    assert_eq!(st, 200, "{head}");
+    assert!(head.contains("Content-Type: application/octet-stream"));
+    assert_same(&body, &pattern(10_000, 5), "GET body");
+
+    // A directory is not a regular file: 400.
+    let (st, _, body) = http_request(mgmt.url(), "GET", &q(dir.path()), true);
+    assert_eq!(st, 400);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["error"], "path is not a regular file");
+
+    // Relative paths never reach the device.
+    let (st, _, _) = http_request(mgmt.url(), "GET", &format!("{dev}/download?path=rel"), true);
+    assert_eq!(st, 400);
+
+    // Every REST transfer closed its device session.
+    let opens = mgmt.sent().iter().filter(|m| m.hdr.typ == "open").count();
+    let closes = mgmt.sent().iter().filter(|m| m.hdr.typ == "close").count();
+    assert_eq!((opens, closes), (3, 3));
+    assert!(mgmt.session_ids().is_empty());
+    drop(daemon);
+}
