@@ -1,6 +1,7 @@
 //! Stand-in environment for demos: a private D-Bus with a stand-in Mender
-//! auth service and a stand-in deviceconnect server, optionally running the
-//! daemon against them, logging every frame the device sends.
+//! auth service and a stand-in deviceconnect server (device endpoint and
+//! management API, so Debian's `mender-cli` can talk to it), optionally
+//! running the daemon against them.
 //!
 //! ```text
 //! cargo run --example standin                          # print the environment, wait
@@ -8,25 +9,36 @@
 //!     --daemon target/debug/mender-connect --config my.conf
 //! ```
 //!
+//! With `--daemon`, `mender-cli` installed and stdin/stdout on a terminal,
+//! it opens a real remote shell on the local daemon with `mender-cli
+//! terminal` (Ctrl-] or `exit` ends it, and the demo with it). Otherwise it
+//! logs every frame the device sends and prints the mender-cli command lines
+//! to use from another terminal.
+//!
 //! Options: `--daemon PATH` (binary to run), `--config FILE` (its config;
-//! default: a valid config for the current user), `--token TOKEN` (default
-//! `demo-token`). Stops on Ctrl-C, SIGTERM or end of stdin.
+//! default: a valid config for the current user, with `/bin/bash --login`
+//! as the shell when bash exists), `--token TOKEN` (default `demo-token`),
+//! `--no-terminal` (log frames even on a terminal). Stops on Ctrl-C, SIGTERM
+//! or end of stdin (logging mode).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{AuthService, Daemon, DbusDaemon, Event, Server};
+use common::{AuthService, Daemon, DbusDaemon, Event, Management, Server};
 use std::io::Read;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 
 struct Args {
     daemon: Option<PathBuf>,
     config: Option<PathBuf>,
     token: String,
+    no_terminal: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: standin [--daemon PATH] [--config FILE] [--token TOKEN]");
+    eprintln!("usage: standin [--daemon PATH] [--config FILE] [--token TOKEN] [--no-terminal]");
     std::process::exit(2);
 }
 
@@ -35,6 +47,7 @@ fn parse_args() -> Args {
         daemon: None,
         config: None,
         token: "demo-token".into(),
+        no_terminal: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -43,10 +56,81 @@ fn parse_args() -> Args {
             "--daemon" => args.daemon = Some(value().into()),
             "--config" => args.config = Some(value().into()),
             "--token" => args.token = value(),
+            "--no-terminal" => args.no_terminal = true,
             _ => usage(),
         }
     }
     args
+}
+
+/// The installed mender-cli, if any.
+fn mender_cli() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("mender-cli"))
+        .find(|p| p.is_file())
+}
+
+/// The demo's default daemon config: the test bed's, with a login bash
+/// when there is one (dash, the usual /bin/sh, refuses `--login`).
+fn demo_config() -> String {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&common::default_config()).expect("default config");
+    if Path::new("/bin/bash").exists() {
+        cfg["ShellCommand"] = "/bin/bash".into();
+        cfg["ShellArguments"] = serde_json::json!(["--login"]);
+    } else {
+        cfg["ShellArguments"] = serde_json::json!(["-i"]);
+    }
+    cfg.to_string()
+}
+
+/// Runs `mender-cli … terminal DEVICE` on our terminal until it exits or a
+/// signal arrives (then it is killed).
+fn run_terminal(
+    cli: &Path,
+    args: &[String],
+    signals: &crossbeam_channel::Receiver<i32>,
+) -> Option<ExitStatus> {
+    let mut cmd = Command::new(cli);
+    cmd.args(args);
+    // SAFETY: only sigprocmask (async-signal-safe) between fork and exec:
+    // the child must not inherit our blocked SIGINT/SIGTERM.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot run {}: {e}", cli.display());
+            return None;
+        }
+    };
+    let pid = child.id();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let waiter = std::thread::Builder::new()
+        .name("cli-wait".into())
+        .spawn(move || {
+            let _ = tx.send(child.wait());
+        })
+        .expect("spawn cli-wait");
+    let status = crossbeam_channel::select! {
+        recv(rx) -> st => st.ok().and_then(Result::ok),
+        recv(signals) -> _ => {
+            // SAFETY: our own child, not reaped yet (the waiter has not sent).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            rx.recv().ok().and_then(Result::ok)
+        }
+    };
+    let _ = waiter.join();
+    status
 }
 
 /// Blocks SIGINT/SIGTERM in every thread and turns them into a message from
@@ -177,35 +261,106 @@ fn print_event(ev: &Event) {
 fn main() {
     let args = parse_args();
     let signals = signal_channel();
-    let eof = stdin_eof_channel();
 
     let bus = DbusDaemon::start();
     let server = Server::start_plain();
+    let mgmt = Management::start(&server);
     let events = server.subscribe();
     let auth = AuthService::start(bus.address(), &args.token, &server.url());
     println!("DBUS_SYSTEM_BUS_ADDRESS={}", bus.address());
     println!("SERVER_URL={}", server.url());
     println!("TOKEN={}", args.token);
+    println!("DEVICE_ID={}", mgmt.device_id());
 
     let mut daemon = args.daemon.as_ref().map(|bin| {
         let config = match &args.config {
             Some(p) => std::fs::read_to_string(p)
                 .unwrap_or_else(|e| panic!("reading {}: {e}", p.display())),
-            None => common::default_config(),
+            None => demo_config(),
         };
         let d = Daemon::spawn_with_binary(bin, &config, bus.address(), &[], true);
         println!("daemon pid {} (log: {})", d.pid(), d.log_file().display());
         d
     });
-    println!("Ctrl-C or end of stdin to stop.");
 
+    let cli_base = |sub: &[&str]| -> Vec<String> {
+        ["--server", mgmt.url(), "--token-value", args.token.as_str()]
+            .iter()
+            .chain(sub)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let terminal_args = cli_base(&["terminal", mgmt.device_id()]);
+    let show = |a: &[String]| format!("mender-cli {}", a.join(" "));
+    // SAFETY: isatty only inspects the descriptors.
+    let on_tty = unsafe { libc::isatty(0) == 1 && libc::isatty(1) == 1 };
+    let cli = mender_cli();
+
+    if let (Some(cli), Some(_), true, false) = (&cli, &daemon, on_tty, args.no_terminal) {
+        // Nobody reads the frame log in this mode.
+        drop(events);
+        if !mgmt.wait_device(common::TIMEOUT) {
+            eprintln!("the daemon did not connect; see its log");
+        } else {
+            println!("Remote terminal on the local daemon (Ctrl-] or `exit` ends it):");
+            println!("  {}", show(&terminal_args));
+            match run_terminal(cli, &terminal_args, &signals) {
+                Some(st) => println!("mender-cli exited: {st}"),
+                None => println!("mender-cli did not run"),
+            }
+        }
+    } else {
+        if daemon.is_some() {
+            println!("With mender-cli, from another terminal:");
+            println!("  {}", show(&terminal_args));
+            println!(
+                "  {}",
+                show(&cli_base(&["port-forward", mgmt.device_id(), "8080:80"]))
+            );
+            println!(
+                "  {}",
+                show(&cli_base(&[
+                    "cp",
+                    &format!("{}:/etc/hostname", mgmt.device_id()),
+                    "./hostname"
+                ]))
+            );
+            if cli.is_none() {
+                println!("(mender-cli is not installed: apt-get install mender-cli)");
+            }
+        }
+        log_until_stopped(&server, &events, &signals);
+    }
+
+    if let Some(d) = daemon.as_mut() {
+        d.signal(libc::SIGTERM);
+        match d.wait_exit(common::TIMEOUT) {
+            Some(s) => println!("daemon exited: {s}"),
+            None => println!("daemon did not exit on SIGTERM; killing it"),
+        }
+    }
+    drop(daemon);
+    drop(auth);
+    drop(mgmt);
+    drop(server);
+    drop(bus);
+}
+
+/// Logging mode: every server event, until a signal or end of stdin.
+fn log_until_stopped(
+    server: &Server,
+    events: &crossbeam_channel::Receiver<Event>,
+    signals: &crossbeam_channel::Receiver<i32>,
+) {
+    let eof = stdin_eof_channel();
+    println!("Ctrl-C or end of stdin to stop.");
     loop {
         crossbeam_channel::select! {
             recv(events) -> ev => match ev {
                 Ok(ev) => {
                     print_event(&ev);
                     if let Event::Upgrade { conn: Some(c), .. } = ev {
-                        send_handshake(&server, c);
+                        send_handshake(server, c);
                     }
                 }
                 Err(_) => break,
@@ -220,16 +375,4 @@ fn main() {
             }
         }
     }
-
-    if let Some(d) = daemon.as_mut() {
-        d.signal(libc::SIGTERM);
-        match d.wait_exit(common::TIMEOUT) {
-            Some(s) => println!("daemon exited: {s}"),
-            None => println!("daemon did not exit on SIGTERM; killing it"),
-        }
-    }
-    drop(daemon);
-    drop(auth);
-    drop(server);
-    drop(bus);
 }

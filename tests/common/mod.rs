@@ -14,6 +14,9 @@
 pub mod auth;
 pub mod daemon;
 pub mod dbus;
+pub mod http;
+pub mod management;
+pub mod rest_ft;
 pub mod server;
 pub mod tls;
 
@@ -23,6 +26,8 @@ pub use self::auth::AuthService;
 pub use self::daemon::{Daemon, default_config};
 #[allow(unused_imports)]
 pub use self::dbus::DbusDaemon;
+#[allow(unused_imports)]
+pub use self::management::Management;
 #[allow(unused_imports)]
 pub use self::server::{ConnHandle, Event, Frame, Server};
 #[allow(unused_imports)]

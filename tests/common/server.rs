@@ -156,6 +156,7 @@ struct ServerState {
     handed_out: usize,
     reject: Option<(u16, Option<String>)>,
     ping_interval: Option<Duration>,
+    http_hook: Option<HttpHook>,
     /// Clones of the live TCP sockets by connection sequence number, so
     /// `stop` can cut them; each thread removes its own when it ends.
     sockets: Vec<(usize, TcpStream)>,
@@ -336,6 +337,17 @@ impl Server {
         self.shared.state.lock().unwrap().ping_interval = interval;
     }
 
+    /// Routes every request whose path is not the device connect path to
+    /// `hook` (`None` = answer them 404 as before).
+    pub fn set_http_hook(&self, hook: Option<HttpHook>) {
+        self.shared.state.lock().unwrap().http_hook = hook;
+    }
+
+    /// Looks up connections by index without keeping the server alive.
+    pub fn connections(&self) -> Connections {
+        Connections(Arc::downgrade(&self.shared))
+    }
+
     /// A feed of everything happening from now on (for logging).
     pub fn subscribe(&self) -> Receiver<Event> {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -370,6 +382,26 @@ impl Server {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+/// Weak access to a server's accepted connections (see [`Server::connections`]).
+#[derive(Debug, Clone)]
+pub struct Connections(std::sync::Weak<ServerShared>);
+
+impl Connections {
+    /// The `n`-th accepted connection, while the server exists.
+    pub fn get(&self, n: usize) -> Option<ConnHandle> {
+        let shared = self.0.upgrade()?;
+        let g = shared.state.lock().unwrap();
+        g.conns.get(n).cloned()
+    }
+
+    /// Number of accepted connections (0 once the server is gone).
+    pub fn count(&self) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |s| s.state.lock().unwrap().conns.len())
     }
 }
 
@@ -431,6 +463,9 @@ enum FilterState {
 /// pings by itself and has no switch for it).
 struct Io {
     inner: Inner,
+    /// Bytes already read off the socket (a request head peeked for an
+    /// [`HttpHook`]) that reads must return first.
+    pending: Vec<u8>,
     out: Vec<u8>,
     filtering: bool,
     filter: FilterState,
@@ -522,6 +557,12 @@ fn frame_header_len(h: &[u8]) -> Option<(usize, u64)> {
 
 impl Read for Io {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.pending.is_empty() {
+            let n = buf.len().min(self.pending.len());
+            buf[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            return Ok(n);
+        }
         match &mut self.inner {
             Inner::Plain(s) => s.read(buf),
             Inner::Tls(s) => s.read(buf),
@@ -789,17 +830,40 @@ fn handle_conn(
         None => Inner::Plain(tcp),
     };
     let answer_pings = Arc::new(AtomicBool::new(shared.answer_pings.load(Ordering::SeqCst)));
-    let io = Io {
+    let mut io = Io {
         inner,
+        pending: Vec::new(),
         out: Vec::new(),
         filtering: false,
         filter: FilterState::Header(Vec::new()),
         answer_pings: answer_pings.clone(),
     };
-    let (reject, ping_interval) = {
+    let (reject, ping_interval, hook) = {
         let g = shared.state.lock().unwrap();
-        (g.reject.clone(), g.ping_interval)
+        (g.reject.clone(), g.ping_interval, g.http_hook.clone())
     };
+    // With a hook, peek at the request head: the device's connect path goes
+    // on to the websocket handshake below (the head replayed), anything else
+    // belongs to the hook.
+    if let Some(hook) = hook {
+        let Some((head, rest)) = read_head(&mut io) else {
+            return;
+        };
+        match HttpRequest::parse(&head) {
+            Some(request) if request.path != CONNECT_PATH => {
+                io.pending = rest;
+                let stream = HttpStream {
+                    io,
+                    head,
+                    socket,
+                    request: request.clone(),
+                };
+                (hook.0)(request, stream);
+                return;
+            }
+            _ => io.pending = [head, rest].concat(),
+        }
+    }
     let mut captured: Option<UpgradeRequest> = None;
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let path = req.uri().path().to_string();
@@ -856,32 +920,14 @@ fn handle_conn(
 
     let Some(mut ws) = result else { return };
 
-    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
-    let (wake_rx, wake_tx) = UnixStream::pair().expect("socketpair");
-    let _ = wake_rx.set_nonblocking(true);
-    let _ = wake_tx.set_nonblocking(true);
-    let _ = socket.set_read_timeout(None);
-    let _ = socket.set_write_timeout(None);
-    if socket.set_nonblocking(true).is_err() {
-        return;
-    }
-    ws.get_mut().filtering = true;
-
     let conn = {
         let mut g = shared.state.lock().unwrap();
-        let conn = ConnHandle(Arc::new(ConnShared {
-            id: g.conns.len(),
-            request: request.clone(),
-            state: Mutex::new(ConnState {
-                open: true,
-                ..ConnState::default()
-            }),
-            cond: Condvar::new(),
-            cmd: cmd_tx,
-            wake: wake_tx,
-            socket: socket.try_clone().expect("clone socket"),
-            answer_pings,
-        }));
+        let Some((conn, cmd_rx, wake_rx)) =
+            conn_parts(g.conns.len(), request.clone(), &socket, answer_pings)
+        else {
+            return;
+        };
+        ws.get_mut().filtering = true;
         g.conns.push(conn.clone());
         publish(
             &shared.subscribers,
@@ -890,8 +936,9 @@ fn handle_conn(
                 request,
             },
         );
-        conn
+        (conn, cmd_rx, wake_rx)
     };
+    let (conn, cmd_rx, wake_rx) = conn;
     shared.cond.notify_all();
 
     let error = run_conn(
@@ -904,12 +951,17 @@ fn handle_conn(
         &shared.subscribers,
     );
     drop(ws);
+    conn_ended(&conn, error, &shared.subscribers);
+}
+
+/// Marks a connection closed (waking its waiters) and publishes `Closed`.
+fn conn_ended(conn: &ConnHandle, error: Option<String>, subs: &Subscribers) {
     {
         let mut g = conn.0.state.lock().unwrap();
         g.open = false;
         g.error = error.clone();
         publish(
-            &shared.subscribers,
+            subs,
             Event::Closed {
                 conn: conn.id(),
                 error,
@@ -917,6 +969,217 @@ fn handle_conn(
         );
     }
     conn.0.cond.notify_all();
+}
+
+/// The handle of a freshly upgraded connection plus what its event loop
+/// needs (command receiver, wake-up socket); switches `socket` to
+/// non-blocking. `None` if the socket cannot be set up.
+fn conn_parts(
+    id: usize,
+    request: UpgradeRequest,
+    socket: &TcpStream,
+    answer_pings: Arc<AtomicBool>,
+) -> Option<(ConnHandle, Receiver<Cmd>, UnixStream)> {
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let (wake_rx, wake_tx) = UnixStream::pair().expect("socketpair");
+    let _ = wake_rx.set_nonblocking(true);
+    let _ = wake_tx.set_nonblocking(true);
+    let _ = socket.set_read_timeout(None);
+    let _ = socket.set_write_timeout(None);
+    socket.set_nonblocking(true).ok()?;
+    let conn = ConnHandle(Arc::new(ConnShared {
+        id,
+        request,
+        state: Mutex::new(ConnState {
+            open: true,
+            ..ConnState::default()
+        }),
+        cond: Condvar::new(),
+        cmd: cmd_tx,
+        wake: wake_tx,
+        socket: socket.try_clone().ok()?,
+        answer_pings,
+    }));
+    Some((conn, cmd_rx, wake_rx))
+}
+
+// ---------------------------------------------------------------------------
+// Other HTTP requests (the management API stand-in hooks in here)
+
+/// Largest request head [`HttpHook`] requests may have.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Handles every request whose path is not the device connect path, on the
+/// connection's own thread (`ws-conn-N`), once set with
+/// [`Server::set_http_hook`]. It owns the stream: whatever it does not answer
+/// goes unanswered.
+#[derive(Clone)]
+pub struct HttpHook(pub Arc<dyn Fn(HttpRequest, HttpStream) + Send + Sync>);
+
+impl std::fmt::Debug for HttpHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpHook")
+    }
+}
+
+/// A parsed HTTP request head.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    /// `GET`, `PUT`, …
+    pub method: String,
+    /// Request target as sent (path and query).
+    pub target: String,
+    /// Path (without query).
+    pub path: String,
+    /// Raw query string (without `?`; empty when none).
+    pub query: String,
+    /// Headers in wire order; names lower-case.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpRequest {
+    fn parse(head: &[u8]) -> Option<HttpRequest> {
+        let text = std::str::from_utf8(head).ok()?;
+        let mut lines = text.split("\r\n");
+        let mut first = lines.next()?.split(' ');
+        let method = first.next()?.to_string();
+        let target = first.next()?.to_string();
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_string(), q.to_string()),
+            None => (target.clone(), String::new()),
+        };
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Some(HttpRequest {
+            method,
+            target,
+            path,
+            query,
+            headers,
+        })
+    }
+
+    /// First value of a header (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads until the end of a request head; returns (head, bytes after it).
+fn read_head(io: &mut Io) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Some((buf, rest));
+        }
+        if buf.len() > MAX_HEAD {
+            return None;
+        }
+        match io.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The connection of a request handed to an [`HttpHook`]: reads return the
+/// body bytes (after the head), writes go to the client. Blocking, with the
+/// handshake deadline on every read and write until changed.
+pub struct HttpStream {
+    io: Io,
+    head: Vec<u8>,
+    socket: TcpStream,
+    request: HttpRequest,
+}
+
+impl HttpStream {
+    /// Sets the per-read/per-write deadline (`None` = wait forever).
+    pub fn set_timeout(&self, t: Option<Duration>) {
+        let _ = self.socket.set_read_timeout(t);
+        let _ = self.socket.set_write_timeout(t);
+    }
+
+    /// Completes a websocket upgrade of this request (101, or an error
+    /// answer and `None`). The returned handle works like a device
+    /// connection's but belongs to no server list and publishes no events;
+    /// the connection lives while [`WsDriver::run`] runs.
+    pub fn into_websocket(mut self) -> Option<(ConnHandle, WsDriver)> {
+        let rest = std::mem::take(&mut self.io.pending);
+        self.io.pending = [std::mem::take(&mut self.head), rest].concat();
+        let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_SIZE));
+        let mut ws = tungstenite::accept_with_config(self.io, Some(config)).ok()?;
+        let request = UpgradeRequest {
+            path: self.request.path.clone(),
+            uri: self.request.target.clone(),
+            headers: self.request.headers.clone(),
+            status: 101,
+        };
+        let pings = Arc::new(AtomicBool::new(true));
+        let (conn, cmds, wake) = conn_parts(0, request, &self.socket, pings)?;
+        ws.get_mut().filtering = true;
+        Some((
+            conn.clone(),
+            WsDriver {
+                ws,
+                conn,
+                cmds,
+                wake,
+                socket: self.socket,
+            },
+        ))
+    }
+}
+
+impl Read for HttpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io.read(buf)
+    }
+}
+
+impl Write for HttpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.io.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.io.flush()
+    }
+}
+
+/// Runs the event loop of a websocket made by [`HttpStream::into_websocket`].
+pub struct WsDriver {
+    ws: WebSocket<Io>,
+    conn: ConnHandle,
+    cmds: Receiver<Cmd>,
+    wake: UnixStream,
+    socket: TcpStream,
+}
+
+impl WsDriver {
+    /// Serves the connection on the calling thread until it is gone.
+    pub fn run(mut self) {
+        let subs = Subscribers::default();
+        let error = run_conn(
+            &mut self.ws,
+            &self.conn,
+            &self.cmds,
+            &self.wake,
+            &self.socket,
+            None,
+            &subs,
+        );
+        drop(self.ws);
+        conn_ended(&self.conn, error, &subs);
+    }
 }
 
 fn is_would_block(e: &WsError) -> bool {
