@@ -88,6 +88,11 @@ enum Next {
 impl Link {
     /// The next inbound message, or Stop on cancel / connection loss.
     fn next(&self) -> Next {
+        // Messages that arrived before a cancel are handled first: a session
+        // closed right behind an upload's EOF chunk must still commit it.
+        if let Ok(m) = self.rx.try_recv() {
+            return Next::Msg(m);
+        }
         loop {
             select! {
                 recv(self.rx) -> m => return m.map_or(Next::Stop, Next::Msg),
