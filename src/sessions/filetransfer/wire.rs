@@ -151,13 +151,14 @@ pub fn timestamp(secs: i64, nsec: u32) -> Value {
 }
 
 /// The `file_info` reply for `stat` (no props; key order as upstream).
+// off_t/time_t are i32 on armel (the libc crate has no _FILE_OFFSET_BITS=64)
+#[allow(clippy::unnecessary_cast)]
 pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
     let body = encode_map(&[
         (
             "path",
             Value::Str(String::from_utf8_lossy(path).into_owned()),
         ),
-        // off_t/time_t are 32-bit on armel (no _FILE_OFFSET_BITS=64 in the libc crate)
         ("size", Value::I64(st.st_size as i64)),
         ("uid", Value::U32(st.st_uid)),
         ("gid", Value::U32(st.st_gid)),
