@@ -7,7 +7,7 @@
 #
 # Writes (in <repo>/target/<triple>/release/):
 #   mender-connect        stripped, with a .gnu_debuglink to the file below: what goes on the device
-#   mender-connect.debug  the full debug info (for gdb on the host; see packaging/DEBUGGING.md)
+#   mender-connect.debug  the full debug info (for gdb on the host; see README.md, "Debugging on the device")
 # The unstripped binary stays where cargo put it (target/<triple>/release/deps/).
 #
 # On a fresh machine the first run installs what it needs (root: apt-get, pip in

@@ -135,65 +135,9 @@ setup_zig() {
   "$v/bin/pip" install -q "ziglang==$ZIGLANG_VERSION" "cargo-zigbuild==$CARGO_ZIGBUILD_VERSION"
 }
 
-write_guest_rss() {
+write_guest_rss() {  # the repo's copy (with --mark and signal forwarding), where CROSS_ARM_HOME users expect it
   mkdir -p "$CROSS_ARM_HOME"
-  cat > "$CROSS_ARM_HOME/guest-rss.py" <<'PY'
-#!/usr/bin/env python3
-# Peak RSS of the *guest* of a 32-bit qemu-user run.  /proc/self/status inside
-# the guest is qemu's own (code + TCG buffers + guest): 15-25 MB too high.  qemu
-# is started with a fixed guest base (-B) and the Rss of the host mappings that
-# lie in [base, base + 4 GiB) is summed from /proc/<qemu>/smaps every few ms.
-# Checked against the kernel: same i686 binary native VmHWM 9.3-9.5 MB, this
-# method under qemu-i386 9.05 MB.
-# usage: guest-rss.py [--interval-ms N] [--duration S] [--breakdown] -- qemu-arm ARGS...
-import ctypes, os, subprocess, sys, time
-args = sys.argv[1:]; interval = 0.005; base = 0x100000000000; duration = None; breakdown = False
-while args and args[0] != "--":
-    if args[0] == "--interval-ms": interval = float(args[1]) / 1000; args = args[2:]
-    elif args[0] == "--duration": duration = float(args[1]); args = args[2:]
-    elif args[0] == "--breakdown": breakdown = True; args = args[1:]
-    else: sys.exit("bad option " + args[0])
-cmd = args[1:]
-if not cmd: sys.exit("usage: guest-rss.py [opts] -- qemu-arm ...")
-cmd = [cmd[0], "-B", hex(base)] + cmd[1:]
-end = base + (1 << 32)
-def no_thp():  # no transparent huge pages on a real ARMv5/v6 device
-    ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)
-p = subprocess.Popen(cmd, preexec_fn=no_thp); t0 = time.monotonic()
-peak = dict(rss=0, anon=0, file=0, per={}); qpeak = 0
-while p.poll() is None:
-    try:
-        lines = open(f"/proc/{p.pid}/smaps").read().splitlines()
-        qpeak = max(qpeak, next(int(l.split()[1]) for l in open(f"/proc/{p.pid}/status") if l.startswith("VmRSS:")))
-    except (OSError, StopIteration):
-        break
-    rss = anon = fil = 0; per = {}; inside = False; name = ""
-    for l in lines:
-        head = l.split(None, 1)[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-")); parts = l.split()
-            inside = lo >= base and hi <= end
-            name = parts[5] if len(parts) >= 6 else "[anon]"
-        elif inside and head == "Rss:":
-            kb = int(l.split()[1]); rss += kb; per[name] = per.get(name, 0) + kb
-            if name.startswith("/"): fil += kb
-            else: anon += kb
-    if rss > peak["rss"]: peak = dict(rss=rss, anon=anon, file=fil, per=per)
-    if duration is not None and time.monotonic() - t0 > duration:
-        p.terminate(); duration = None
-    time.sleep(interval)
-rc = p.wait()
-if peak["rss"] == 0:
-    print("WARNING: the program ended before a sample was taken (it runs < ~5 ms); "
-          "make it pause at the point to measure, e.g. sleep before exit", file=sys.stderr)
-if breakdown:
-    for k, v in sorted(peak["per"].items(), key=lambda kv: -kv[1]):
-        if v: print(f"  {v:8d} kB  {k}", file=sys.stderr)
-print(f"GUEST_RSS peak_kB={peak['rss']} (anon_mappings={peak['anon']} file_mappings={peak['file']}) "
-      f"qemu_process_peak_kB={qpeak} rc={rc}", file=sys.stderr)
-sys.exit(rc)
-PY
-  chmod +x "$CROSS_ARM_HOME/guest-rss.py"
+  install -m 755 "$(dirname "$(readlink -f "$0")")/guest-rss.py" "$CROSS_ARM_HOME/guest-rss.py"
 }
 
 print_env() {
@@ -265,7 +209,7 @@ main() {
     test)  cmd_build test "$@" ;;
     run)   local t=$1 b=$2; shift 2; mapfile -t q < <(qemu_cmd "$t" "$b"); exec "${q[@]}" "$@" ;;
     rss)   local t=$1 b=$2; shift 2; mapfile -t q < <(qemu_cmd "$t" "$b")
-           exec python3 "$CROSS_ARM_HOME/guest-rss.py" -- "${q[@]}" "$@" ;;
+           exec python3 "$(dirname "$(readlink -f "$0")")/guest-rss.py" -- "${q[@]}" "$@" ;;
     *) sed -n '2,40p' "$0"; exit 2 ;;
   esac
 }

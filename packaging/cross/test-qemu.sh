@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Checks the cross-built ARM binaries (run packaging/cross/build.sh for both targets first):
 #   ARMv5 armel  (armv5te-unknown-linux-gnueabi): runs under qemu-arm -cpu arm926 (ARMv5TEJ)
-#                and -cpu arm1176 (ARMv6, Pi Zero/1), --version must print the crate version;
-#                idle RSS of `daemon` (waiting for the auth service on a private D-Bus).
+#                and -cpu arm1176 (ARMv6, Pi Zero/1): --version must print the crate version;
+#                the daemon connects to the stand-in server (ws:// and wss://) and serves a
+#                shell session (examples/shell_check.rs); guest RSS while connected and idle.
 #   ARMv6 hf     (arm-unknown-linux-gnueabihf): not runnable here (Debian armhf libs are
 #                ARMv7 and SIGILL on arm1176), so its ELF attributes are checked instead:
 #                Tag_CPU_arch v6, Tag_FP_arch VFPv2, hard-float calling convention.
 # Both: stripped size <= 1.5 MiB, no 64-bit atomic helper calls on ARMv5.
 #
 #   packaging/cross/test-qemu.sh
+# Needs: qemu-user, the armel sysroot (cross-arm.sh setup), dbus-daemon, python3,
+# and the host Rust toolchain (for the driver).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -30,11 +33,6 @@ attr() { $readelf -A "$1" | awk -F': ' -v k="$2" '$1 ~ k {print $2; exit}'; }
 
 # --- ARMv5 armel under qemu ------------------------------------------------------
 stripped "$v5"
-for cpu in arm926 arm1176; do
-    out=$(qemu-arm -cpu "$cpu" -L "$home/sysroot-armel" "$v5" --version) || fail "armel --version on $cpu exited $?"
-    log "armel on -cpu $cpu: $out"
-    [[ $out == *"$version"* ]] || fail "armel --version on $cpu does not contain $version"
-done
 # 64-bit atomics: ARMv5 has no ldrexd/strexd; the Rust side must not need them
 # (std's AtomicU64 does not even exist for armv5te, so the build would have failed)
 # and no C dependency may pull in the __sync/__atomic 8-byte helpers.
@@ -43,34 +41,44 @@ if $readelf --dyn-syms -W "$v5" | grep -E '__(sync|atomic)_[a-z_]+_8\b'; then
 fi
 log "armel attributes: Tag_CPU_arch=$(attr "$v5" Tag_CPU_arch) ELF flags: $($readelf -h "$v5" | sed -n "s/^ *Flags: *//p")"
 
-# idle RSS: the daemon with a valid config on a private system bus where the
-# Mender auth service never appears, so it sits idle waiting for it
-if command -v dbus-daemon >/dev/null && [[ -f $home/guest-rss.py ]]; then
-    tmp=$(mktemp -d); trap 'kill "${busp:-}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
-    printf '{"ShellCommand": "/bin/sh", "User": "nobody"}\n' > "$tmp/conf"
-    printf '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig><type>system</type><listen>unix:path=%s/bus</listen><auth>EXTERNAL</auth>
-<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n' "$tmp" > "$tmp/bus.conf"
-    dbus-daemon --config-file="$tmp/bus.conf" --nofork --nopidfile 2>/dev/null & busp=$!
-    for _ in $(seq 50); do [[ -S $tmp/bus ]] && break; sleep 0.1; done
-    rss=$(DBUS_SYSTEM_BUS_ADDRESS="unix:path=$tmp/bus" python3 "$home/guest-rss.py" --duration 8 -- \
-            qemu-arm -cpu arm926 -L "$home/sysroot-armel" "$v5" --config "$tmp/conf" --fallback-config "$tmp/none" daemon \
-            2>&1 >/dev/null | tee "$tmp/log" | grep GUEST_RSS || true)
-    # rc=-15: still running after 8 s and terminated by guest-rss.py, i.e. idle as intended
-    if [[ $rss == *"rc=-15"* ]]; then
-        log "armel idle daemon (8 s, arm926): $rss"
-    else
-        # TODO: make this fatal once the daemon runs idle (see the log below)
-        log "WARN: the daemon did not stay up for 8 s, idle RSS not measured: ${rss:-no figure}"
-        grep -v '^ *[0-9]*: \|^ *at ' "$tmp/log" | tail -n 6 | sed 's/^/  /' >&2
-    fi
-fi
+# The host-side driver: stand-in D-Bus + auth service + deviceconnect server,
+# one shell session (examples/shell_check.rs). The daemon under qemu-user talks
+# to the host's private dbus-daemon over its unix socket; the shell it starts
+# is the host's /bin/sh (qemu-user runs a host binary natively on execve).
+log "building the host-side driver (cargo build --example shell_check)"
+( cd "$repo" && nice -n "${NICE:-10}" cargo build -q --example shell_check )
+check="$repo/target/debug/examples/shell_check"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+for cpu in arm926 arm1176; do
+    out=$(qemu-arm -cpu "$cpu" -L "$home/sysroot-armel" "$v5" --version) || fail "armel --version on $cpu exited $?"
+    log "armel on -cpu $cpu: $out"
+    [[ $out == *"$version"* ]] || fail "armel --version on $cpu does not contain $version"
+    printf '#!/bin/sh\nexec qemu-arm -cpu %s -L %s %s "$@"\n' "$cpu" "$home/sysroot-armel" "$v5" > "$tmp/daemon-$cpu"
+    chmod +x "$tmp/daemon-$cpu"
+    for tls in "" --tls; do
+        r=$("$check" --daemon "$tmp/daemon-$cpu" $tls) || fail "shell session with the armel daemon on -cpu $cpu ${tls:-(ws)}"
+        log "armel on -cpu $cpu: $r"
+    done
+done
 
-# TODO(terminal feature, issue 6): connect the armel daemon under qemu-arm -cpu arm926
-# and -cpu arm1176 to the stand-in server (examples/standin.rs) with the stand-in
-# auth service on the private bus, open a shell session, send `echo ok`, expect
-# "ok" back, stop the session. Needs the shell/terminal sessions, which do not
-# exist yet.
+# Idle RSS of the guest (../shared/tools/cross-arm.md section 3): the daemon
+# connected to the stand-in server and idle for 6 s (figure at 5 s), then one
+# shell session (the peak). The shell is a child process, not counted.
+rss_run() {  # rss_run ws|wss
+    local tls="" rep="$tmp/rss-$1"
+    [[ $1 == wss ]] && tls=--tls
+    printf '#!/bin/sh\nexec python3 %s --report %s --mark 5 -- qemu-arm -cpu arm926 -L %s %s "$@"\n' \
+        "$here/guest-rss.py" "$rep" "$home/sysroot-armel" "$v5" > "$tmp/rss-daemon"
+    chmod +x "$tmp/rss-daemon"
+    "$check" --daemon "$tmp/rss-daemon" --idle-secs 6 $tls >/dev/null || fail "RSS run ($1)"
+    local idle peak
+    idle=$(sed -n 's/^GUEST_RSS_MARK .* now_kB=\([0-9]*\).*/\1/p' "$rep")
+    peak=$(sed -n 's/^GUEST_RSS peak_kB=\([0-9]*\).*/\1/p' "$rep")
+    [[ -n $idle && -n $peak ]] || fail "no RSS figures ($1): $(cat "$rep" 2>/dev/null)"
+    log "armel guest RSS on arm926, $1: idle (connected) ${idle} kB, peak with a shell session ${peak} kB"
+}
+rss_run ws
+rss_run wss
 
 # --- ARMv6 hard-float: ELF attributes ----------------------------------------------
 stripped "$v6"

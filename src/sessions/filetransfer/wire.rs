@@ -151,19 +151,24 @@ pub fn timestamp(secs: i64, nsec: u32) -> Value {
 }
 
 /// The `file_info` reply for `stat` (no props; key order as upstream).
+// off_t/time_t are i32 on armel (the libc crate has no _FILE_OFFSET_BITS=64)
+#[allow(clippy::unnecessary_cast)]
 pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
     let body = encode_map(&[
         (
             "path",
             Value::Str(String::from_utf8_lossy(path).into_owned()),
         ),
-        ("size", Value::I64(st.st_size)),
+        ("size", Value::I64(st.st_size as i64)),
         ("uid", Value::U32(st.st_uid)),
         ("gid", Value::U32(st.st_gid)),
         ("mode", Value::U32(go_mode(st.st_mode))),
         (
             "modtime",
-            timestamp(st.st_mtime, st.st_mtime_nsec.clamp(0, 999_999_999) as u32),
+            timestamp(
+                st.st_mtime as i64,
+                st.st_mtime_nsec.clamp(0, 999_999_999) as u32,
+            ),
         ),
     ]);
     ProtoMsg::new(PROTO_FILETRANSFER, "file_info", sid).with_body(body)
