@@ -372,7 +372,7 @@ impl Bed {
             self.pf_stop(&pf, &cid);
             self.close(&pf);
             self.close(&ft);
-            self.shell_end(&sh, n % 2 == 0);
+            self.shell_end(&sh, n.is_multiple_of(2));
         }
     }
 }
