@@ -19,6 +19,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 TARGETS=${*:-$(cargo +nightly fuzz list)}
+# the chroot target builds its fixture under TMPDIR
+TMPDIR=$(mktemp -d)
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT INT TERM
 # The parsers are safe Rust, so AddressSanitizer adds nothing but memory (it
 # pushed a 10 s run to 215 MiB of the 256 MiB limit): build without it, but
 # with debug assertions so integer overflow panics are found too.

@@ -2,10 +2,14 @@
 //! runs one family of the daemon's parsers on them and panics only when an
 //! invariant (round-trip stability) is broken. Not part of the daemon's API.
 
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::conn::codec::{self, ProtoMsg};
 use crate::conn::control::{self, Accept, ControlError, Open};
+use crate::conn::router;
+use crate::limits::path::Resolver;
 use crate::sessions::filetransfer::wire::{self, Request};
 use crate::sessions::portforward::parse_new;
 
@@ -52,6 +56,9 @@ pub fn control(data: &[u8]) {
         assert_eq!(ControlError::decode(&err.encode()).ok(), Some(err));
     }
     let _ = control::decode_map(data);
+    if let Ok(msg) = codec::decode(data) {
+        let _ = router::control_action(&msg, &[1, 2, 3, 4]);
+    }
 }
 
 /// File-transfer request bodies and the props of acks and chunks.
@@ -82,4 +89,83 @@ pub fn shell(data: &[u8]) {
 /// The configuration file parser, bytes as the file's content.
 pub fn config(data: &[u8]) {
     let _ = crate::config::parse(Path::new("fuzz.conf"), data);
+}
+
+/// A chroot with symlinks that point out of it, built once per process
+/// under the temp dir; returns the jail's canonical path.
+fn jail() -> &'static Path {
+    static JAIL: OnceLock<PathBuf> = OnceLock::new();
+    JAIL.get_or_init(|| {
+        let top = std::env::temp_dir().join(format!("mc-fuzz-chroot-{}", std::process::id()));
+        let jail = top.join("jail");
+        let outside = top.join("outside");
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(jail.join("a/b"))?;
+            std::fs::create_dir_all(&outside)?;
+            std::fs::write(outside.join("secret"), b"x")?;
+            std::fs::write(jail.join("a/file"), b"y")?;
+            let links: [(&str, &Path); 7] = [
+                ("up", Path::new("../outside")),
+                ("abs", &outside),
+                ("etc", Path::new("/etc")),
+                ("self", Path::new(".")),
+                ("a/rel", Path::new("../../outside/secret")),
+                ("a/b/dotdot", Path::new("../..")),
+                ("a/b/loop", Path::new("loop")),
+            ];
+            for (name, target) in links {
+                let at = jail.join(name);
+                if std::fs::symlink_metadata(&at).is_err() {
+                    std::os::unix::fs::symlink(target, at)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            panic!("building the fuzz chroot under {}: {e}", top.display());
+        }
+        std::fs::canonicalize(&jail).unwrap_or(jail)
+    })
+}
+
+/// Asserts `fd` is the jail or beneath it.
+fn assert_inside(fd: &impl AsRawFd, jail: &Path, path: &[u8]) {
+    let Ok(real) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+        return;
+    };
+    assert!(
+        real.starts_with(jail),
+        "{:?} escaped the chroot to {}",
+        String::from_utf8_lossy(path),
+        real.display()
+    );
+}
+
+/// Path containment: whatever the path, a resolver with a chroot opens
+/// nothing outside it, with openat2 and with the component walk, following
+/// symlinks or not. Relative inputs are put under the jail so most reach
+/// the resolution rather than the lexical check.
+pub fn chroot(data: &[u8]) {
+    let jail = jail();
+    let mut path = data.to_vec();
+    if path.first() != Some(&b'/') {
+        let mut p = jail.as_os_str().as_encoded_bytes().to_vec();
+        p.push(b'/');
+        p.extend_from_slice(data);
+        path = p;
+    }
+    for walk in [false, true] {
+        for follow in [false, true] {
+            let Ok(r) = Resolver::new(Some(jail), follow) else {
+                return;
+            };
+            let r = r.force_walk(walk);
+            if let Ok(fd) = r.open(&path, libc::O_RDONLY | libc::O_NONBLOCK) {
+                assert_inside(&fd, jail, &path);
+            }
+            if let Ok((dir, _leaf)) = r.open_parent(&path) {
+                assert_inside(&dir, jail, &path);
+            }
+        }
+    }
 }
