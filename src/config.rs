@@ -389,8 +389,23 @@ fn load_file(file: &Path, raw: &mut Raw) -> Result<bool, ConfigError> {
     let mut f = File::open(file).map_err(|e| read_err("open", e))?;
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes).map_err(|e| read_err("read", e))?;
+    decode_bytes(file, &bytes, raw)?;
+    log::info!("Loaded configuration file: {}", file.display());
+    Ok(true)
+}
 
-    let tree = parse_json(&bytes).map_err(|detail| ConfigError::Syntax {
+/// Parses `bytes` as the content of configuration file `file` (named only in
+/// errors) and applies the defaults, as `load` does for a single file. The
+/// fuzz targets feed arbitrary bytes through here.
+pub fn parse(file: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+    let mut raw = Raw::new();
+    decode_bytes(file, bytes, &mut raw)?;
+    Ok(raw.finish(false))
+}
+
+/// Decodes one file's bytes onto `raw`.
+fn decode_bytes(file: &Path, bytes: &[u8], raw: &mut Raw) -> Result<(), ConfigError> {
+    let tree = parse_json(bytes).map_err(|detail| ConfigError::Syntax {
         file: file.to_path_buf(),
         detail,
     })?;
@@ -406,8 +421,7 @@ fn load_file(file: &Path, raw: &mut Raw) -> Result<bool, ConfigError> {
     let mut old = Deprecated::default();
     old.decode(&tree).map_err(decode_err)?;
     old.warn();
-    log::info!("Loaded configuration file: {}", file.display());
-    Ok(true)
+    Ok(())
 }
 
 /// Configuration being decoded: the zero state plus the "was it set" bits Go keeps

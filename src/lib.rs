@@ -5,6 +5,8 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod logging;
 pub mod sessions;

@@ -7,6 +7,7 @@ use mender_connect::cli::{self, Parsed};
 use mender_connect::{config, daemon, logging};
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned());
@@ -47,3 +48,22 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc gives new threads malloc arenas of their own (up to 8 per core), and
+/// memory freed in one stays resident for that arena: with a thread per
+/// session the RSS crept up ~1.5 MiB over 1,000 sessions (tests/leaks.rs).
+/// One arena lets every thread reuse what the others freed and lets glibc
+/// trim the heap; the daemon moves too little data for the shared lock to
+/// matter. `MALLOC_ARENA_MAX` in the environment still wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: only sets an allocator tunable, before any thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}

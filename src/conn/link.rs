@@ -205,7 +205,7 @@ fn pump(
                 Ok(Message::Text(t)) => router.dispatch_frame(t.as_bytes()),
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => last_heard = Instant::now(),
                 Ok(Message::Close(frame)) => {
-                    let _ = ws.flush();
+                    end_after_read(ws, None);
                     return Err(match frame {
                         Some(f) => format!("closed by the server: {} {}", f.code, f.reason),
                         None => "closed by the server".to_string(),
@@ -213,7 +213,10 @@ fn pump(
                 }
                 Ok(Message::Frame(_)) => {}
                 Err(e) if is_would_block(&e) => break,
-                Err(e) => return Err(format!("read: {e}")),
+                Err(e) => {
+                    end_after_read(ws, Some(&e));
+                    return Err(format!("read: {e}"));
+                }
             }
         }
         // Drained every round (even while blocked) so a readable wake fd
@@ -268,9 +271,43 @@ fn pump(
     }
 }
 
+/// Ends the link after `ws.read()` returned the server's close (`error` is
+/// `None`) or failed with `error`. Public so the Autobahn conformance client
+/// (`examples/wsclient.rs`) ends its links through this very code.
+pub fn end_after_read(ws: &mut WebSocket<Stream>, error: Option<&tungstenite::Error>) {
+    match error.and_then(failure_code) {
+        // RFC 6455 §7.1.7: a failed connection SHOULD get a close frame with
+        // the reason first; tungstenite leaves that to us.
+        Some(code) => close_with(ws, code),
+        None => {
+            // tungstenite queued the reply to the server's close
+            let _ = ws.flush();
+            ws.get_ref().shutdown();
+        }
+    }
+}
+
+/// The close code for a read error that fails the connection (§7.4.1), or
+/// `None` when the transport itself is gone.
+fn failure_code(e: &tungstenite::Error) -> Option<CloseCode> {
+    match e {
+        // over MAX_INBOUND_MESSAGE
+        tungstenite::Error::Capacity(_) => Some(CloseCode::Size),
+        tungstenite::Error::Utf8(_) => Some(CloseCode::Invalid),
+        tungstenite::Error::Protocol(_) => Some(CloseCode::Protocol),
+        _ => None,
+    }
+}
+
 fn close_gracefully(ws: &mut WebSocket<Stream>) {
+    close_with(ws, CloseCode::Normal);
+}
+
+/// Sends a close frame with `code`, gives it `CLOSE_GRACE` to leave, then
+/// closes the TCP connection.
+fn close_with(ws: &mut WebSocket<Stream>, code: CloseCode) {
     let _ = ws.close(Some(CloseFrame {
-        code: CloseCode::Normal,
+        code,
         reason: "".into(),
     }));
     let deadline = Instant::now() + CLOSE_GRACE;
@@ -288,4 +325,68 @@ fn close_gracefully(ws: &mut WebSocket<Stream>) {
         let _ = poll_fds(&[(sock, libc::POLLOUT)], left.as_millis().max(1) as i32);
     }
     ws.get_ref().shutdown();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// A one-shot websocket server that sends `raw` bytes after the upgrade
+    /// and returns the close frame it then receives from the device.
+    fn server_seeing_close(raw: Vec<u8>) -> (u16, std::thread::JoinHandle<Option<CloseCode>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let join = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().expect("accept");
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let mut ws = tungstenite::accept(tcp).expect("upgrade");
+            ws.get_mut().write_all(&raw).expect("raw frame");
+            loop {
+                match ws.read() {
+                    Ok(Message::Close(f)) => return f.map(|f| f.code),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        });
+        (port, join)
+    }
+
+    fn device_reads_until_failure(port: u16) {
+        let ep = Endpoint {
+            tls: false,
+            host: "127.0.0.1".to_string(),
+            port,
+            url: format!("ws://127.0.0.1:{port}/connect"),
+        };
+        let mut ws = dial::dial(&ep, "token").expect("dial");
+        let err = loop {
+            match ws.read() {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        end_after_read(&mut ws, Some(&err));
+    }
+
+    #[test]
+    fn an_oversized_message_fails_the_link_with_1009() {
+        // binary frame header announcing 16 MiB: over MAX_INBOUND_MESSAGE
+        let mut raw = vec![0x82, 127];
+        raw.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        raw.extend_from_slice(&[0; 64]);
+        let (port, server) = server_seeing_close(raw);
+        device_reads_until_failure(port);
+        assert_eq!(server.join().expect("server"), Some(CloseCode::Size));
+    }
+
+    #[test]
+    fn a_protocol_violation_fails_the_link_with_1002() {
+        // RSV1 set without a negotiated extension
+        let (port, server) = server_seeing_close(vec![0xc2, 0x01, 0x00]);
+        device_reads_until_failure(port);
+        assert_eq!(server.join().expect("server"), Some(CloseCode::Protocol));
+    }
 }

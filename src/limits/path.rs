@@ -274,7 +274,12 @@ impl Resolver {
                     if path == p.as_slice() {
                         found = Some(Vec::new());
                     } else if path.len() > p.len() && path.starts_with(p) && path[p.len()] == b'/' {
-                        found = Some(path[p.len() + 1..].to_vec());
+                        // `<chroot>//x` is `<chroot>/x`: the rest must not
+                        // keep a leading '/', or the walk would start at the
+                        // real root (found by the `chroot` fuzz target)
+                        let rest = &path[p.len()..];
+                        let start = rest.iter().position(|&b| b != b'/').unwrap_or(rest.len());
+                        found = Some(rest[start..].to_vec());
                     }
                     if found.is_some() {
                         break;
@@ -338,7 +343,8 @@ impl Resolver {
     /// symlinks expanded by hand (only when allowed), `..` tracked on a stack
     /// of directory descriptors so it can never climb above the start.
     fn walk(&self, dir: RawFd, rel: &[u8], flags: libc::c_int) -> Result<OwnedFd, PathError> {
-        let absolute = rel.starts_with(b"/");
+        // Beneath a chroot nothing is absolute: `rel` is relative to it.
+        let absolute = self.root.is_none() && rel.starts_with(b"/");
         let start = |abs: bool| {
             if abs {
                 openat(libc::AT_FDCWD, b"/", libc::O_PATH | libc::O_DIRECTORY, 0)
@@ -468,6 +474,34 @@ mod tests {
         symlink("sub", d.join("dirlink")).expect("ln");
         symlink("..", d.join("out")).expect("ln");
         Tmp(base)
+    }
+
+    #[test]
+    fn doubled_slashes_after_the_chroot_stay_inside() {
+        // Found by fuzz/fuzz_targets/chroot.rs: `<chroot>//etc/passwd` gave
+        // the walk an absolute rest, which it began at the real root.
+        let t = layout("dslash");
+        let chroot = t.0.join("data");
+        for walk in [false, true] {
+            let r = Resolver::new(Some(&chroot), true)
+                .expect("resolver")
+                .force_walk(walk);
+            let escape = p(&chroot, "/etc/passwd");
+            assert!(
+                matches!(read(&r, &escape), Err(PathError::Os(ref e)) if e.kind() == io::ErrorKind::NotFound),
+                "walk={walk}: {:?}",
+                read(&r, &escape).map(|b| String::from_utf8_lossy(&b).into_owned())
+            );
+            assert!(r.open_parent(&p(&chroot, "//etc/passwd")).is_err());
+            assert_eq!(read(&r, &p(&chroot, "///f")).expect("inside"), b"f");
+            let (dir, leaf) = r.open_parent(&p(&chroot, "//sub/g")).expect("parent");
+            assert_eq!(leaf, b"g");
+            let real = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+            assert_eq!(
+                real.expect("fd path"),
+                std::fs::canonicalize(chroot.join("sub")).expect("c")
+            );
+        }
     }
 
     fn p(base: &Path, rest: &str) -> Vec<u8> {

@@ -417,7 +417,7 @@ impl Inner {
 
 /// Both `terminal_height` and `terminal_width` as integers > 0, truncated to
 /// 16 bits like the reference; anything else means "no size".
-fn size_props(msg: &ProtoMsg) -> Option<(u16, u16)> {
+pub(crate) fn size_props(msg: &ProtoMsg) -> Option<(u16, u16)> {
     let get = |k: &str| {
         msg.prop(k)
             .and_then(Value::as_i64)

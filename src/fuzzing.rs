@@ -1,0 +1,171 @@
+//! Entry points for the fuzz targets in `fuzz/`: each takes arbitrary bytes,
+//! runs one family of the daemon's parsers on them and panics only when an
+//! invariant (round-trip stability) is broken. Not part of the daemon's API.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::conn::codec::{self, ProtoMsg};
+use crate::conn::control::{self, Accept, ControlError, Open};
+use crate::conn::router;
+use crate::limits::path::Resolver;
+use crate::sessions::filetransfer::wire::{self, Request};
+use crate::sessions::portforward::parse_new;
+
+/// Encodes `msg`, decodes the result and checks it encodes to the same bytes.
+fn assert_stable(msg: &ProtoMsg) {
+    let first = codec::encode(msg);
+    let again = match codec::decode(&first) {
+        Ok(m) => m,
+        Err(e) => panic!("re-decoding our own encoding failed: {e}\n{first:02x?}"),
+    };
+    // bytes, not structs: a NaN float is not equal to itself
+    assert_eq!(first, codec::encode(&again), "encode is not stable");
+}
+
+/// ProtoMsg decoder, and encode→decode→encode stability of what it accepts.
+pub fn codec(data: &[u8]) {
+    if let Ok(msg) = codec::decode(data) {
+        assert_stable(&msg);
+    }
+    if let Ok((v, used)) = codec::decode_value(data) {
+        assert!(used <= data.len());
+        let mut first = Vec::new();
+        codec::encode_value(&v, &mut first);
+        let (again, n) = match codec::decode_value(&first) {
+            Ok(x) => x,
+            Err(e) => panic!("re-decoding our own value failed: {e}\n{first:02x?}"),
+        };
+        assert_eq!(n, first.len());
+        let mut second = Vec::new();
+        codec::encode_value(&again, &mut second);
+        assert_eq!(first, second, "value encoding is not stable");
+    }
+}
+
+/// Control bodies (open, accept, error) and the generic struct-body reader.
+pub fn control(data: &[u8]) {
+    if let Ok(open) = Open::decode(data) {
+        assert_eq!(Open::decode(&open.encode()).ok(), Some(open));
+    }
+    if let Ok(accept) = Accept::decode(data) {
+        assert_eq!(Accept::decode(&accept.encode()).ok(), Some(accept));
+    }
+    if let Ok(err) = ControlError::decode(data) {
+        assert_eq!(ControlError::decode(&err.encode()).ok(), Some(err));
+    }
+    let _ = control::decode_map(data);
+    if let Ok(msg) = codec::decode(data) {
+        let _ = router::control_action(&msg, &[1, 2, 3, 4]);
+    }
+}
+
+/// File-transfer request bodies and the props of acks and chunks.
+pub fn filetransfer(data: &[u8]) {
+    if let Ok(req) = Request::decode(Some(data)) {
+        let _ = req.path();
+    }
+    if let Ok(msg) = codec::decode(data) {
+        let _ = wire::offset_of(&msg);
+        let _ = Request::decode(msg.body.as_deref());
+    }
+}
+
+/// Port-forward `new` bodies, with and without a connection id.
+pub fn portforward(data: &[u8]) {
+    let _ = parse_new(data, true);
+    let _ = parse_new(data, false);
+}
+
+/// Shell message props: the terminal size and the user id of `new`/`resize`.
+pub fn shell(data: &[u8]) {
+    if let Ok(msg) = codec::decode(data) {
+        let _ = crate::sessions::shell::size_props(&msg);
+        let _ = msg.prop_str("user_id");
+    }
+}
+
+/// The configuration file parser, bytes as the file's content.
+pub fn config(data: &[u8]) {
+    let _ = crate::config::parse(Path::new("fuzz.conf"), data);
+}
+
+/// A chroot with symlinks that point out of it, built once per process
+/// under the temp dir; returns the jail's canonical path.
+fn jail() -> &'static Path {
+    static JAIL: OnceLock<PathBuf> = OnceLock::new();
+    JAIL.get_or_init(|| {
+        let top = std::env::temp_dir().join(format!("mc-fuzz-chroot-{}", std::process::id()));
+        let jail = top.join("jail");
+        let outside = top.join("outside");
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(jail.join("a/b"))?;
+            std::fs::create_dir_all(&outside)?;
+            std::fs::write(outside.join("secret"), b"x")?;
+            std::fs::write(jail.join("a/file"), b"y")?;
+            let links: [(&str, &Path); 7] = [
+                ("up", Path::new("../outside")),
+                ("abs", &outside),
+                ("etc", Path::new("/etc")),
+                ("self", Path::new(".")),
+                ("a/rel", Path::new("../../outside/secret")),
+                ("a/b/dotdot", Path::new("../..")),
+                ("a/b/loop", Path::new("loop")),
+            ];
+            for (name, target) in links {
+                let at = jail.join(name);
+                if std::fs::symlink_metadata(&at).is_err() {
+                    std::os::unix::fs::symlink(target, at)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            panic!("building the fuzz chroot under {}: {e}", top.display());
+        }
+        std::fs::canonicalize(&jail).unwrap_or(jail)
+    })
+}
+
+/// Asserts `fd` is the jail or beneath it.
+fn assert_inside(fd: &impl AsRawFd, jail: &Path, path: &[u8]) {
+    let Ok(real) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+        return;
+    };
+    assert!(
+        real.starts_with(jail),
+        "{:?} escaped the chroot to {}",
+        String::from_utf8_lossy(path),
+        real.display()
+    );
+}
+
+/// Path containment: whatever the path, a resolver with a chroot opens
+/// nothing outside it, with openat2 and with the component walk, following
+/// symlinks or not. Relative inputs are put under the jail so most reach
+/// the resolution rather than the lexical check.
+pub fn chroot(data: &[u8]) {
+    let jail = jail();
+    let mut path = data.to_vec();
+    if path.first() != Some(&b'/') {
+        let mut p = jail.as_os_str().as_encoded_bytes().to_vec();
+        p.push(b'/');
+        p.extend_from_slice(data);
+        path = p;
+    }
+    for walk in [false, true] {
+        for follow in [false, true] {
+            let Ok(r) = Resolver::new(Some(jail), follow) else {
+                return;
+            };
+            let r = r.force_walk(walk);
+            if let Ok(fd) = r.open(&path, libc::O_RDONLY | libc::O_NONBLOCK) {
+                assert_inside(&fd, jail, &path);
+            }
+            if let Ok((dir, _leaf)) = r.open_parent(&path) {
+                assert_inside(&dir, jail, &path);
+            }
+        }
+    }
+}
