@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod daemon;
 pub mod dbus;
+pub mod drive;
 pub mod server;
 pub mod tls;
 
