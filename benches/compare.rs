@@ -197,7 +197,7 @@ fn terminal(conn: &ConnHandle, pid: u32) -> (f64, f64) {
     let (bytes, _) =
         drive::shell_run_until(conn, &s, &line, b"@@5@@", Duration::from_secs(300)).expect("bulk");
     let mibs = bytes as f64 / MIB as f64 / t.elapsed().as_secs_f64();
-    drive::shell_stop(conn, &s);
+    drive::shell_stop(conn, &s, WAIT).expect("stop");
     drive::close_session(conn, &s);
 
     // memory per shell: one shell opened and closed first so lazily built
@@ -216,7 +216,7 @@ fn terminal(conn: &ConnHandle, pid: u32) -> (f64, f64) {
     }
     let per_shell = (rss(pid) - rss0) / SHELLS_FOR_RSS as f64;
     for s in sids.iter().chain([&w]) {
-        drive::shell_stop(conn, s);
+        drive::shell_stop(conn, s, WAIT).expect("stop");
         drive::close_session(conn, s);
     }
     (mibs, per_shell)

@@ -152,9 +152,16 @@ pub fn shell_run_until(
     }
 }
 
-/// Stops shell `sid` (no wait for the reply).
-pub fn shell_stop(conn: &ConnHandle, sid: &str) {
+/// Stops shell `sid` and waits for the device's `stop` reply (so the shell
+/// no longer counts against `Sessions.MaxPerUser`).
+pub fn shell_stop(conn: &ConnHandle, sid: &str, timeout: Duration) -> Result<(), String> {
     conn.send_msg(&shell_msg("stop", sid));
+    loop {
+        let m = recv_for(conn, sid, timeout).ok_or("no reply to shell stop")?;
+        if m.hdr.proto == PROTO_SHELL && m.hdr.typ == "stop" {
+            return Ok(());
+        }
+    }
 }
 
 // ----------------------------------------------------------- port forward

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod daemon;
 pub mod dbus;
 pub mod drive;
+pub mod netlab;
 pub mod server;
 pub mod tls;
 
