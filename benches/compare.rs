@@ -54,6 +54,11 @@ const FIGURES: &[Figure] = &[
         lower_better: true,
     },
     Figure {
+        label: "idle RssAnon after 10 s",
+        unit: "KiB",
+        lower_better: true,
+    },
+    Figure {
         label: "idle Pss after 10 s",
         unit: "KiB",
         lower_better: true,
@@ -313,6 +318,7 @@ fn run(bin: &Path) -> Vec<f64> {
 
     park(IDLE);
     let hwm_idle = proc_kib(pid, "status", "VmHWM:").unwrap_or(0) as f64;
+    let anon_idle = proc_kib(pid, "status", "RssAnon:").unwrap_or(0) as f64;
     let pss_idle = proc_kib(pid, "smaps_rollup", "Pss:").unwrap_or(0) as f64;
 
     // server restart: cut every connection, listen again on the same port
@@ -335,6 +341,7 @@ fn run(bin: &Path) -> Vec<f64> {
         connect_ms,
         reconnect_ms,
         hwm_idle,
+        anon_idle,
         pss_idle,
         rss_per_shell,
         pf_down.0,
