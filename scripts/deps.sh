@@ -2,7 +2,7 @@
 # Installs the system packages the build and the tests need (Debian/Ubuntu).
 # Idempotent: does nothing when everything is already there.
 set -eu
-PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl"
+PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -186,9 +186,18 @@ pub fn pf_new(
         ("protocol", Value::Str("tcp".into())),
     ]);
     conn.send_msg(&pf_msg("new", sid, cid).with_body(body));
-    match recv_for(conn, sid, timeout) {
-        Some(m) if m.hdr.typ == "new" => Ok(()),
-        other => Err(format!("port-forward new: {other:?}")),
+    loop {
+        match recv_for(conn, sid, timeout) {
+            Some(m) if m.hdr.typ == "new" => return Ok(()),
+            // The ack of a previous connection's last forward can cross the
+            // device's `stop` (remote EOF); the device then answers
+            // "unknown connection", which mender-cli ignores too.
+            Some(m)
+                if m.hdr.typ == "error"
+                    && String::from_utf8_lossy(m.body.as_deref().unwrap_or_default())
+                        .contains("unknown connection") => {}
+            other => return Err(format!("port-forward new: {other:?}")),
+        }
     }
 }
 
