@@ -33,9 +33,15 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $SUDO systemctl disable --now mender-connect.service >/dev/null 2>&1 || true
 fi
 
+# A private copy: the machine may be shared, and someone removing the package
+# mid-run must not break (or silently change) the comparison.
+mkdir -p target/bench-go
+cp /usr/bin/mender-connect target/bench-go/mender-connect
+GO_BIN="$PWD/target/bench-go/mender-connect"
+
 cargo build --release --bin mender-connect
 # The bench binary is built with the release profile too (cargo bench).
 exec cargo bench --bench compare -- \
     --ours "$PWD/target/release/mender-connect" \
-    --theirs /usr/bin/mender-connect \
+    --theirs "$GO_BIN" \
     --rounds "$ROUNDS"
