@@ -14,8 +14,10 @@
 pub mod auth;
 pub mod daemon;
 pub mod dbus;
+pub mod drive;
 pub mod http;
 pub mod management;
+pub mod netlab;
 pub mod rest_ft;
 pub mod server;
 pub mod tls;
