@@ -11,7 +11,7 @@
 //!
 //! Messages longer than the daemon's largest outbound frame are echoed as
 //! fragments of that size: the daemon's write buffer is capped well below
-//! the 16 MiB some cases send, by design (design.md).
+//! the 16 MiB some cases send (design.md).
 
 use std::io;
 use std::os::fd::AsRawFd;

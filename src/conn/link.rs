@@ -373,9 +373,9 @@ mod tests {
 
     #[test]
     fn an_oversized_message_fails_the_link_with_1009() {
-        // binary frame header announcing 16 MiB: over MAX_INBOUND_MESSAGE
+        // binary frame header announcing 32 MiB: over MAX_INBOUND_MESSAGE
         let mut raw = vec![0x82, 127];
-        raw.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        raw.extend_from_slice(&(32u64 << 20).to_be_bytes());
         raw.extend_from_slice(&[0; 64]);
         let (port, server) = server_seeing_close(raw);
         device_reads_until_failure(port);
