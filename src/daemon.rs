@@ -323,12 +323,19 @@ impl Supervisor {
     }
 
     fn dump_status(&self) {
-        log::info!(
-            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  router sessions: {}",
+        let shells = self.router.shell_status();
+        let mut text = format!(
+            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  shells: {}/16\n  router sessions: {}",
             crate::cli::version_line(),
             self.link.is_some(),
             self.authorized,
+            shells.len(),
             self.router.session_count()
         );
+        for line in shells {
+            text.push_str("\n   ");
+            text.push_str(&line);
+        }
+        log::info!("{text}");
     }
 }

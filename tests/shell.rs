@@ -624,3 +624,13 @@ fn exit_with_a_job_still_on_the_terminal_hangs_it_up_and_stops_at_once() {
     assert!(children(b.daemon.pid()).is_empty());
     l.open_ok(&sid(2), "u");
 }
+
+#[test]
+fn sigusr1_dumps_the_live_shells() {
+    let mut b = bed(|_| {}, &[]);
+    b.link.open_ok(&sid(7), "dora");
+    b.daemon.signal(libc::SIGUSR1);
+    assert!(b.daemon.wait_log("shells: 1/16", TIMEOUT), "no status dump");
+    assert!(b.daemon.log().contains(&format!("id:{} user:dora", sid(7))));
+    b.link.stop(&sid(7));
+}

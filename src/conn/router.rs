@@ -149,6 +149,14 @@ impl Router {
         }
     }
 
+    /// Live shells, one line each, for the status dump.
+    pub fn shell_status(&self) -> Vec<String> {
+        self.inner
+            .shell
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.status())
+    }
+
     /// Stops every shell (auth loss); router sessions time out by themselves.
     pub fn terminate_shells(&self) -> usize {
         self.inner.shell.as_ref().map_or(0, |s| s.terminate_all())

@@ -69,4 +69,8 @@ pub trait ShellRouter: Send + Sync {
     fn dispatch(&self, msg: ProtoMsg);
     /// Stops every shell (auth loss, shutdown); returns how many were stopped.
     fn terminate_all(&self) -> usize;
+    /// One line per live shell (sid and user) for the SIGUSR1 status dump.
+    fn status(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -454,6 +454,17 @@ impl ShellRouter for Shells {
         }
     }
 
+    fn status(&self) -> Vec<String> {
+        let t = self.inner.lock();
+        let mut lines: Vec<String> = t
+            .live
+            .iter()
+            .map(|(sid, e)| format!("id:{sid} user:{}", e.user_id))
+            .collect();
+        lines.sort();
+        lines
+    }
+
     fn terminate_all(&self) -> usize {
         let inner = &self.inner;
         let mut t = inner.lock();
