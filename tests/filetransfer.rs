@@ -31,20 +31,13 @@ struct Bed {
 fn bed(edit: impl FnOnce(&mut serde_json::Value), env: &[(&str, &str)]) -> Bed {
     let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
     edit(&mut cfg);
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let auth = AuthService::start(bus.address(), "token-ft", &server.url());
-    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), env);
-    let Some(conn) = server.wait_connection(TIMEOUT) else {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    };
+    let c = common::env::connected(&cfg.to_string(), env, "token-ft");
     Bed {
-        daemon,
-        conn,
-        _server: server,
-        _auth: auth,
-        _bus: bus,
+        daemon: c.daemon,
+        conn: c.conn,
+        _server: c.server,
+        _auth: c.auth,
+        _bus: c.bus,
     }
 }
 

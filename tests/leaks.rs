@@ -397,28 +397,6 @@ fn session_threads(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// Children of `pid` with their state (zombies included).
-fn children(pid: u32) -> Vec<(i32, char)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let Some(rest) = s.rsplit(')').next() else {
-            continue;
-        };
-        let mut f = rest.split_ascii_whitespace();
-        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        if f.next().and_then(|s| s.parse::<u32>().ok()) == Some(pid) {
-            out.push((p, state));
-        }
-    }
-    out
-}
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -450,7 +428,7 @@ fn usage(pid: u32) -> Usage {
 fn wait_quiet(b: &Bed) -> bool {
     let pid = b.daemon.pid();
     common::wait_until(Duration::from_secs(15), || {
-        session_threads(pid).is_empty() && children(pid).is_empty()
+        session_threads(pid).is_empty() && common::children(pid).is_empty()
     })
 }
 
@@ -478,7 +456,7 @@ fn open_close_cycles_and_disconnects_leave_no_trace() {
         wait_quiet(&b),
         "warm-up left {:?} / {:?}",
         session_threads(pid),
-        children(pid)
+        common::children(pid)
     );
     let base = usage(pid);
     let warm = started.elapsed();
@@ -501,13 +479,16 @@ fn open_close_cycles_and_disconnects_leave_no_trace() {
          ({warm:?}); baseline {base:?}, after {now:?}",
         total / DROP_EVERY
     );
-    let zombies: Vec<_> = children(pid).into_iter().filter(|c| c.1 == 'Z').collect();
+    let zombies: Vec<_> = common::children(pid)
+        .into_iter()
+        .filter(|c| c.1 == 'Z')
+        .collect();
     assert!(zombies.is_empty(), "zombie children: {zombies:?}");
     assert!(
         quiet,
         "sessions left: {:?}, children {:?}",
         session_threads(pid),
-        children(pid)
+        common::children(pid)
     );
     assert_eq!(now.fds, base.fds, "fd count: {base:?} -> {now:?}");
     assert_eq!(

@@ -24,20 +24,13 @@ struct Bed {
 }
 
 fn bed_with(config: &str, env: &[(&str, &str)]) -> Bed {
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let auth = AuthService::start(bus.address(), "token-mc", &server.url());
-    let daemon = Daemon::spawn(config, bus.address(), env);
-    let Some(conn) = server.wait_connection(TIMEOUT) else {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    };
+    let c = common::env::connected(config, env, "token-mc");
     Bed {
-        conn,
-        daemon,
-        _server: server,
-        _auth: auth,
-        _bus: bus,
+        conn: c.conn,
+        daemon: c.daemon,
+        _server: c.server,
+        _auth: c.auth,
+        _bus: c.bus,
     }
 }
 

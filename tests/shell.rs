@@ -29,23 +29,16 @@ fn bed(tweak: impl FnOnce(&mut serde_json::Value), env: &[(&str, &str)]) -> Bed 
     // dash (/bin/sh here) rejects the default `--login`
     cfg["ShellArguments"] = serde_json::json!([]);
     tweak(&mut cfg);
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let auth = AuthService::start(bus.address(), "token-1", &server.url());
-    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), env);
-    let Some(conn) = server.wait_connection(TIMEOUT) else {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    };
+    let c = common::env::connected(&cfg.to_string(), env, "token-1");
     Bed {
-        daemon,
+        daemon: c.daemon,
         link: Link {
-            conn,
+            conn: c.conn,
             seen: Vec::new(),
         },
-        server,
-        _auth: auth,
-        _bus: bus,
+        server: c.server,
+        _auth: c.auth,
+        _bus: c.bus,
     }
 }
 
@@ -189,28 +182,6 @@ fn shell_threads(pid: u32) -> usize {
         .count()
 }
 
-/// Children of `pid` (zombies included).
-fn children(pid: u32) -> Vec<(i32, char)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let Some(rest) = s.rsplit(')').next() else {
-            continue;
-        };
-        let mut f = rest.split_ascii_whitespace();
-        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        if f.next().and_then(|s| s.parse::<u32>().ok()) == Some(pid) {
-            out.push((p, state));
-        }
-    }
-    out
-}
-
 #[test]
 fn spawn_echo_exit_sends_stop_and_frees_the_slot() {
     let mut b = bed(|_| {}, &[]);
@@ -313,7 +284,10 @@ fn stop_kills_jobs_of(tweak: impl FnOnce(&mut serde_json::Value)) {
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("no pid in {out:?}"));
     assert!(!dead(pid));
-    let shell_pids: Vec<i32> = children(b.daemon.pid()).iter().map(|c| c.0).collect();
+    let shell_pids: Vec<i32> = common::children(b.daemon.pid())
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(shell_pids.len(), 1);
     let t = Instant::now();
     let r = l.stop(&s);
@@ -327,7 +301,10 @@ fn stop_kills_jobs_of(tweak: impl FnOnce(&mut serde_json::Value)) {
         common::wait_until(TIMEOUT, || dead(pid)),
         "background job survived"
     );
-    assert!(children(b.daemon.pid()).is_empty(), "shell not reaped");
+    assert!(
+        common::children(b.daemon.pid()).is_empty(),
+        "shell not reaped"
+    );
     l.open_ok(&sid(2), "u");
 }
 
@@ -404,9 +381,11 @@ fn per_user_and_global_limits() {
     l.open_ok(&sid(41), "a");
     // stop by user id without sid: no reply (it would carry no sid), shells end
     let daemon_pid = b.daemon.pid();
-    let before = children(daemon_pid).len();
+    let before = common::children(daemon_pid).len();
     l.send(&ProtoMsg::new(PROTO_SHELL, "stop", "").with_prop("user_id", Value::Str("a".into())));
-    assert!(common::wait_until(TIMEOUT, || children(daemon_pid).len() == before - 2));
+    assert!(common::wait_until(TIMEOUT, || common::children(daemon_pid)
+        .len()
+        == before - 2));
     l.open_ok(&sid(42), "a");
     l.open_ok(&sid(43), "a");
 }
@@ -439,7 +418,7 @@ fn idle_shell_expires_on_time() {
         "expired after {took:?}"
     );
     assert_eq!(status(&stop), Some(2));
-    assert!(children(b.daemon.pid()).is_empty());
+    assert!(common::children(b.daemon.pid()).is_empty());
     l.open_ok(&sid(2), "u");
 }
 
@@ -495,7 +474,8 @@ fn two_hundred_shells_leave_no_trace() {
     l.stop(&sid(0));
     let fds = || count_dir(format!("/proc/{pid}/fd"));
     let threads = || count_dir(format!("/proc/{pid}/task"));
-    assert!(common::wait_until(TIMEOUT, || children(pid).is_empty()
+    assert!(common::wait_until(TIMEOUT, || common::children(pid)
+        .is_empty()
         && shell_threads(pid) == 0));
     let (fd0, th0) = (fds(), threads());
     for i in 1..=200 {
@@ -517,7 +497,11 @@ fn two_hundred_shells_leave_no_trace() {
         fds(),
         threads()
     );
-    assert!(children(pid).is_empty(), "left over: {:?}", children(pid));
+    assert!(
+        common::children(pid).is_empty(),
+        "left over: {:?}",
+        common::children(pid)
+    );
 }
 
 #[test]
@@ -576,7 +560,7 @@ fn sigterm_stops_all_shells_quickly() {
         b.link.open_ok(&sid(i), "u");
     }
     let pid = b.daemon.pid();
-    let shells: Vec<i32> = children(pid).iter().map(|c| c.0).collect();
+    let shells: Vec<i32> = common::children(pid).iter().map(|c| c.0).collect();
     assert_eq!(shells.len(), 6);
     let t = Instant::now();
     b.daemon.signal(libc::SIGTERM);
@@ -621,7 +605,7 @@ fn exit_with_a_job_still_on_the_terminal_hangs_it_up_and_stops_at_once() {
     let stop = l.reply(&s, "stop");
     assert_eq!((status(&stop), body(&stop).as_str()), (Some(2), EXIT_TEXT));
     assert!(common::wait_until(TIMEOUT, || dead(pid)), "job not hung up");
-    assert!(children(b.daemon.pid()).is_empty());
+    assert!(common::children(b.daemon.pid()).is_empty());
     l.open_ok(&sid(2), "u");
 }
 

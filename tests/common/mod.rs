@@ -15,6 +15,7 @@ pub mod auth;
 pub mod daemon;
 pub mod dbus;
 pub mod drive;
+pub mod env;
 pub mod http;
 pub mod management;
 pub mod netlab;
@@ -117,4 +118,26 @@ pub fn hex(bytes: &[u8], max: usize) -> String {
         s.push_str(&format!(" … (+{} bytes)", bytes.len() - max));
     }
     s
+}
+
+/// Children of `pid` (zombies included).
+pub fn children(pid: u32) -> Vec<(i32, char)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(rest) = s.rsplit(')').next() else {
+            continue;
+        };
+        let mut f = rest.split_ascii_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if f.next().and_then(|s| s.parse::<u32>().ok()) == Some(pid) {
+            out.push((p, state));
+        }
+    }
+    out
 }
