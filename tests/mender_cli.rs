@@ -159,19 +159,6 @@ impl Bed {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so mismatches are real.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn assert_same(a: &[u8], b: &[u8], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: length differs");
     if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
@@ -192,7 +179,7 @@ fn cp_upload_and_download_round_trip() {
         ("five-mib", 5 << 20),
         ("odd", 4096 * 3 + 17),
     ] {
-        let data = pattern(len, len as u64 + 7);
+        let data = common::random_bytes(len, len as u64 + 7);
         let local = dir.join(&format!("{name}.local"));
         std::fs::write(&local, &data).expect("write local");
         let remote = dir.join(&format!("{name}.remote"));
@@ -611,7 +598,7 @@ fn serve_echo(mut s: TcpStream) {
 impl Services {
     fn start() -> Services {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let page = Arc::new(pattern(PAGE_LEN, 99));
+        let page = Arc::new(common::random_bytes(PAGE_LEN, 99));
         let http = TcpListener::bind("127.0.0.1:0").expect("bind http");
         let echo = TcpListener::bind("127.0.0.1:0").expect("bind echo");
         let (http_port, echo_port) = (
@@ -729,11 +716,15 @@ fn port_forward_http_get_and_10_mib_echo() {
         assert!(n > 0, "connection closed mid-body");
         got.extend_from_slice(&buf[..n]);
     }
-    assert_same(&got[body_start..], &pattern(PAGE_LEN, 99), "HTTP body");
+    assert_same(
+        &got[body_start..],
+        &common::random_bytes(PAGE_LEN, 99),
+        "HTTP body",
+    );
     drop(s);
 
     // 10 MiB echo: write and read concurrently, bytes identical.
-    let data = Arc::new(pattern(10 << 20, 1234));
+    let data = Arc::new(common::random_bytes(10 << 20, 1234));
     let s = connect_when_listening(l_echo);
     s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
     let mut w = s.try_clone().expect("clone");
@@ -846,7 +837,7 @@ fn management_standin_status_head_and_error_mapping() {
 
     let dir = TempDir::new("mgmt-head");
     let file = dir.join("f.bin");
-    std::fs::write(&file, pattern(10_000, 5)).expect("write");
+    std::fs::write(&file, common::random_bytes(10_000, 5)).expect("write");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .expect("chmod");
     let q = |p: &Path| format!("{dev}/download?path={}", p.display());
@@ -866,7 +857,7 @@ fn management_standin_status_head_and_error_mapping() {
     let (st, head, body) = http_request(mgmt.url(), "GET", &q(&file), true);
     assert_eq!(st, 200, "{head}");
     assert!(head.contains("Content-Type: application/octet-stream"));
-    assert_same(&body, &pattern(10_000, 5), "GET body");
+    assert_same(&body, &common::random_bytes(10_000, 5), "GET body");
 
     // A directory is not a regular file: 400.
     let (st, _, body) = http_request(mgmt.url(), "GET", &q(dir.path()), true);

@@ -246,18 +246,6 @@ impl Link {
     }
 }
 
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // Targets: echo, HTTP, recording, UDP echo, and a port whose SYNs are dropped
 // ---------------------------------------------------------------------------
@@ -359,7 +347,7 @@ fn ten_mib_of_random_bytes_come_back_identical_through_an_echo_server() {
     let echo = TcpTarget::echo();
     let mut link = bed.mux.link(&uuid(1), &uuid(2));
     link.open(echo.addr, "tcp");
-    let data = random_bytes(10 << 20, 0x5eed);
+    let data = common::random_bytes(10 << 20, 0x5eed);
     let (got, largest) = link.transfer(&data, data.len(), 4096);
     assert_eq!(got.len(), data.len());
     assert!(got == data, "echoed bytes differ");
@@ -372,12 +360,12 @@ fn ten_mib_of_random_bytes_come_back_identical_through_an_echo_server() {
 fn large_reads_are_used_when_the_target_sends_in_bulk() {
     let bed = bed();
     let source = TcpTarget::start(|mut s| {
-        let _ = s.write_all(&random_bytes(1 << 20, 7));
+        let _ = s.write_all(&common::random_bytes(1 << 20, 7));
     });
     let mut link = bed.mux.link(&uuid(1), &uuid(2));
     link.open(source.addr, "tcp");
     let (got, largest) = link.transfer(&[], usize::MAX, 4096);
-    assert_eq!(got, random_bytes(1 << 20, 7));
+    assert_eq!(got, common::random_bytes(1 << 20, 7));
     assert!(largest > 4096 && largest <= CHUNK_MAX, "largest {largest}");
 }
 
@@ -538,7 +526,7 @@ fn a_hundred_concurrent_connections_in_one_session_carry_their_own_bytes() {
         for (i, mut l) in links.drain(..).enumerate() {
             s.spawn(move || {
                 l.expect("new");
-                let data = random_bytes(40_000 + i * 97, i as u64 + 1);
+                let data = common::random_bytes(40_000 + i * 97, i as u64 + 1);
                 let (got, _) = l.transfer(&data, data.len(), 4096);
                 assert!(got == data, "connection {i}: bytes differ");
                 l.send("stop", None);
@@ -604,7 +592,7 @@ fn udp_round_trips_and_oversized_datagrams_are_reported_not_truncated() {
     link.open(addr, "udp");
     assert_eq!(link.transfer(b"hello", 5, 4096).0, b"hello");
     // the largest IPv4 UDP payload comes back as one whole forward
-    let big = random_bytes(65_507, 3);
+    let big = common::random_bytes(65_507, 3);
     let (got, largest) = link.transfer(&big, big.len(), big.len());
     assert_eq!(largest, big.len(), "datagram split or cut");
     assert!(got == big);

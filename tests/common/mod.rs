@@ -141,3 +141,17 @@ pub fn children(pid: u32) -> Vec<(i32, char)> {
     }
     out
 }
+
+/// Deterministic pseudo-random bytes (xorshift), so a mismatch is real and
+/// a run can be repeated.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
