@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
 
-fn smaps_field(pid: u32, file: &str, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
-    text.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 fn main() {
     let bin = env!("CARGO_BIN_EXE_mender-connect");
     let dir = TempDir::new("bench-idle");
@@ -51,10 +43,10 @@ fn main() {
     }
     assert!(conn.is_open(), "connection dropped while idling");
     let pid = daemon.pid();
-    let pss = smaps_field(pid, "smaps_rollup", "Pss:").unwrap_or(0);
-    let rss = smaps_field(pid, "smaps_rollup", "Rss:").unwrap_or(0);
-    let anon = smaps_field(pid, "status", "RssAnon:").unwrap_or(0);
-    let hwm = smaps_field(pid, "status", "VmHWM:").unwrap_or(0);
+    let pss = common::drive::proc_kib(pid, "smaps_rollup", "Pss:").unwrap_or(0);
+    let rss = common::drive::proc_kib(pid, "smaps_rollup", "Rss:").unwrap_or(0);
+    let anon = common::drive::proc_kib(pid, "status", "RssAnon:").unwrap_or(0);
+    let hwm = common::drive::proc_kib(pid, "status", "VmHWM:").unwrap_or(0);
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
         .unwrap_or(0);

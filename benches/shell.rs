@@ -9,63 +9,22 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
-use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
+use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive};
 
 /// Raw bytes fed to base64; its output is 4/3 of this plus newlines ≈ 20 MiB.
 const RAW_BYTES: usize = 15 * 1024 * 1024;
 const SHELLS_FOR_RSS: usize = 10;
 
-fn msg(typ: &str, sid: &str) -> ProtoMsg {
-    ProtoMsg::new(PROTO_SHELL, typ, sid).with_prop("user_id", Value::Str(sid.into()))
-}
-
-/// Opens a shell and waits for "Shell started".
 fn open(conn: &ConnHandle, sid: &str) {
-    conn.send_msg(&msg("new", sid));
-    loop {
-        let m = conn.recv_msg(TIMEOUT).expect("reply to new");
-        if m.hdr.sid == sid && m.hdr.typ == "new" {
-            assert_eq!(m.body.as_deref(), Some(&b"Shell started"[..]), "{m:?}");
-            return;
-        }
-    }
+    drive::shell_open(conn, sid, TIMEOUT).expect("shell opened");
 }
 
-/// Types `line` and collects output of `sid` until `marker` shows up;
-/// returns (output bytes, messages).
 fn run_until(conn: &ConnHandle, sid: &str, line: &str, marker: &[u8]) -> (usize, usize) {
-    conn.send_msg(&msg("shell", sid).with_body(line.as_bytes().to_vec()));
-    let (mut bytes, mut msgs) = (0, 0);
-    let mut tail: Vec<u8> = Vec::new();
-    loop {
-        let m = conn
-            .recv_msg(Duration::from_secs(120))
-            .expect("shell output");
-        if m.hdr.sid != sid || m.hdr.typ != "shell" {
-            continue;
-        }
-        let b = m.body.unwrap_or_default();
-        bytes += b.len();
-        msgs += 1;
-        tail.extend_from_slice(&b);
-        if tail.windows(marker.len()).any(|w| w == marker) {
-            return (bytes, msgs);
-        }
-        let keep = tail.len().saturating_sub(marker.len());
-        tail.drain(..keep);
-    }
+    drive::shell_run_until(conn, sid, line, marker, Duration::from_secs(120)).expect("shell output")
 }
 
 fn rollup(pid: u32) -> (u64, u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let field = |name: &str| drive::proc_kib(pid, "smaps_rollup", name).unwrap_or(0);
     (field("Rss:"), field("Pss:"), field("Anonymous:"))
 }
 
@@ -105,18 +64,14 @@ fn main() {
         bytes as f64 / 1048576.0 / secs,
         bytes as f64 / msgs as f64
     );
-    conn.send_msg(&msg("stop", sid));
+    let _ = drive::shell_stop(&conn, sid, TIMEOUT);
 
     // --- memory per shell ---
     // one shell opened and closed first, so lazily built state is in the baseline
     open(&conn, "bench-warm");
     run_until(&conn, "bench-warm", "echo R$((1+1))R\n", b"R2R");
-    conn.send_msg(&msg("stop", "bench-warm"));
-    let threads = || {
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    };
+    let _ = drive::shell_stop(&conn, "bench-warm", TIMEOUT);
+    let threads = || drive::thread_count(pid);
     let base_threads = {
         let mut last = threads();
         // settle: wait until the stopped shells' threads are gone
@@ -159,6 +114,6 @@ fn main() {
     );
     println!("daemon totals: Rss {rss1} KiB, Pss {pss1} KiB, Anonymous {anon1} KiB");
     for i in 0..SHELLS_FOR_RSS {
-        conn.send_msg(&msg("stop", &format!("bench-rss-{i:04}")));
+        let _ = drive::shell_stop(&conn, &format!("bench-rss-{i:04}"), TIMEOUT);
     }
 }

@@ -9,11 +9,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -34,54 +29,6 @@ const DROP_EVERY: usize = 10;
 const SESSION_IDLE_MS: &str = "600";
 const RSS_SLACK_KIB: u64 = 256;
 
-/// A TCP echo server on 127.0.0.1; dropping it stops the accept loop.
-struct Echo {
-    addr: SocketAddr,
-    done: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start() -> Echo {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        let accept = std::thread::spawn(move || {
-            for s in l.incoming() {
-                if d.load(Ordering::Acquire) {
-                    return;
-                }
-                if let Ok(mut s) = s {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Echo {
-            addr,
-            done,
-            accept: Some(accept),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 struct Bed {
     // field order = drop order: daemon first, then its peers
     daemon: Daemon,
@@ -89,7 +36,7 @@ struct Bed {
     server: Server,
     auth: AuthService,
     _bus: DbusDaemon,
-    echo: Echo,
+    echo: common::target::TcpTarget,
     dir: TempDir,
     /// Messages received but not asked for yet.
     seen: Vec<ProtoMsg>,
@@ -125,7 +72,7 @@ fn bed() -> Bed {
         server,
         auth,
         _bus: bus,
-        echo: Echo::start(),
+        echo: common::target::TcpTarget::echo(),
         dir,
         seen: Vec::new(),
         live: HashSet::new(),

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::target::TcpTarget;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -249,60 +251,6 @@ impl Link {
 // ---------------------------------------------------------------------------
 // Targets: echo, HTTP, recording, UDP echo, and a port whose SYNs are dropped
 // ---------------------------------------------------------------------------
-
-/// A TCP server on 127.0.0.1 running `serve` per connection; drop stops it.
-struct TcpTarget {
-    addr: SocketAddr,
-    done: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl TcpTarget {
-    fn start(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> TcpTarget {
-        let serve = Arc::new(serve);
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        let accept = std::thread::spawn(move || {
-            for s in l.incoming() {
-                if d.load(Ordering::Acquire) {
-                    return;
-                }
-                if let Ok(s) = s {
-                    let serve = Arc::clone(&serve);
-                    std::thread::spawn(move || serve(s));
-                }
-            }
-        });
-        TcpTarget {
-            addr,
-            done,
-            accept: Some(accept),
-        }
-    }
-
-    fn echo() -> TcpTarget {
-        TcpTarget::start(|mut s| {
-            let mut buf = vec![0; 64 * 1024];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        })
-    }
-}
-
-impl Drop for TcpTarget {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A listener whose accept queue is full, so further SYNs are dropped and
 /// a connect hangs (a stand-in for an unreachable host).

@@ -802,11 +802,11 @@ fn decode_props(r: &mut Reader<'_>, props: &mut Props) -> Result<(), DecodeError
     Ok(())
 }
 
+/// Hex helpers shared by the codec and control-body unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn h(s: &str) -> Vec<u8> {
+pub(crate) mod testhex {
+    /// Bytes from hex text; whitespace between bytes is ignored.
+    pub fn h(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
         (0..s.len())
             .step_by(2)
@@ -814,9 +814,16 @@ mod tests {
             .collect()
     }
 
-    fn hex(b: &[u8]) -> String {
+    /// Lowercase hex of `b`.
+    pub fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testhex::{h, hex};
+    use super::*;
 
     fn enc(v: &Value) -> String {
         let mut out = Vec::new();

@@ -224,18 +224,7 @@ fn read_list<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn h(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::conn::codec::testhex::{h, hex};
 
     fn err_text<T: std::fmt::Debug>(r: Result<T, DecodeError>) -> String {
         r.unwrap_err().to_string()

@@ -47,7 +47,11 @@ pub fn cpu_ms(pid: u32) -> f64 {
         return 0.0;
     };
     // fields after the ")" of comm start at field 3 (state); utime/stime are 14/15
-    let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let f: Vec<&str> = stat
+        .get(close + 2..)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;

@@ -21,6 +21,7 @@ pub mod management;
 pub mod netlab;
 pub mod rest_ft;
 pub mod server;
+pub mod target;
 pub mod tls;
 
 #[allow(unused_imports)]
