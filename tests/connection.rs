@@ -342,3 +342,19 @@ fn sigint_also_exits_0() {
         .expect("exited");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_session_id_with_a_nul_byte_does_not_abort_the_daemon() {
+    let bed = bed_with(&[]);
+    let conn = bed
+        .server
+        .wait_connection(TIMEOUT)
+        .expect("first connection");
+    // the sid names the session thread; a NUL there used to panic (= abort)
+    conn.send_msg(&ProtoMsg::new(PROTO_CONTROL, "ping", "a\0b"));
+    assert_eq!(
+        conn.recv_msg(TIMEOUT),
+        Some(ProtoMsg::new(PROTO_CONTROL, "pong", "a\0b"))
+    );
+    assert!(conn.is_open());
+}

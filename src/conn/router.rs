@@ -288,9 +288,13 @@ impl Inner {
 }
 
 /// First 8 characters of a sid, for thread names and logs.
-pub fn sid8(sid: &str) -> &str {
-    let end = sid.char_indices().nth(8).map_or(sid.len(), |(i, _)| i);
-    &sid[..end]
+pub fn sid8(sid: &str) -> String {
+    // The sid comes from the network: a NUL in a thread name makes
+    // `thread::Builder::spawn` panic, and the release build aborts on panic.
+    sid.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(8)
+        .collect()
 }
 
 fn session_loop(
@@ -593,9 +597,10 @@ mod tests {
     }
 
     #[test]
-    fn sid8_is_char_safe() {
+    fn sid8_keeps_only_thread_name_safe_characters() {
         assert_eq!(sid8(SID), "3c2e6b0a");
         assert_eq!(sid8("ab"), "ab");
-        assert_eq!(sid8("ééééééééé"), "éééééééé");
+        assert_eq!(sid8("ééééééééé"), "");
+        assert_eq!(sid8("a\0b/c d-e"), "abc-de");
     }
 }

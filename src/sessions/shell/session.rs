@@ -41,13 +41,8 @@ pub(super) fn start(
     rows: u16,
     cols: u16,
 ) -> io::Result<()> {
-    let short: String = sid
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(8)
-        .collect();
     std::thread::Builder::new()
-        .name(format!("shell-{short}"))
+        .name(format!("shell-{}", crate::conn::router::sid8(&sid)))
         .stack_size(STACK)
         .spawn(move || run(inner, sid, ctl, rx, rows, cols))
         .map(|_| ())
