@@ -74,6 +74,17 @@ fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// O_NOCTTY for real opens: a tty opened for a transfer must not become the
+/// daemon's controlling terminal (its hangup would SIGHUP us). openat2
+/// refuses it (EINVAL) together with O_PATH, which never acquires a tty.
+fn noctty(flags: libc::c_int) -> libc::c_int {
+    if flags & libc::O_PATH != 0 {
+        0
+    } else {
+        libc::O_NOCTTY
+    }
+}
+
 /// `openat` returning an owned descriptor.
 pub fn openat(
     dir: RawFd,
@@ -83,7 +94,14 @@ pub fn openat(
 ) -> io::Result<OwnedFd> {
     let name = cstr(name)?;
     // SAFETY: name is NUL-terminated; the kernel validates dir.
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) };
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC | noctty(flags),
+            mode,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -101,10 +119,11 @@ struct OpenHow {
 fn openat2(dir: RawFd, name: &[u8], flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
     let name = cstr(name)?;
     let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u32 as u64,
+        flags: (flags | libc::O_CLOEXEC | noctty(flags)) as u32 as u64,
         mode: 0,
         resolve,
     };
+    let mut retries = 0;
     loop {
         // SAFETY: name and how outlive the call; size is how's real size.
         let fd = unsafe {
@@ -121,8 +140,10 @@ fn openat2(dir: RawFd, name: &[u8], flags: libc::c_int, resolve: u64) -> io::Res
             return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
         }
         let e = io::Error::last_os_error();
-        // EAGAIN: a concurrent rename raced the ".." check; the kernel asks to retry.
-        if e.raw_os_error() != Some(libc::EAGAIN) {
+        // EAGAIN: a concurrent rename raced the ".." check; the kernel asks
+        // to retry. Bounded, so a process renaming in a loop cannot spin us.
+        retries += 1;
+        if e.raw_os_error() != Some(libc::EAGAIN) || retries >= 8 {
             return Err(e);
         }
     }

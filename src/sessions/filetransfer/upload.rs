@@ -375,11 +375,18 @@ impl Upload {
                 && fresh > 0
             {
                 // Delaying the ack throttles the sender: it stops at its window.
-                let wait = b
-                    .reserve(fresh, MAX_WAIT)
-                    .map_err(|e| Fail::Reply(format!("failed to write file chunk: {e}")))?;
-                if !wait.is_zero() && !link.pause(wait) {
-                    return Err(Fail::Quiet);
+                // Reserved a chunk at a time, like downloads: a whole batch at
+                // once could exceed MAX_WAIT at low limits and abort.
+                let mut left = fresh;
+                while left > 0 {
+                    let n = left.min(super::wire::CHUNK as u64);
+                    let wait = b
+                        .reserve(n, MAX_WAIT)
+                        .map_err(|e| Fail::Reply(format!("failed to write file chunk: {e}")))?;
+                    if !wait.is_zero() && !link.pause(wait) {
+                        return Err(Fail::Quiet);
+                    }
+                    left -= n;
                 }
             }
             if eof {
