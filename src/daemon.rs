@@ -49,7 +49,7 @@ impl fmt::Display for DaemonError {
 impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
-pub fn registry(cfg: &Config, _user: &ValidatedUser) -> Registry {
+pub fn registry(cfg: &Config) -> Registry {
     use crate::conn::codec::{PROTO_FILETRANSFER, PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
     use crate::sessions::{filetransfer, menderclient, portforward};
     let mut r = Registry::new();
@@ -111,7 +111,7 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
     let wake = Arc::new(Wake::new().map_err(DaemonError::Setup)?);
     let (out, out_rx) = outbound::queue(wake);
     let shell = shell_router(cfg, user, &out);
-    let router = Arc::new(Router::new(out, registry(cfg, user), shell, timing));
+    let router = Arc::new(Router::new(out, registry(cfg), shell, timing));
 
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     crate::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1], sig_tx)
@@ -325,11 +325,12 @@ impl Supervisor {
     fn dump_status(&self) {
         let shells = self.router.shell_status();
         let mut text = format!(
-            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  shells: {}/16\n  router sessions: {}",
+            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  shells: {}/{}\n  router sessions: {}",
             crate::cli::version_line(),
             self.link.is_some(),
             self.authorized,
             shells.len(),
+            crate::sessions::shell::MAX_SHELLS,
             self.router.session_count()
         );
         for line in shells {

@@ -21,6 +21,8 @@ use super::timing::Timing;
 use super::url::Endpoint;
 use super::wake::poll_fds;
 
+/// Inbound messages handled per round before outbound frames get a turn.
+const READ_BURST: usize = 64;
 /// How long a graceful close may take before the socket is just dropped.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// The connection thread's stack: tungstenite's buffers live on the heap.
@@ -198,8 +200,11 @@ fn pump(
             return Ok(());
         }
         // Read until WouldBlock: with TLS, decrypted bytes buffered inside the
-        // SSL object do not make the fd readable again.
-        loop {
+        // SSL object do not make the fd readable again. At most READ_BURST
+        // messages per round, so a fast sender cannot starve our writes and
+        // the keepalive; `more_to_read` then skips the poll's wait.
+        let mut more_to_read = true;
+        for _ in 0..READ_BURST {
             match ws.read() {
                 Ok(Message::Binary(b)) => router.dispatch_frame(&b),
                 Ok(Message::Text(t)) => router.dispatch_frame(t.as_bytes()),
@@ -212,7 +217,10 @@ fn pump(
                     });
                 }
                 Ok(Message::Frame(_)) => {}
-                Err(e) if is_would_block(&e) => break,
+                Err(e) if is_would_block(&e) => {
+                    more_to_read = false;
+                    break;
+                }
                 Err(e) => {
                     end_after_read(ws, Some(&e));
                     return Err(format!("read: {e}"));
@@ -255,10 +263,14 @@ fn pump(
             ));
         }
         let until = next_ping.min(dead_at);
-        let timeout_ms = until
-            .saturating_duration_since(Instant::now())
-            .as_millis()
-            .clamp(1, i32::MAX as u128) as i32;
+        let timeout_ms = if more_to_read {
+            0
+        } else {
+            until
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .clamp(1, i32::MAX as u128) as i32
+        };
         let mut sock_events = libc::POLLIN;
         if write_blocked {
             sock_events |= libc::POLLOUT;

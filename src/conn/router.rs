@@ -18,6 +18,12 @@ use crate::sessions::{Handler, Registry, SessionCtx, ShellRouter};
 /// Messages a session may have waiting before it counts as broken: the
 /// protocols' own flow control keeps real peers far below this.
 pub const SESSION_QUEUE_LIMIT: usize = 512;
+/// Bytes of message bodies a session may have waiting (one message of any
+/// size is always accepted), so a stalled session cannot hoard memory.
+pub const SESSION_QUEUE_BYTES: usize = 16 << 20;
+/// Router sessions alive at once; each is a thread, and the server chooses
+/// how many sids it sends.
+pub const MAX_SESSIONS: usize = 512;
 /// Stack of a router-session thread: it only dispatches.
 const SESSION_STACK: usize = 128 * 1024;
 
@@ -28,8 +34,38 @@ enum Inbox {
 
 struct Entry {
     tx: Sender<Inbox>,
-    depth: Arc<AtomicUsize>,
+    depth: Arc<Depth>,
     id: usize,
+}
+
+/// What waits in a session's channel: messages and their body bytes.
+#[derive(Default)]
+struct Depth {
+    msgs: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Depth {
+    fn add(&self, msg: &ProtoMsg) {
+        self.msgs.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(body_len(msg), Ordering::AcqRel);
+    }
+
+    fn take(&self, msg: &ProtoMsg) {
+        self.msgs.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(body_len(msg), Ordering::AcqRel);
+    }
+
+    fn full_for(&self, msg: &ProtoMsg) -> bool {
+        let msgs = self.msgs.load(Ordering::Acquire);
+        msgs >= SESSION_QUEUE_LIMIT
+            || (msgs > 0
+                && self.bytes.load(Ordering::Acquire) + body_len(msg) > SESSION_QUEUE_BYTES)
+    }
+}
+
+fn body_len(msg: &ProtoMsg) -> usize {
+    msg.body.as_ref().map_or(0, Vec::len)
 }
 
 /// Routes decoded messages to shell and router sessions.
@@ -211,8 +247,8 @@ impl Inner {
     fn deliver_locked(this: &Arc<Inner>, sessions: &mut HashMap<String, Entry>, msg: ProtoMsg) {
         let sid = msg.hdr.sid.clone();
         if let Some(e) = sessions.get(&sid) {
-            if e.depth.load(Ordering::Acquire) >= SESSION_QUEUE_LIMIT {
-                log::error!("session {sid}: {SESSION_QUEUE_LIMIT} messages unhandled; closing it");
+            if e.depth.full_for(&msg) {
+                log::error!("session {sid}: too many messages unhandled; closing it");
                 if let Some(e) = sessions.remove(&sid) {
                     let _ = e.tx.send(Inbox::Shutdown);
                 }
@@ -226,18 +262,26 @@ impl Inner {
                 this.try_reply(control_error_msg(&sid, &err));
                 return;
             }
-            e.depth.fetch_add(1, Ordering::AcqRel);
-            if e.tx.send(Inbox::Msg(msg)).is_ok() {
-                return;
-            }
-            // unreachable in practice: a session removes itself before its
-            // receiver goes away; fall through and start a fresh one
-            sessions.remove(&sid);
-            log::warn!("session {sid} vanished; starting a new one");
+            e.depth.add(&msg);
+            // cannot fail: a session leaves the table before its receiver goes
+            let _ = e.tx.send(Inbox::Msg(msg));
+            return;
+        }
+        if sessions.len() >= MAX_SESSIONS {
+            log::error!("session {sid}: {MAX_SESSIONS} sessions open; refusing another");
+            let err = ControlError {
+                err: "too many sessions".to_string(),
+                close: true,
+                msgproto: msg.hdr.proto,
+                msgtype: msg.hdr.typ.clone(),
+                ..ControlError::default()
+            };
+            this.try_reply(control_error_msg(&sid, &err));
             return;
         }
         let (tx, rx) = crossbeam_channel::unbounded();
-        let depth = Arc::new(AtomicUsize::new(1));
+        let depth = Arc::new(Depth::default());
+        depth.add(&msg);
         let id = this.next_id.fetch_add(1, Ordering::Relaxed);
         if tx.send(Inbox::Msg(msg)).is_err() {
             return;
@@ -297,13 +341,7 @@ pub fn sid8(sid: &str) -> String {
         .collect()
 }
 
-fn session_loop(
-    inner: &Arc<Inner>,
-    sid: &str,
-    id: usize,
-    rx: Receiver<Inbox>,
-    depth: &AtomicUsize,
-) {
+fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, depth: &Depth) {
     let ctx = SessionCtx {
         sid: sid.to_string(),
         out: inner.out.clone(),
@@ -316,7 +354,7 @@ fn session_loop(
         let wait = if pinged { idle / 5 } else { idle * 4 / 5 };
         match rx.recv_timeout(wait) {
             Ok(Inbox::Msg(msg)) => {
-                depth.fetch_sub(1, Ordering::AcqRel);
+                depth.take(&msg);
                 pinged = false;
                 if !handle_message(inner, &ctx, &mut handlers, msg) {
                     break;

@@ -281,6 +281,10 @@ impl MenderClient {
             .spawn(move || {
                 // ends when the handler drops its sender
                 for typ in rx {
+                    // requests still queued when the session ended are dropped
+                    if closed.load(Ordering::Acquire) {
+                        break;
+                    }
                     log::info!("mender client: running {typ}");
                     let result = run_command(&settings, &typ);
                     match &result {

@@ -13,6 +13,10 @@ use crate::conn::wake::Wake;
 /// Server messages queued per connection before the client counts as having
 /// broken flow control (transfer.md §4.3 suggests 4: forward + stop + slack).
 pub const QUEUE_LIMIT: usize = 8;
+/// Bytes of `forward` data queued per connection beyond the first item: the
+/// client keeps one `forward` in flight, so more is a client ignoring flow
+/// control, and must not pin up to 8 inbound messages of 16 MiB each.
+pub const QUEUE_BYTES: usize = 1 << 20;
 
 /// One server message for the connection's thread, in arrival order.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,6 +28,14 @@ pub enum Item {
 }
 
 impl Item {
+    /// Data bytes it carries.
+    pub fn len(&self) -> usize {
+        match self {
+            Item::Forward(d) => d.len(),
+            Item::Stop => 0,
+        }
+    }
+
     /// The message type this item came from (for error replies).
     pub fn typ(&self) -> &'static str {
         match self {
@@ -117,7 +129,10 @@ impl Inbox {
         if st.closed {
             return Push::Closed;
         }
-        if st.queue.len() >= QUEUE_LIMIT {
+        let queued: usize = st.queue.iter().map(Item::len).sum();
+        if st.queue.len() >= QUEUE_LIMIT
+            || (!st.queue.is_empty() && queued + item.len() > QUEUE_BYTES)
+        {
             return Push::Full;
         }
         st.queue.push_back(item);
