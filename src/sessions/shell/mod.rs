@@ -55,7 +55,6 @@ pub(crate) const STOP_QUIET: u8 = 2;
 #[derive(Debug)]
 pub(crate) enum Cmd {
     Input(Vec<u8>),
-    Resize(u16, u16),
 }
 
 /// The lock-free side of a shell, shared with the connection thread.
@@ -67,6 +66,9 @@ pub(crate) struct Control {
     /// ARMv5 has no 64-bit atomics to keep a timestamp in.
     pub pong_at: Mutex<Option<Instant>>,
     pub queued: AtomicUsize,
+    /// The newest requested window size, not yet applied. Only the last one
+    /// matters, so a flood of resizes costs no memory.
+    pub resize: Mutex<Option<(u16, u16)>>,
 }
 
 /// Fixed per-daemon shell parameters.
@@ -291,6 +293,7 @@ impl Inner {
             stop: AtomicU8::new(0),
             pong_at: Mutex::new(None),
             queued: AtomicUsize::new(0),
+            resize: Mutex::new(None),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         t.tombs.remove(sid);
@@ -355,9 +358,8 @@ impl Inner {
         let t = self.lock();
         match t.live.get(sid) {
             Some(e) => {
-                if e.tx.send(Cmd::Resize(rows, cols)).is_ok() {
-                    e.ctl.wake.wake();
-                }
+                *e.ctl.resize.lock().unwrap_or_else(|p| p.into_inner()) = Some((rows, cols));
+                e.ctl.wake.wake();
             }
             None => log::error!("resize: session not found for id {sid}"),
         }

@@ -261,12 +261,18 @@ impl Shell {
                     }
                     self.pending.extend_from_slice(&bytes);
                 }
-                Cmd::Resize(rows, cols) => {
-                    if let Err(e) = pty::set_size(self.child.master.as_raw_fd(), rows, cols) {
-                        log::error!("session {}: resize failed: {e}", self.sid);
-                    }
-                }
             }
+        }
+        let size = self
+            .ctl
+            .resize
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((rows, cols)) = size
+            && let Err(e) = pty::set_size(self.child.master.as_raw_fd(), rows, cols)
+        {
+            log::error!("session {}: resize failed: {e}", self.sid);
         }
     }
 
