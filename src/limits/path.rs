@@ -42,10 +42,16 @@ impl fmt::Display for PathError {
 
 impl std::error::Error for PathError {}
 
-/// The errno text as Go prints it (lower-case strerror, no "(os error N)").
+/// An OS error as Go prints it: lower-case strerror, no "(os error N)"
+/// (`no such file or directory`). The one copy for every module.
 pub fn os_text(e: &io::Error) -> String {
     let Some(code) = e.raw_os_error() else {
-        return e.to_string();
+        let s = e.to_string();
+        let mut chars = s.chars();
+        return chars
+            .next()
+            .map(|c| c.to_lowercase().chain(chars).collect())
+            .unwrap_or_default();
     };
     // SAFETY: strerror returns a pointer to a NUL-terminated static or
     // thread-local string; it is copied out at once.

@@ -109,14 +109,17 @@ impl fmt::Display for McError {
                     list.join(" ")
                 )
             }
-            McError::Spawn(p, e) => write!(f, "fork/exec {}: {}", p.display(), go_text(e)),
-            McError::Failed(st) => match (st.code(), st.signal()) {
-                (Some(c), _) => write!(f, "exit status {c}"),
-                (None, Some(s)) => write!(f, "signal: {}", signal_name(s)),
-                _ => write!(f, "{st}"),
-            },
+            McError::Spawn(p, e) => write!(
+                f,
+                "fork/exec {}: {}",
+                p.display(),
+                crate::limits::path::os_text(e)
+            ),
+            McError::Failed(st) => {
+                write!(f, "{}", crate::sessions::shell::status_text(st.into_raw()))
+            }
             McError::TimedOut(d) => write!(f, "timed out after {}s", d.as_secs_f64()),
-            McError::Wait(e) => write!(f, "wait: {}", go_text(e)),
+            McError::Wait(e) => write!(f, "wait: {}", crate::limits::path::os_text(e)),
             McError::UnknownType => write!(f, "unknown message type"),
             McError::Busy => write!(f, "too many pending mender client requests"),
             McError::Thread(e) => write!(f, "cannot start a thread: {e}"),
@@ -125,26 +128,6 @@ impl fmt::Display for McError {
 }
 
 impl std::error::Error for McError {}
-
-fn go_text(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    let s = s.rfind(" (os error ").map_or(s.as_str(), |i| &s[..i]);
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_lowercase().chain(c).collect())
-        .unwrap_or_default()
-}
-
-fn signal_name(sig: i32) -> String {
-    match sig {
-        libc::SIGKILL => "killed".to_string(),
-        libc::SIGTERM => "terminated".to_string(),
-        libc::SIGSEGV => "segmentation fault".to_string(),
-        libc::SIGABRT => "aborted".to_string(),
-        libc::SIGINT => "interrupt".to_string(),
-        s => format!("signal {s}"),
-    }
-}
 
 /// The first candidate that exists (stat succeeds; executability is not
 /// checked, as in the reference).

@@ -86,16 +86,7 @@ pub fn os_text(e: &io::Error) -> String {
     if e.raw_os_error().is_none() && e.kind() == io::ErrorKind::TimedOut {
         return "i/o timeout".to_string();
     }
-    let s = e.to_string();
-    let s = match s.rfind(" (os error ") {
-        Some(i) => &s[..i],
-        None => &s,
-    };
-    let mut chars = s.chars();
-    match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
+    crate::limits::path::os_text(e)
 }
 
 /// The open target socket, non-blocking once `dial` returns.

@@ -158,14 +158,13 @@ impl Inbox {
 
     /// Handler side: end the connection without any message to the server
     /// (session end, reused id, broken flow control). Returns what was queued.
-    pub fn close_quietly(&self) -> Vec<Item> {
+    pub fn close_quietly(&self) {
         let mut st = self.lock();
         st.quiet = true;
         self.mark_closed(&mut st);
-        let left = st.queue.drain(..).collect();
+        st.queue.clear();
         drop(st);
         self.wake.wake();
-        left
     }
 
     /// Whether the connection has ended (either side).

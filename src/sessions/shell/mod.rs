@@ -15,6 +15,7 @@
 //! tests; the pong deadline stays 65/60 of it.
 
 mod pty;
+pub(crate) use pty::status_text;
 mod session;
 
 use std::collections::HashMap;
@@ -202,11 +203,6 @@ impl Shells {
                 emptied: Condvar::new(),
             }),
         })
-    }
-
-    /// Shells alive right now (starting, running or being stopped).
-    pub fn count(&self) -> usize {
-        self.inner.lock().live.len()
     }
 }
 

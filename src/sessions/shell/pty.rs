@@ -48,19 +48,7 @@ impl fmt::Display for SpawnError {
 
 impl std::error::Error for SpawnError {}
 
-/// An OS error the way Go prints it: `no such file or directory`.
-pub fn os_text(e: &io::Error) -> String {
-    let s = e.to_string();
-    let s = match s.find(" (os error") {
-        Some(i) => &s[..i],
-        None => &s,
-    };
-    let mut c = s.chars();
-    match c.next() {
-        Some(first) => first.to_lowercase().chain(c).collect(),
-        None => String::new(),
-    }
-}
+pub use crate::limits::path::os_text;
 
 fn cstr(s: &str, what: &str) -> Result<CString, SpawnError> {
     CString::new(s).map_err(|_| SpawnError::Nul(what.to_string()))
