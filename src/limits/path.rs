@@ -371,7 +371,7 @@ impl Resolver {
     /// of directory descriptors so it can never climb above the start.
     fn walk(&self, dir: RawFd, rel: &[u8], flags: libc::c_int) -> Result<OwnedFd, PathError> {
         // Beneath a chroot nothing is absolute: `rel` is relative to it.
-        let absolute = self.root.is_none() && rel.starts_with(b"/");
+        let mut absolute = self.root.is_none() && rel.starts_with(b"/");
         let start = |abs: bool| {
             if abs {
                 openat(libc::AT_FDCWD, b"/", libc::O_PATH | libc::O_DIRECTORY, 0)
@@ -414,6 +414,8 @@ impl Resolver {
                     }
                     stack.truncate(1);
                     stack[0] = start(true).map_err(PathError::Os)?;
+                    // from here on ".." at the top stays at "/", as openat2 does
+                    absolute = true;
                 }
                 for c in components(&target).into_iter().rev() {
                     queue.push_front(c);

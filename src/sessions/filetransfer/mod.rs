@@ -25,6 +25,8 @@ use self::wire::Request;
 
 /// Messages queued for a running transfer (≥ 21 chunks + EOF + slack).
 const QUEUE: usize = 64;
+/// Largest body accepted for a message of a running transfer.
+const MAX_MESSAGE_BODY: usize = 64 * 1024;
 /// How often a waiting transfer checks that the websocket is still up.
 const POLL: Duration = Duration::from_millis(200);
 /// How long `close` waits for a transfer thread to clean up.
@@ -253,6 +255,19 @@ impl FileTransfer {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        // deviceconnect sends 4096-byte chunks; the transfer's queue holds up
+        // to QUEUE messages, which must not each be a 16 MiB websocket message
+        if msg
+            .body
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_MESSAGE_BODY)
+        {
+            let hdr = msg.hdr.clone();
+            active.stop();
+            self.active = None;
+            self.reply_error(&hdr, &typ, "file chunk too large");
+            return;
+        }
         match active.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Disconnected(m)) => {
