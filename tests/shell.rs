@@ -150,6 +150,16 @@ impl Link {
         text[start..].to_string()
     }
 
+    /// Starts `sleep 1000 &` in shell `sid`; returns its pid.
+    fn start_background_sleep(&mut self, sid: &str) -> i32 {
+        let out = self.run(sid, "sleep 1000 & echo PID=$!=");
+        out.rsplit("PID=")
+            .next()
+            .and_then(|r| r.split('=').next())
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {out:?}"))
+    }
+
     fn stop(&mut self, sid: &str) -> ProtoMsg {
         self.send(&shell_msg("stop", sid, "u"));
         self.reply(sid, "stop")
@@ -276,13 +286,7 @@ fn stop_kills_jobs_of(tweak: impl FnOnce(&mut serde_json::Value)) {
     let l = &mut b.link;
     let s = sid(1);
     l.open_ok(&s, "u");
-    let out = l.run(&s, "sleep 1000 & echo PID=$!=");
-    let pid: i32 = out
-        .rsplit("PID=")
-        .next()
-        .and_then(|r| r.split('=').next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    let pid = l.start_background_sleep(&s);
     assert!(!dead(pid));
     let shell_pids: Vec<i32> = common::children(b.daemon.pid())
         .iter()
@@ -592,13 +596,7 @@ fn exit_with_a_job_still_on_the_terminal_hangs_it_up_and_stops_at_once() {
     let l = &mut b.link;
     let s = sid(1);
     l.open_ok(&s, "u");
-    let out = l.run(&s, "sleep 1000 & echo PID=$!=");
-    let pid: i32 = out
-        .rsplit("PID=")
-        .next()
-        .and_then(|r| r.split('=').next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {out:?}"));
+    let pid = l.start_background_sleep(&s);
     // the job keeps the terminal open, so there is no EOF: the shell's own
     // exit must still end the session
     l.type_in(&s, "exit\n");

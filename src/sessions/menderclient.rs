@@ -339,9 +339,8 @@ mod tests {
     #[test]
     fn replies_match_the_vectors() {
         let ok = crate::conn::codec::encode(&reply("", "check-update", &Ok(())));
-        let hex: String = ok.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
-            hex,
+            crate::conn::codec::testhex::hex(&ok),
             "81a368647283a570726f746fcd0004a3747970ac636865636b2d757064617465a570726f707381a673746174757301"
         );
         let unknown = reply("", "reboot", &Err(McError::UnknownType));

@@ -505,9 +505,7 @@ mod tests {
             .to_string()
     }
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::conn::codec::testhex::hex;
 
     const S1: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e01";
     const S2: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e02";
