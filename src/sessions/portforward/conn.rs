@@ -39,12 +39,19 @@ pub struct ConnCtx {
     pub cid: String,
     /// Replies.
     pub out: Outbound,
+    /// Shared with the handler; consulted before every send.
+    pub inbox: Arc<Inbox>,
     /// Timers.
     pub settings: Settings,
 }
 
 impl ConnCtx {
     fn send(&self, msg: &ProtoMsg) {
+        // After a quiet close (session end, or the id reused for a new
+        // connection) nothing may reach the client under this id any more.
+        if self.inbox.is_quiet() {
+            return;
+        }
         if let Err(e) = self.out.send(msg) {
             log::debug!(
                 "port forward {}/{}: {} not sent: {e}",
@@ -69,7 +76,8 @@ impl ConnCtx {
 
 /// The thread body: dial, reply `new`, then pump until stop, EOF, error,
 /// timeout or a quiet close.
-pub fn run(ctx: ConnCtx, inbox: Arc<Inbox>, target: Target) {
+pub fn run(ctx: ConnCtx, target: Target) {
+    let inbox = Arc::clone(&ctx.inbox);
     let sock = match dial::dial(&target, ctx.settings.dial_timeout) {
         Ok(s) => s,
         Err(e) => {

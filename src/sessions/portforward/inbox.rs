@@ -167,6 +167,11 @@ impl Inbox {
         self.wake.wake();
     }
 
+    /// Whether the connection was closed without a word to the client.
+    pub fn is_quiet(&self) -> bool {
+        self.lock().quiet
+    }
+
     /// Whether the connection has ended (either side).
     pub fn is_closed(&self) -> bool {
         self.lock().closed

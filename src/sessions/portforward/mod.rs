@@ -280,12 +280,12 @@ impl PortForward {
             cid: cid.to_string(),
             out: self.ctx.out.clone(),
             settings: self.settings,
+            inbox: Arc::clone(&inbox),
         };
-        let thread_inbox = Arc::clone(&inbox);
         let spawned = std::thread::Builder::new()
             .name(format!("pf-{}-{}", sid8(&self.ctx.sid), self.next_n))
             .stack_size(THREAD_STACK)
-            .spawn(move || conn::run(ctx, thread_inbox, target));
+            .spawn(move || conn::run(ctx, target));
         if let Err(e) = spawned {
             inbox.close_quietly();
             return Err(PfError::Thread(e));
