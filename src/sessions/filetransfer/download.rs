@@ -27,9 +27,8 @@ impl FileTransfer {
                 e.text(|os| format!("failed to open file for reading: open {shown}: {os}"))
             })?;
         let p = &self.svc.policy;
-        if p.enabled
-            && let Some(tx) = &p.tx
-        {
+        // a disabled policy has no buckets and no size limit (Policy::disabled)
+        if let Some(tx) = &p.tx {
             tx.check_start().map_err(|e| e.to_string())?;
         }
         if self.busy() {
@@ -85,8 +84,8 @@ impl Download {
     fn stream(&mut self, link: &Link) -> Result<(), Fail> {
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
-        let bucket = if p.enabled { p.tx.as_ref() } else { None };
-        let max = if p.enabled { p.max_file_size } else { 0 };
+        let bucket = p.tx.as_ref();
+        let max = p.max_file_size;
         let mut buf = vec![0u8; CHUNK];
         let mut offset: u64 = 0;
         let mut acked: u64 = 0;

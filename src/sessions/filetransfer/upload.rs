@@ -203,9 +203,7 @@ impl FileTransfer {
             }
         }
         let plan = self.svc.plan(&req)?;
-        if p.enabled
-            && let Some(rx) = &p.rx
-        {
+        if let Some(rx) = &p.rx {
             rx.check_start().map_err(|e| e.to_string())?;
         }
         if self.busy() {
@@ -316,8 +314,8 @@ impl Upload {
         }
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
-        let bucket = if p.enabled { p.rx.as_ref() } else { None };
-        let max = if p.enabled { p.max_file_size } else { 0 };
+        let bucket = p.rx.as_ref();
+        let max = p.max_file_size;
         let mut written: u64 = 0;
         loop {
             let mut msg = match link.next() {
