@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::config::LimitsConfig;
 use crate::limits::bucket::Bucket;
-use crate::limits::path::Resolver;
+use crate::limits::path::{PathError, Resolver};
 
 /// Environment knob: resolve paths with the openat walk even where openat2
 /// exists (tests of the fallback on current kernels).
@@ -22,6 +22,8 @@ pub struct Policy {
     pub resolver: Resolver,
     /// Set when the configured chroot cannot be opened: every request is refused.
     pub broken_chroot: Option<String>,
+    /// The configured `Chroot` ("" = none), to tell "outside" from "broken".
+    pub chroot: String,
     /// Allowed owners of downloads (`None` = any).
     pub owner_get: Option<Vec<libc::uid_t>>,
     /// Allowed groups of downloads (`None` = any).
@@ -59,6 +61,7 @@ impl Policy {
             enabled: false,
             resolver: Resolver::unrestricted(),
             broken_chroot: None,
+            chroot: String::new(),
             owner_get: None,
             group_get: None,
             owner_put: Ok(None),
@@ -114,6 +117,7 @@ impl Policy {
             enabled: true,
             resolver,
             broken_chroot,
+            chroot: ft.chroot.clone(),
             owner_get: id_list(&ft.owner_get, user_id, "OwnerGet"),
             group_get: id_list(&ft.group_get, group_id, "GroupGet"),
             owner_put: put_id(&ft.owner_put, user_id, "OwnerPut"),
@@ -129,6 +133,23 @@ impl Policy {
             tx: Bucket::per_minute(c.max_bytes_tx_per_minute),
             rx: Bucket::per_minute(c.max_bytes_rx_per_minute),
         }
+    }
+}
+
+impl Policy {
+    /// The refusal of every request while the chroot cannot be opened: a
+    /// path that is not even lexically beneath it is "outside chroot" (as
+    /// upstream says for it), anything else names the broken chroot.
+    pub fn broken_chroot_refusal(&self, path: &[u8]) -> Option<String> {
+        let msg = self.broken_chroot.as_ref()?;
+        let root = self.chroot.trim_end_matches('/').as_bytes();
+        let beneath = path.starts_with(root)
+            && (path.len() == root.len() || path.get(root.len()) == Some(&b'/'));
+        Some(if beneath {
+            msg.clone()
+        } else {
+            PathError::Outside.to_string()
+        })
     }
 }
 
