@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::drive;
+use common::hold;
 use common::netlab::{Impair, NetLab};
 use common::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
@@ -33,14 +34,6 @@ fn config() -> String {
     // a shell whose stop was lost with a cut link still counts
     cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 8 });
     cfg.to_string()
-}
-
-/// Waits out a scenario's duration (the outage itself, not a synchronisation).
-fn hold(d: Duration) {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        std::thread::park_timeout(until - Instant::now());
-    }
 }
 
 /// Opens session `sid` with a shell and runs one command through it.

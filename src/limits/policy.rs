@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::config::LimitsConfig;
 use crate::limits::bucket::Bucket;
@@ -20,10 +21,18 @@ pub struct Policy {
     pub enabled: bool,
     /// Where paths may resolve.
     pub resolver: Resolver,
-    /// Set when the configured chroot cannot be opened: every request is refused.
+    /// Set when the configured chroot could not be opened at startup: it is
+    /// tried again per request (it may be created later, as upstream's own
+    /// tests do), and requests are refused until it opens.
     pub broken_chroot: Option<String>,
     /// The configured `Chroot` ("" = none), to tell "outside" from "broken".
     pub chroot: String,
+    /// The chroot's resolver once a late open succeeded.
+    late_root: OnceLock<Resolver>,
+    /// `FollowSymLinks`, for a late open.
+    follow_symlinks: bool,
+    /// Force the openat walk, for a late open.
+    force_walk: bool,
     /// Allowed owners of downloads (`None` = any).
     pub owner_get: Option<Vec<libc::uid_t>>,
     /// Allowed groups of downloads (`None` = any).
@@ -62,6 +71,9 @@ impl Policy {
             resolver: Resolver::unrestricted(),
             broken_chroot: None,
             chroot: String::new(),
+            late_root: OnceLock::new(),
+            follow_symlinks: true,
+            force_walk: false,
             owner_get: None,
             group_get: None,
             owner_put: Ok(None),
@@ -92,7 +104,7 @@ impl Policy {
             Ok(r) => (r.force_walk(force_walk), None),
             Err(e) => {
                 let msg = format!("cannot open the chroot {}: {e}", ft.chroot);
-                log::error!("file transfer: {msg}; every transfer will be refused");
+                log::error!("file transfer: {msg}; transfers are refused until it opens");
                 (Resolver::unrestricted(), Some(msg))
             }
         };
@@ -118,6 +130,9 @@ impl Policy {
             resolver,
             broken_chroot,
             chroot: ft.chroot.clone(),
+            late_root: OnceLock::new(),
+            follow_symlinks: ft.follow_symlinks,
+            force_walk,
             owner_get: id_list(&ft.owner_get, user_id, "OwnerGet"),
             group_get: id_list(&ft.group_get, group_id, "GroupGet"),
             owner_put: put_id(&ft.owner_put, user_id, "OwnerPut"),
@@ -137,6 +152,26 @@ impl Policy {
 }
 
 impl Policy {
+    /// The resolver for `path`, or the reason to refuse it (without the
+    /// `access denied: ` prefix) while the chroot still cannot be opened.
+    pub fn resolver_for(&self, path: &[u8]) -> Result<&Resolver, String> {
+        if self.broken_chroot.is_none() {
+            return Ok(&self.resolver);
+        }
+        if self.late_root.get().is_none()
+            && let Ok(r) = Resolver::new(Some(Path::new(&self.chroot)), self.follow_symlinks)
+        {
+            log::info!("file transfer: the chroot {} opens now", self.chroot);
+            let _ = self.late_root.set(r.force_walk(self.force_walk));
+        }
+        match self.late_root.get() {
+            Some(r) => Ok(r),
+            None => Err(self
+                .broken_chroot_refusal(path)
+                .unwrap_or_else(|| "the chroot cannot be opened".to_string())),
+        }
+    }
+
     /// The refusal of every request while the chroot cannot be opened: a
     /// path that is not even lexically beneath it is "outside chroot" (as
     /// upstream says for it), anything else names the broken chroot.

@@ -100,6 +100,15 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Waits out a scenario's duration (an outage, a rate window), never a
+/// synchronisation.
+pub fn hold(d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        std::thread::park_timeout(until - Instant::now());
+    }
+}
+
 /// Whether a process with this id exists (zombies included).
 pub fn process_exists(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence/permission.

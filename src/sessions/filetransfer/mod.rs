@@ -390,10 +390,10 @@ impl Service {
         flags: libc::c_int,
     ) -> Result<(std::os::fd::OwnedFd, libc::stat), Refusal> {
         let p = &self.policy;
-        if let Some(r) = p.broken_chroot_refusal(path) {
-            return Err(Refusal::Denied(r));
-        }
-        let fd = p.resolver.open(path, flags)?;
+        let fd = p
+            .resolver_for(path)
+            .map_err(Refusal::Denied)?
+            .open(path, flags)?;
         let st = fstat(fd.as_fd()).map_err(Refusal::Os)?;
         if p.enabled {
             if p.regular_files_only && st.st_mode & libc::S_IFMT != libc::S_IFREG {

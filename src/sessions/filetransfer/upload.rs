@@ -135,20 +135,19 @@ impl FileTransfer {
         let req = Request::decode(msg.body.as_deref())?;
         let path = req.path()?.to_vec();
         let p = &self.svc.policy;
-        if p.enabled {
-            if let Some(m) = p.broken_chroot_refusal(&path) {
-                return Err(format!("access denied: {m}"));
-            }
-            if p.max_file_size > 0
-                && req
-                    .size
-                    .is_some_and(|s| s > 0 && s as u64 > p.max_file_size)
-            {
-                return Err("access denied: the file size is over the limit".into());
-            }
+        if p.enabled
+            && p.max_file_size > 0
+            && req
+                .size
+                .is_some_and(|s| s > 0 && s as u64 > p.max_file_size)
+        {
+            return Err("access denied: the file size is over the limit".into());
         }
         let mut shown = lossy(&path);
-        let (mut dir, mut leaf) = p.resolver.open_parent(&path).map_err(|e| match e {
+        let resolver = p
+            .resolver_for(&path)
+            .map_err(|m| format!("access denied: {m}"))?;
+        let (mut dir, mut leaf) = resolver.open_parent(&path).map_err(|e| match e {
             PathError::Os(e) => match e.raw_os_error() {
                 Some(libc::EISDIR) => {
                     "conflicting file path: cannot overwrite directory".to_string()
