@@ -405,6 +405,63 @@ fn protocol_errors_use_the_upstream_texts() {
     b.close(&sid);
 }
 
+/// The `code` of a file-transfer error body, if any.
+fn err_code(m: &ProtoMsg) -> Option<i64> {
+    let map = decode_map(m.body.as_deref().unwrap_or_default()).expect("error body");
+    map.iter()
+        .find(|(k, _)| k == "code")
+        .and_then(|(_, v)| v.as_i64())
+}
+
+#[test]
+fn relative_paths_are_refused_and_only_download_denials_carry_code_403() {
+    let dir = TempDir::new("ft-code");
+    let secret = dir.join("eleven");
+    std::fs::write(&secret, b"0123456789A").expect("write");
+    let b = bed(limits(serde_json::json!({"MaxFileSize": 10})), &[]);
+    let (sid, _) = b.open();
+    let rel = encode_map(&[("path", Value::Str("etc/passwd".into()))]);
+    for typ in ["stat", "get_file", "put_file"] {
+        b.conn.send_msg(&ft(typ, &sid).with_body(rel.clone()));
+        let e = b.must_recv(&sid);
+        assert_eq!(e.hdr.typ, "error", "{typ}");
+        assert_eq!(
+            err_text(&e),
+            "invalid request parameters: path: must be absolute",
+            "{typ}"
+        );
+        assert_eq!(err_code(&e), None, "{typ}");
+    }
+    // stat answers despite the limit; get_file is refused with code 403
+    b.conn
+        .send_msg(&ft("stat", &sid).with_body(path_body(&secret)));
+    assert_eq!(b.must_recv(&sid).hdr.typ, "file_info");
+    b.conn
+        .send_msg(&ft("get_file", &sid).with_body(path_body(&secret)));
+    let e = b.must_recv(&sid);
+    assert_eq!(
+        err_text(&e),
+        "access denied: the file size is over the limit"
+    );
+    assert_eq!(err_code(&e), Some(403));
+    // a missing file is no denial: no code (deviceconnect answers 500)
+    b.conn
+        .send_msg(&ft("get_file", &sid).with_body(path_body(&dir.join("missing"))));
+    let e = b.must_recv(&sid);
+    assert!(err_text(&e).ends_with("no such file or directory"), "{e:?}");
+    assert_eq!(err_code(&e), None);
+    // upload refusals keep no code (upstream asserts 400)
+    b.conn
+        .send_msg(&ft("put_file", &sid).with_body(path_body(&dir.join("no/such/dir/x"))));
+    let e = b.must_recv(&sid);
+    assert!(
+        err_text(&e).starts_with("failed to create target file: "),
+        "{e:?}"
+    );
+    assert_eq!(err_code(&e), None);
+    b.close(&sid);
+}
+
 /// Layout: <base>/chroot/{ok.txt, exists.txt, sub/, abs -> <base>/secret,
 /// rel -> ../secret, up -> .., fifo, null}, <base>/chroot-x/secret, <base>/secret.
 fn escape_layout() -> (TempDir, PathBuf) {
