@@ -8,20 +8,14 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::management::DEVICES_PATH;
+use common::operator::{Operator, STATUS_ERROR, STATUS_NORMAL, prompt, status};
 use common::{AuthService, Daemon, DbusDaemon, Management, Server, TIMEOUT, default_config};
-use mender_connect::conn::codec::{self, PROTO_SHELL, ProtoMsg, Value};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::stream::MaybeTlsStream;
-use tungstenite::{Message, WebSocket};
+use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg};
 
 /// Upstream's `receive_timeout_s`.
 const RECEIVE: Duration = Duration::from_secs(16);
-const STATUS_NORMAL: i64 = 1;
-const STATUS_ERROR: i64 = 2;
 
 struct Bed {
     // field order = drop order: daemon first, then its peers
@@ -54,134 +48,65 @@ fn bed() -> Bed {
     }
 }
 
-/// An operator's websocket (upstream's `devconnect.get_websocket()`).
-struct Operator {
-    ws: WebSocket<MaybeTlsStream<TcpStream>>,
+/// Upstream's `devconnect.get_websocket()`.
+fn operator(mgmt: &Management) -> Operator {
+    Operator::connect(mgmt).expect("operator websocket")
 }
 
-impl Operator {
-    fn connect(mgmt: &Management) -> Result<Operator, tungstenite::Error> {
-        let url = format!(
-            "{}{DEVICES_PATH}{}/connect",
-            mgmt.url().replacen("http://", "ws://", 1),
-            mgmt.device_id()
-        );
-        let mut req = url.into_client_request()?;
-        req.headers_mut().insert(
-            "Authorization",
-            "Bearer user-token".parse().expect("header"),
-        );
-        let (ws, _) = tungstenite::connect(req)?;
-        Ok(Operator { ws })
-    }
-
-    fn send(&mut self, typ: &str, body: &[u8]) {
-        let msg = ProtoMsg::new(PROTO_SHELL, typ, "").with_body(body.to_vec());
-        self.ws
-            .send(Message::binary(codec::encode(&msg)))
-            .expect("send");
-    }
-
-    /// The next message before `deadline`.
-    fn recv(&mut self, deadline: Instant) -> Option<ProtoMsg> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
-                s.set_read_timeout(Some(left.min(Duration::from_millis(500))))
-                    .expect("timeout");
-            }
-            match self.ws.read() {
-                Ok(Message::Binary(b)) => return Some(codec::decode(&b).expect("decodes")),
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("operator websocket: {e}"),
-            }
-        }
-    }
-
-    /// `ProtoShell.startShell` / `stopShell`: the reply of type `typ`.
-    fn request(&mut self, typ: &str) -> ProtoMsg {
-        self.send(typ, b"");
-        let m = self.recv(Instant::now() + RECEIVE).expect("a reply");
-        assert_eq!(m.hdr.proto, PROTO_SHELL);
-        assert_eq!(m.hdr.typ, typ, "{m:?}");
-        m
-    }
-
-    /// Shell output until `done(output so far)`, all with status normal.
-    fn output_until(&mut self, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + RECEIVE;
-        let mut out = Vec::new();
-        loop {
-            let s = String::from_utf8_lossy(&out).into_owned();
-            if done(&s) {
-                return s;
-            }
-            let Some(m) = self.recv(deadline) else {
-                panic!("waited {RECEIVE:?} for output; got {s:?}");
-            };
-            assert_eq!(m.hdr.typ, "shell", "not shell output: {m:?}");
-            assert_eq!(status(&m), Some(STATUS_NORMAL), "{m:?}");
-            out.extend_from_slice(m.body.as_deref().unwrap_or_default());
-        }
-    }
+fn request(ws: &mut Operator, typ: &str) -> ProtoMsg {
+    ws.request(typ, RECEIVE).expect("reply")
 }
 
-fn status(m: &ProtoMsg) -> Option<i64> {
-    m.prop("status").and_then(Value::as_i64)
+fn output_until(ws: &mut Operator, done: impl Fn(&str) -> bool) -> String {
+    ws.output_until(RECEIVE, done).expect("output")
+}
+
+fn send(ws: &mut Operator, input: &[u8]) {
+    ws.send("shell", input).expect("send");
 }
 
 fn body(m: &ProtoMsg) -> Option<&[u8]> {
     m.body.as_deref()
 }
 
-fn prompt(out: &str) -> bool {
-    out.ends_with("# ") || out.ends_with("$ ")
-}
-
 #[test]
 fn test_regular_protocol_commands() {
     let b = bed();
-    let mut ws = Operator::connect(&b.mgmt).expect("operator websocket");
-    let m = ws.request("new");
+    let mut ws = operator(&b.mgmt);
+    let m = request(&mut ws, "new");
     assert_eq!(status(&m), Some(STATUS_NORMAL));
     assert_eq!(body(&m), Some(&b"Shell started"[..]));
-    ws.output_until(prompt);
+    output_until(&mut ws, prompt);
 
     // a second start is refused (MEN-4240) and starts nothing
-    let m = ws.request("new");
+    let m = request(&mut ws, "new");
     assert_eq!(status(&m), Some(STATUS_ERROR));
     assert_eq!(
         body(&m),
         Some(&b"failed to start shell: shell is already running"[..])
     );
     // nothing came from a new shell: the next bytes are our command's echo
-    ws.send("shell", b"echo MARK$((6*7))\n");
-    let out = ws.output_until(|o| o.contains("MARK42\r\n"));
+    send(&mut ws, b"echo MARK$((6*7))\n");
+    let out = output_until(&mut ws, |o| o.contains("MARK42\r\n"));
     assert!(out.starts_with("echo MARK$((6*7))"), "{out:?}");
 
-    ws.send("shell", b"ls /\n");
-    let out = ws.output_until(|o| o.contains("usr") && o.contains("etc") && prompt(o));
+    send(&mut ws, b"ls /\n");
+    let out = output_until(&mut ws, |o| {
+        o.contains("usr") && o.contains("etc") && prompt(o)
+    });
     assert!(out.contains("usr") && out.contains("etc"));
 
-    let m = ws.request("stop");
+    let m = request(&mut ws, "stop");
     assert_eq!(status(&m), Some(STATUS_NORMAL));
     assert_eq!(body(&m), None);
 
-    let m = ws.request("stop");
+    let m = request(&mut ws, "stop");
     assert_eq!(status(&m), Some(STATUS_ERROR));
     let text = String::from_utf8_lossy(body(&m).unwrap_or_default()).into_owned();
     assert!(text.contains("session not found"), "{text}");
 
     // input to the stopped shell: an error, no output
-    ws.send("shell", b"ls /\n");
+    send(&mut ws, b"ls /\n");
     let m = ws.recv(Instant::now() + RECEIVE).expect("a reply");
     assert_eq!(m.hdr.typ, "shell");
     assert_eq!(status(&m), Some(STATUS_ERROR));
@@ -189,16 +114,16 @@ fn test_regular_protocol_commands() {
     assert!(text.contains("session not found"), "{text}");
     assert!(!text.contains("usr") && !text.contains("etc"), "{text}");
 
-    let m = ws.request("new");
+    let m = request(&mut ws, "new");
     assert_eq!(status(&m), Some(STATUS_NORMAL));
-    ws.output_until(prompt);
+    output_until(&mut ws, prompt);
     drop(b.daemon);
 }
 
 #[test]
 fn test_websocket_reconnect() {
     let mut b = bed();
-    drop(Operator::connect(&b.mgmt).expect("operator websocket"));
+    drop(operator(&b.mgmt));
     // restart deviceconnect on the same port
     let port = b.server.port();
     b.server.stop();
@@ -219,8 +144,8 @@ fn test_websocket_reconnect() {
 #[test]
 fn test_bogus_shell_message() {
     let b = bed();
-    let mut ws = Operator::connect(&b.mgmt).expect("operator websocket");
-    ws.send("bogusmessage", b"");
+    let mut ws = operator(&b.mgmt);
+    ws.send("bogusmessage", b"").expect("send");
     let m = ws.recv(Instant::now() + RECEIVE).expect("a reply");
     assert_eq!(status(&m), Some(STATUS_ERROR));
     assert_eq!(m.hdr.proto, PROTO_SHELL);
@@ -233,27 +158,31 @@ fn test_bogus_shell_message() {
 #[test]
 fn test_session_recording() {
     let b = bed();
-    let mut ws = Operator::connect(&b.mgmt).expect("operator websocket");
-    let m = ws.request("new");
+    let mut ws = operator(&b.mgmt);
+    let m = request(&mut ws, "new");
     assert_eq!(status(&m), Some(STATUS_NORMAL));
     assert_eq!(body(&m), Some(&b"Shell started"[..]));
     assert!(!m.hdr.sid.is_empty());
-    let mut session = ws.output_until(prompt);
+    let mut session = output_until(&mut ws, prompt);
 
-    ws.send("shell", b"echo 'now you see me'\n");
-    session += &ws.output_until(|o| o.matches("now you see me").count() >= 2 && prompt(o));
-    ws.send("shell", b"stty -echo\n");
-    ws.send("shell", b"echo \"echo disabled $?\"\n");
-    session += &ws.output_until(|o| o.contains("echo disabled 0") && prompt(o));
-    ws.send("shell", b"echo \"now you don't\" > /dev/null\n");
-    ws.send("shell", b"# Invisible comment\n");
-    ws.send("shell", b"stty echo\n");
-    ws.send("shell", b"echo \"echo enabled $?\"\n");
-    session += &ws.output_until(|o| o.contains("echo enabled 0") && prompt(o));
-    ws.send("shell", b"echo 'and now echo is back on'\n");
-    session += &ws.output_until(|o| o.matches("and now echo is back on").count() >= 2);
+    send(&mut ws, b"echo 'now you see me'\n");
+    session += &output_until(&mut ws, |o| {
+        o.matches("now you see me").count() >= 2 && prompt(o)
+    });
+    send(&mut ws, b"stty -echo\n");
+    send(&mut ws, b"echo \"echo disabled $?\"\n");
+    session += &output_until(&mut ws, |o| o.contains("echo disabled 0") && prompt(o));
+    send(&mut ws, b"echo \"now you don't\" > /dev/null\n");
+    send(&mut ws, b"# Invisible comment\n");
+    send(&mut ws, b"stty echo\n");
+    send(&mut ws, b"echo \"echo enabled $?\"\n");
+    session += &output_until(&mut ws, |o| o.contains("echo enabled 0") && prompt(o));
+    send(&mut ws, b"echo 'and now echo is back on'\n");
+    session += &output_until(&mut ws, |o| {
+        o.matches("and now echo is back on").count() >= 2
+    });
 
-    let m = ws.request("stop");
+    let m = request(&mut ws, "stop");
     assert_eq!(status(&m), Some(STATUS_NORMAL), "{m:?}");
     assert_eq!(body(&m), None);
 

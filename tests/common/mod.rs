@@ -19,6 +19,7 @@ pub mod env;
 pub mod http;
 pub mod management;
 pub mod netlab;
+pub mod operator;
 pub mod rest_ft;
 pub mod server;
 pub mod target;
