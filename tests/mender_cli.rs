@@ -203,6 +203,98 @@ fn cp_upload_and_download_round_trip() {
     }
 }
 
+/// mender-cli's own `test_filetransfer_cli`: 40 MiB up and down intact;
+/// an upload into a missing directory and a missing local file fail with
+/// exit code 1 and upstream's texts.
+#[test]
+fn test_filetransfer_cli() {
+    let cli = require_mender_cli!();
+    let b = bed(cli, |_| {});
+    let dir = TempDir::new("mcli-ft-cli");
+    let local = dir.join("random.local");
+    let data = common::random_bytes(40 << 20, 4040);
+    std::fs::write(&local, &data).expect("write");
+    let remote = dir.join("random.bin");
+    let out = b.run(&["cp", &local.display().to_string(), &b.remote(&remote)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = dir.join("random.bin.download");
+    let out = b.run(&["cp", &b.remote(&remote), &back.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&std::fs::read(&back).expect("downloaded"), &data, "40 MiB");
+
+    let missing_dir = b.remote(&dir.join("path-does-not-exist/random.bin"));
+    let out = b.run(&["cp", &local.display().to_string(), &missing_dir]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("failed to create target file"), "{stderr}");
+
+    for to in [missing_dir, b.remote(&dir.join("test.bin"))] {
+        let out = b.run(&["cp", "/this/file/does/not/exist", &to]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no such file or directory"), "{stderr}");
+    }
+}
+
+/// mender-cli's own `test_remote_terminal`: `terminal` with commands piped
+/// on stdin (no tty) runs them and exits 0.
+#[test]
+fn test_remote_terminal() {
+    let cli = require_mender_cli!();
+    let b = bed(cli, |_| {});
+    let dir = TempDir::new("mcli-term-pipe");
+    std::fs::write(dir.join("mender.conf"), b"{}").expect("write");
+    let mut child = b
+        .command(&["terminal", b.mgmt.device_id()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mender-cli terminal");
+    let input = format!("ls {}\nexit\n", dir.path().display());
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write commands");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let pid = child.id();
+    let waiter = std::thread::Builder::new()
+        .name("cli-wait".into())
+        .spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        })
+        .expect("spawn cli-wait");
+    let out = match rx.recv_timeout(CLI_TIMEOUT) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = rx.recv();
+            b.daemon.dump_log();
+            panic!("mender-cli terminal did not exit in {CLI_TIMEOUT:?}");
+        }
+    };
+    let _ = waiter.join();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("mender.conf"), "{stdout}");
+}
+
 #[test]
 fn cp_missing_file_fails_with_the_device_message() {
     let cli = require_mender_cli!();
