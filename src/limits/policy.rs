@@ -175,7 +175,7 @@ impl Policy {
     /// The refusal of every request while the chroot cannot be opened: a
     /// path that is not even lexically beneath it is "outside chroot" (as
     /// upstream says for it), anything else names the broken chroot.
-    pub fn broken_chroot_refusal(&self, path: &[u8]) -> Option<String> {
+    fn broken_chroot_refusal(&self, path: &[u8]) -> Option<String> {
         let msg = self.broken_chroot.as_ref()?;
         let root = self.chroot.trim_end_matches('/').as_bytes();
         let beneath = path.starts_with(root)
@@ -274,6 +274,32 @@ mod tests {
         assert_eq!(parse_octal("0202"), Some(0o202));
         assert_eq!(parse_octal("9x"), None);
         assert_eq!(parse_octal("0o22"), None);
+    }
+
+    #[test]
+    fn a_missing_chroot_refuses_until_it_appears_and_says_outside_for_paths_beyond_it() {
+        let base = std::env::temp_dir().join(format!("mc-late-chroot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let chroot = base.join("ft");
+        let mut cfg = crate::config::Config::default().limits;
+        cfg.enabled = true;
+        cfg.file_transfer.chroot = chroot.display().to_string();
+        let p = Policy::from_config(&cfg);
+        let inside = format!("{}/x", chroot.display()).into_bytes();
+        let broken = p.resolver_for(&inside).expect_err("no chroot yet");
+        assert!(broken.starts_with("cannot open the chroot"), "{broken}");
+        assert_eq!(
+            p.resolver_for(b"/etc/passwd").expect_err("outside"),
+            "the target file path is outside chroot"
+        );
+        std::fs::create_dir_all(&chroot).expect("mkdir");
+        let r = p.resolver_for(&inside).expect("opens now");
+        assert!(r.has_chroot());
+        assert!(matches!(
+            r.open(b"/etc/passwd", libc::O_PATH),
+            Err(PathError::Outside)
+        ));
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]
