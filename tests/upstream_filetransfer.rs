@@ -103,6 +103,22 @@ impl Bed {
 
     /// Upstream's `upload_file` (parts path, mode, uid, gid, file).
     fn upload(&self, path: &str, data: &[u8], mode: &str, uid: &str, gid: &str) -> Response {
+        self.try_upload(path, data, mode, uid, gid)
+            .unwrap_or_else(|e| {
+                self.daemon.dump_log();
+                panic!("upload {path}: {e}")
+            })
+    }
+
+    /// [`upload`](Self::upload), the transport error returned.
+    fn try_upload(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: &str,
+        uid: &str,
+        gid: &str,
+    ) -> std::io::Result<Response> {
         let name = path.rsplit('/').next().unwrap_or(path);
         let (ctype, body) = http::multipart(&[
             ("path", None, path.as_bytes()),
@@ -121,10 +137,6 @@ impl Bed {
             &body,
             REQUEST_TIMEOUT,
         )
-        .unwrap_or_else(|e| {
-            self.daemon.dump_log();
-            panic!("upload {path}: {e}")
-        })
     }
 
     /// Upstream's `upload_file` with its defaults (mode 600, uid 0, gid 0).
@@ -355,8 +367,10 @@ fn test_upload_limits_err_max_bytes_per_minute_exceeded() {
     })));
     let data = b"ok".repeat(256 * 1024);
     // upstream ignores the outcome of the first two
-    b.upload_default(&s(&dir.join("f-0.bin")), &data);
-    b.upload_default(&s(&dir.join("f-1.bin")), &data);
+    for name in ["f-0.bin", "f-1.bin"] {
+        let r = b.try_upload(&s(&dir.join(name)), &data, "600", "0", "0");
+        eprintln!("{name}: {:?}", r.map(|r| (r.status, r.error())));
+    }
     common::hold(Duration::from_secs(60));
     let r = b.upload_default(&s(&dir.join("f-2.bin")), &data);
     assert_eq!(r.status, 400, "{}", r.error());
