@@ -1156,50 +1156,22 @@ fn test_portforward() {
 // ---------------------------------------------------------------------------
 // The management stand-in itself (no mender-cli needed)
 
-/// One raw HTTP/1.1 request; returns (status, head, body) — the body read to
-/// EOF (the stand-in closes every connection) and de-chunked.
+/// One HTTP/1.1 request (the test bed's client); returns (status, header
+/// lines, body) — the body read to EOF and de-chunked.
 fn http_request(url: &str, method: &str, target: &str, auth: bool) -> (u16, String, Vec<u8>) {
-    let addr = url.strip_prefix("http://").expect("plain http url");
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
-    let auth = if auth {
-        format!("Authorization: Bearer {TOKEN}\r\n")
+    let headers = if auth {
+        vec![("Authorization", format!("Bearer {TOKEN}"))]
     } else {
-        String::new()
+        Vec::new()
     };
-    write!(s, "{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").expect("send");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("response head")
-        + 4;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head[9..12].parse().expect("status");
-    let mut body = raw[split..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let eol = rest
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .expect("chunk line");
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("hex"), 16)
-                .expect("chunk size");
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
-            rest = &rest[eol + 4 + n..];
-        }
-        body = out;
-    }
-    (status, head, body)
+    let r = common::http::client_request(url, method, target, &headers, b"", CLI_TIMEOUT)
+        .expect("HTTP request");
+    let head = r
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    (r.status, head, r.body)
 }
 
 #[test]
