@@ -4,8 +4,10 @@
 # mender-cli (Debian's real client) drives the end-to-end tests in
 # tests/mender_cli.rs and the demo's remote terminal; on a distribution that
 # does not package it, it is skipped with a warning (those tests then skip).
+# openssh-server/-client: mender-cli's own port-forward test (scp through
+# the forward) runs a private sshd on 127.0.0.1 (tests/mender_cli.rs).
 set -eu
-PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2 gdb binutils mender-cli"
+PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2 gdb binutils mender-cli openssh-server openssh-client"
 OPTIONAL="mender-cli"
 missing=""
 for p in $PKGS; do

@@ -180,6 +180,13 @@ impl Supervisor {
                 requested,
             } => {
                 if token.is_empty() || url.is_empty() {
+                    if requested && self.awaiting_refresh {
+                        // A reconnect found no credentials (Go fails the dial
+                        // with them empty and says so in the same words).
+                        log::error!(
+                            "eventLoop: error reconnecting: no token or server URL from the Mender auth service"
+                        );
+                    }
                     self.deauthorize();
                     if requested && self.creds.is_none() {
                         self.retry_at = Some(Instant::now() + UNAUTHORIZED_POLL);
@@ -220,8 +227,9 @@ impl Supervisor {
 
     fn deauthorize(&mut self) {
         if self.authorized {
+            // Go's wording (meta-mender greps it); its sessions are shell sessions.
             let shells = self.router.terminate_shells();
-            log::info!("authorization lost: terminated {shells} shells, disconnecting");
+            log::info!("dbusEventLoop terminated {shells} sessions, {shells} shells");
         }
         self.authorized = false;
         self.awaiting_refresh = false;
@@ -243,7 +251,7 @@ impl Supervisor {
         let ep = match url::endpoint(&server_url) {
             Ok(ep) => ep,
             Err(e) => {
-                log::error!("cannot connect: {e}");
+                self.log_connect_failure(&e.to_string());
                 self.schedule_retry();
                 return;
             }
@@ -266,6 +274,19 @@ impl Supervisor {
         }
     }
 
+    /// A failed attempt in Go's two lines (meta-mender greps both).
+    fn log_connect_failure(&self, e: &str) {
+        let (len, server) = self
+            .creds
+            .as_ref()
+            .map_or((0, ""), |(t, u)| (t.len(), u.as_str()));
+        log::error!(
+            "connection manager failed to connect to {server}{}: {e}; len(token)={len}",
+            url::CONNECT_PATH
+        );
+        log::error!("eventLoop: error reconnecting: {e}");
+    }
+
     fn schedule_retry(&mut self) {
         let delay = self.backoff.next_delay();
         log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
@@ -274,7 +295,14 @@ impl Supervisor {
 
     fn on_link(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Connected { id } => log::debug!("link {id} up"),
+            LinkEvent::Connected { id } => {
+                if self.link.as_ref().map(Link::id) == Some(id)
+                    && let Some((_, url)) = &self.creds
+                {
+                    // Go's wording with the URL as D-Bus gave it (meta-mender greps it).
+                    log::info!("eventLoop: Connection established with {url}");
+                }
+            }
             LinkEvent::Ended {
                 id,
                 error,
@@ -288,8 +316,10 @@ impl Supervisor {
                 if let Some(l) = lived {
                     self.backoff.connection_lived(l);
                 }
-                if let Some(e) = &error {
-                    log::error!("connection lost: {e}");
+                match (&error, lived) {
+                    (Some(e), None) => self.log_connect_failure(e),
+                    (Some(e), Some(_)) => log::error!("connection lost: {e}"),
+                    (None, _) => {}
                 }
                 if unauthorized {
                     log::warn!("the server refused the token (HTTP 401)");

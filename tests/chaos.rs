@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::drive;
+use common::hold;
 use common::netlab::{Impair, NetLab};
 use common::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
@@ -33,14 +34,6 @@ fn config() -> String {
     // a shell whose stop was lost with a cut link still counts
     cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 8 });
     cfg.to_string()
-}
-
-/// Waits out a scenario's duration (the outage itself, not a synchronisation).
-fn hold(d: Duration) {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        std::thread::park_timeout(until - Instant::now());
-    }
 }
 
 /// Opens session `sid` with a shell and runs one command through it.
@@ -186,6 +179,59 @@ fn blackhole_then_a_shell_works_within_30s_without_restart() {
         lifted.elapsed(),
         bed.server.connection_count()
     );
+    assert!(bed.daemon.try_status().is_none(), "daemon exited");
+    assert_eq!(bed.daemon.pid(), pid, "daemon restarted");
+}
+
+/// integration's `test_in_poor_network_environment`: an operator's working
+/// shell (start, prompt, `ls /`) through the management stand-in before and
+/// after the device's traffic is dropped — upstream drops it 128 s
+/// (`CHAOS_FULL=1`; 20 s by default) and then restarts the daemon; here the
+/// same daemon must recover on its own.
+#[test]
+fn test_in_poor_network_environment() {
+    use common::operator::{Operator, STATUS_NORMAL, prompt, status};
+    let Some(mut bed) = LabBed::start() else {
+        return;
+    };
+    let outage = if std::env::var("CHAOS_FULL").is_ok_and(|v| v == "1") {
+        Duration::from_secs(128)
+    } else {
+        Duration::from_secs(20)
+    };
+    let mgmt = common::Management::start(&bed.server);
+    let receive = Duration::from_secs(16);
+    let working_shell = || -> Result<(), String> {
+        let mut ws = Operator::connect(&mgmt)?;
+        let m = ws.request("new", receive)?;
+        if status(&m) != Some(STATUS_NORMAL) || m.body.as_deref() != Some(&b"Shell started"[..]) {
+            return Err(format!("shell not started: {m:?}"));
+        }
+        ws.output_until(receive, prompt)?;
+        ws.send("shell", b"ls /\n")?;
+        ws.output_until(receive, |o| o.contains("usr") && o.contains("etc"))?;
+        ws.request("stop", receive).map(|_| ())
+    };
+    // upstream retries the whole sequence every 5 s, 48 times
+    let retry = |what: &str, limit: Duration| {
+        let deadline = Instant::now() + limit;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match working_shell() {
+                Ok(()) => return,
+                Err(e) => last = e,
+            }
+            mgmt.wait_device(Duration::from_secs(1));
+        }
+        panic!("no working shell {what} within {limit:?}: {last}");
+    };
+    assert!(mgmt.wait_device(TIMEOUT), "daemon never connected");
+    retry("before the outage", TIMEOUT);
+    let pid = bed.daemon.pid();
+    bed.lab.blackhole(true);
+    hold(outage);
+    bed.lab.blackhole(false);
+    retry("after the outage", Duration::from_secs(60));
     assert!(bed.daemon.try_status().is_none(), "daemon exited");
     assert_eq!(bed.daemon.pid(), pid, "daemon restarted");
 }

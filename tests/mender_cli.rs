@@ -203,6 +203,98 @@ fn cp_upload_and_download_round_trip() {
     }
 }
 
+/// mender-cli's own `test_filetransfer_cli`: 40 MiB up and down intact;
+/// an upload into a missing directory and a missing local file fail with
+/// exit code 1 and upstream's texts.
+#[test]
+fn test_filetransfer_cli() {
+    let cli = require_mender_cli!();
+    let b = bed(cli, |_| {});
+    let dir = TempDir::new("mcli-ft-cli");
+    let local = dir.join("random.local");
+    let data = common::random_bytes(40 << 20, 4040);
+    std::fs::write(&local, &data).expect("write");
+    let remote = dir.join("random.bin");
+    let out = b.run(&["cp", &local.display().to_string(), &b.remote(&remote)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = dir.join("random.bin.download");
+    let out = b.run(&["cp", &b.remote(&remote), &back.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&std::fs::read(&back).expect("downloaded"), &data, "40 MiB");
+
+    let missing_dir = b.remote(&dir.join("path-does-not-exist/random.bin"));
+    let out = b.run(&["cp", &local.display().to_string(), &missing_dir]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("failed to create target file"), "{stderr}");
+
+    for to in [missing_dir, b.remote(&dir.join("test.bin"))] {
+        let out = b.run(&["cp", "/this/file/does/not/exist", &to]);
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no such file or directory"), "{stderr}");
+    }
+}
+
+/// mender-cli's own `test_remote_terminal`: `terminal` with commands piped
+/// on stdin (no tty) runs them and exits 0.
+#[test]
+fn test_remote_terminal() {
+    let cli = require_mender_cli!();
+    let b = bed(cli, |_| {});
+    let dir = TempDir::new("mcli-term-pipe");
+    std::fs::write(dir.join("mender.conf"), b"{}").expect("write");
+    let mut child = b
+        .command(&["terminal", b.mgmt.device_id()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mender-cli terminal");
+    let input = format!("ls {}\nexit\n", dir.path().display());
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write commands");
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let pid = child.id();
+    let waiter = std::thread::Builder::new()
+        .name("cli-wait".into())
+        .spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        })
+        .expect("spawn cli-wait");
+    let out = match rx.recv_timeout(CLI_TIMEOUT) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = rx.recv();
+            b.daemon.dump_log();
+            panic!("mender-cli terminal did not exit in {CLI_TIMEOUT:?}");
+        }
+    };
+    let _ = waiter.join();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("mender.conf"), "{stdout}");
+}
+
 #[test]
 fn cp_missing_file_fails_with_the_device_message() {
     let cli = require_mender_cli!();
@@ -755,53 +847,331 @@ fn port_forward_http_get_and_10_mib_echo() {
     );
 }
 
+/// A private OpenSSH server on 127.0.0.1 that lets root in with one
+/// throwaway key. It runs in its own mount namespace with a tmpfs on /run,
+/// so its privilege-separation directory touches nothing on the host.
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+    _dir: TempDir,
+}
+
+impl Sshd {
+    /// `None` (with the reason) when sshd, ssh-keygen, scp or a private
+    /// mount namespace are unavailable.
+    fn start() -> Result<Sshd, String> {
+        let sshd = Path::new("/usr/sbin/sshd");
+        for tool in ["ssh-keygen", "scp", "unshare"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !found {
+                return Err(format!("{tool} is not installed"));
+            }
+        }
+        if !sshd.exists() {
+            return Err("sshd is not installed (openssh-server; ./scripts/deps.sh)".into());
+        }
+        let dir = TempDir::new("sshd");
+        for name in ["host_key", "id"] {
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(name))
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err("ssh-keygen failed".into());
+            }
+        }
+        std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).expect("authorized_keys");
+        let port = free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PidFile none\nSubsystem sftp internal-sftp\n",
+                dir.join("host_key").display(),
+                dir.join("authorized_keys").display()
+            ),
+        )
+        .expect("sshd_config");
+        let log = std::fs::File::create(dir.join("sshd.log")).expect("sshd log");
+        let child = Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                "mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && exec \"$@\"",
+                "sh",
+            ])
+            .arg(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("unshare: {e}"))?;
+        let mut me = Sshd {
+            child,
+            port,
+            key: dir.join("id"),
+            _dir: dir,
+        };
+        let up = common::wait_until(TIMEOUT, || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+                || me.child.try_wait().ok().flatten().is_some()
+        });
+        if !up || me.child.try_wait().ok().flatten().is_some() {
+            let log = std::fs::read_to_string(me._dir.join("sshd.log")).unwrap_or_default();
+            return Err(format!("sshd did not start: {log}"));
+        }
+        Ok(me)
+    }
+
+    /// `scp -O` (the legacy protocol, as mender-cli's test) through `port`.
+    fn scp(&self, port: u16, from: &str, to: &str) -> Output {
+        Command::new("scp")
+            .arg("-O")
+            .args(["-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "BatchMode=yes"])
+            .args(["-o", "ConnectTimeout=30"])
+            .arg("-i")
+            .arg(&self.key)
+            .args(["-P", &port.to_string(), from, to])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scp")
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A DNS-style UDP responder: answers each query with its id, QR set, the
+/// question echoed and one answer record. Stops when dropped.
+struct DnsStub {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsStub {
+    fn start() -> DnsStub {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let port = sock.local_addr().expect("addr").port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("dns-stub".into())
+            .spawn(move || {
+                let mut buf = [0u8; 512];
+                while !st.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if let Some(reply) = dns_answer(&buf[..n]) {
+                        let _ = sock.send_to(&reply, from);
+                    }
+                }
+            })
+            .expect("spawn dns-stub");
+        DnsStub {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsStub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A query for `name` of `qtype` with id `id`.
+fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, 1 question
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes()); // IN
+    q
+}
+
+/// The stub's answer to a query (A → 192.0.2.1, MX → 10 mx.<name>).
+fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let qtype = u16::from_be_bytes([*query.get(end + 1)?, *query.get(end + 2)?]);
+    let question = &query[12..end + 5];
+    let mut r = query[..2].to_vec();
+    r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // QR RD RA, 1 q, 1 answer
+    r.extend_from_slice(question);
+    r.extend_from_slice(&[0xc0, 12]); // the question's name
+    r.extend_from_slice(&qtype.to_be_bytes());
+    r.extend_from_slice(&[0, 1, 0, 0, 0, 60]); // IN, TTL 60
+    match qtype {
+        15 => {
+            let mut rdata = vec![0, 10, 2, b'm', b'x'];
+            rdata.extend_from_slice(&[0xc0, 12]);
+            r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            r.extend_from_slice(&rdata);
+        }
+        _ => r.extend_from_slice(&[0, 4, 192, 0, 2, 1]),
+    }
+    Some(r)
+}
+
+/// upstream's `dns_request`: a query through `port` until an answer with
+/// the same id and at least one record arrives (UDP: resent until then).
+fn dns_request(port: u16, id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let query = dns_query(id, name, qtype);
+    let mut answer = None;
+    let mut buf = [0u8; 512];
+    common::wait_until(CLI_TIMEOUT, || {
+        let _ = sock.send_to(&query, ("127.0.0.1", port));
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                answer = Some(buf[..n].to_vec());
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    let a = answer.unwrap_or_else(|| panic!("no DNS answer through udp/{port}"));
+    assert_eq!(&a[..2], &id.to_be_bytes(), "answer id");
+    assert!(a[2] & 0x80 != 0, "not a response");
+    assert!(u16::from_be_bytes([a[6], a[7]]) >= 1, "no answer records");
+    a
+}
+
+/// mender-cli's own `test_portforward`: one `port-forward` with a TCP
+/// mapping to the device's sshd and a UDP mapping to a DNS server; A and MX
+/// queries answered through the UDP one, a file up and down with `scp -O`
+/// through the TCP one, bytes identical.
+#[test]
+fn test_portforward() {
+    let cli = require_mender_cli!();
+    let sshd = match Sshd::start() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let dns = DnsStub::start();
+    let b = bed(cli, |_| {});
+    let (tcp_port, udp_port) = (free_port(), free_port());
+    let child = b
+        .command(&[
+            "port-forward",
+            b.mgmt.device_id(),
+            &format!("{tcp_port}:{}", sshd.port),
+            &format!("udp/{udp_port}:127.0.0.1:{}", dns.port),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mender-cli port-forward");
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+
+    let a = dns_request(udp_port, 0x4d31, "mender.io", 1);
+    assert_eq!(&a[a.len() - 4..], &[192, 0, 2, 1], "A record");
+    dns_request(udp_port, 0x4d32, "mender.io", 15);
+
+    let dir = TempDir::new("scp");
+    let src = dir.join("random.bin");
+    let data = common::random_bytes(1024, 77);
+    std::fs::write(&src, &data).expect("write");
+    let (up, down) = (dir.join("uploaded.bin"), dir.join("random.bin.download"));
+    drop(connect_when_listening(tcp_port));
+    let out = sshd.scp(
+        tcp_port,
+        &src.display().to_string(),
+        &format!("root@localhost:{}", up.display()),
+    );
+    assert!(
+        out.status.success(),
+        "scp upload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sshd.scp(
+        tcp_port,
+        &format!("root@localhost:{}", up.display()),
+        &down.display().to_string(),
+    );
+    assert!(
+        out.status.success(),
+        "scp download: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(
+        &std::fs::read(&down).expect("downloaded"),
+        &data,
+        "scp round trip",
+    );
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "mender-cli port-forward exited early"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The management stand-in itself (no mender-cli needed)
 
-/// One raw HTTP/1.1 request; returns (status, head, body) — the body read to
-/// EOF (the stand-in closes every connection) and de-chunked.
+/// One HTTP/1.1 request (the test bed's client); returns (status, header
+/// lines, body) — the body read to EOF and de-chunked.
 fn http_request(url: &str, method: &str, target: &str, auth: bool) -> (u16, String, Vec<u8>) {
-    let addr = url.strip_prefix("http://").expect("plain http url");
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
-    let auth = if auth {
-        format!("Authorization: Bearer {TOKEN}\r\n")
+    let headers = if auth {
+        vec![("Authorization", format!("Bearer {TOKEN}"))]
     } else {
-        String::new()
+        Vec::new()
     };
-    write!(s, "{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").expect("send");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("response head")
-        + 4;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head[9..12].parse().expect("status");
-    let mut body = raw[split..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let eol = rest
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .expect("chunk line");
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).expect("hex"), 16)
-                .expect("chunk size");
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
-            rest = &rest[eol + 4 + n..];
-        }
-        body = out;
-    }
-    (status, head, body)
+    let r = common::http::client_request(url, method, target, &headers, b"", CLI_TIMEOUT)
+        .expect("HTTP request");
+    let head = r
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    (r.status, head, r.body)
 }
 
 #[test]

@@ -175,17 +175,50 @@ fn connect_tcp(ep: &Endpoint, deadline: Instant) -> Result<TcpStream, DialError>
         .to_socket_addrs()
         .map_err(|e| DialError::Resolve(ep.host.clone(), e))?
         .collect();
+    connect_any(&addrs, deadline)
+        .map_err(|e| DialError::Connect(format!("{}:{}", ep.host, ep.port), e))
+}
+
+/// Tries every resolved address in order (`localhost` is often `::1` and
+/// `127.0.0.1`, with the server on one only); each gets an equal share of
+/// the time left, so one black-holed address cannot use up the deadline.
+fn connect_any(addrs: &[SocketAddr], deadline: Instant) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for addr in &addrs {
+    for (i, addr) in addrs.iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            last = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
-            break;
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
         }
-        match TcpStream::connect_timeout(addr, left) {
+        let share = left / (addrs.len() - i) as u32;
+        match TcpStream::connect_timeout(addr, share.max(Duration::from_millis(1))) {
             Ok(s) => return Ok(s),
-            Err(e) => last = e,
+            Err(e) => {
+                log::debug!("connecting to {addr}: {e}");
+                last = e;
+            }
         }
     }
-    Err(DialError::Connect(format!("{}:{}", ep.host, ep.port), last))
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn every_resolved_address_is_tried_until_one_answers() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // ::1 first, as getaddrinfo orders localhost; nothing listens there
+        let addrs: Vec<SocketAddr> = vec![
+            format!("[::1]:{port}").parse().expect("v6"),
+            format!("127.0.0.1:{port}").parse().expect("v4"),
+        ];
+        let s = connect_any(&addrs, Instant::now() + Duration::from_secs(10)).expect("connects");
+        assert_eq!(s.peer_addr().expect("peer"), addrs[1]);
+        let e = connect_any(&addrs[..1], Instant::now() + Duration::from_secs(10))
+            .expect_err("nothing on ::1");
+        assert_ne!(e.kind(), io::ErrorKind::NotFound);
+    }
 }

@@ -144,11 +144,8 @@ fn run(
         Ok(ws) => ws,
         Err(e) => {
             let unauthorized = matches!(e, dial::DialError::Status(401));
-            return ended(
-                Some(format!("failed to connect to {}: {e}", ep.url)),
-                None,
-                unauthorized,
-            );
+            // The supervisor logs it with the server URL as D-Bus gave it.
+            return ended(Some(e.to_string()), None, unauthorized);
         }
     };
     if let Err(e) = ws.get_ref().set_nonblocking(true) {
@@ -162,7 +159,7 @@ fn run(
     let up = Instant::now();
     out.set_connected(id, true);
     let _ = events.send(LinkEvent::Connected { id });
-    log::info!("Connection established with {}", ep.url);
+    log::debug!("websocket up: {}", ep.url);
     let result = pump(&mut ws, out, router, timing, stop);
     out.set_connected(id, false);
     let lived = Some(up.elapsed());

@@ -4,10 +4,11 @@
 
 use std::ffi::CString;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::config::LimitsConfig;
 use crate::limits::bucket::Bucket;
-use crate::limits::path::Resolver;
+use crate::limits::path::{PathError, Resolver};
 
 /// Environment knob: resolve paths with the openat walk even where openat2
 /// exists (tests of the fallback on current kernels).
@@ -20,8 +21,18 @@ pub struct Policy {
     pub enabled: bool,
     /// Where paths may resolve.
     pub resolver: Resolver,
-    /// Set when the configured chroot cannot be opened: every request is refused.
+    /// Set when the configured chroot could not be opened at startup: it is
+    /// tried again per request (it may be created later, as upstream's own
+    /// tests do), and requests are refused until it opens.
     pub broken_chroot: Option<String>,
+    /// The configured `Chroot` ("" = none), to tell "outside" from "broken".
+    pub chroot: String,
+    /// The chroot's resolver once a late open succeeded.
+    late_root: OnceLock<Resolver>,
+    /// `FollowSymLinks`, for a late open.
+    follow_symlinks: bool,
+    /// Force the openat walk, for a late open.
+    force_walk: bool,
     /// Allowed owners of downloads (`None` = any).
     pub owner_get: Option<Vec<libc::uid_t>>,
     /// Allowed groups of downloads (`None` = any).
@@ -59,6 +70,10 @@ impl Policy {
             enabled: false,
             resolver: Resolver::unrestricted(),
             broken_chroot: None,
+            chroot: String::new(),
+            late_root: OnceLock::new(),
+            follow_symlinks: true,
+            force_walk: false,
             owner_get: None,
             group_get: None,
             owner_put: Ok(None),
@@ -89,7 +104,7 @@ impl Policy {
             Ok(r) => (r.force_walk(force_walk), None),
             Err(e) => {
                 let msg = format!("cannot open the chroot {}: {e}", ft.chroot);
-                log::error!("file transfer: {msg}; every transfer will be refused");
+                log::error!("file transfer: {msg}; transfers are refused until it opens");
                 (Resolver::unrestricted(), Some(msg))
             }
         };
@@ -114,6 +129,10 @@ impl Policy {
             enabled: true,
             resolver,
             broken_chroot,
+            chroot: ft.chroot.clone(),
+            late_root: OnceLock::new(),
+            follow_symlinks: ft.follow_symlinks,
+            force_walk,
             owner_get: id_list(&ft.owner_get, user_id, "OwnerGet"),
             group_get: id_list(&ft.group_get, group_id, "GroupGet"),
             owner_put: put_id(&ft.owner_put, user_id, "OwnerPut"),
@@ -129,6 +148,43 @@ impl Policy {
             tx: Bucket::per_minute(c.max_bytes_tx_per_minute),
             rx: Bucket::per_minute(c.max_bytes_rx_per_minute),
         }
+    }
+}
+
+impl Policy {
+    /// The resolver for `path`, or the reason to refuse it (without the
+    /// `access denied: ` prefix) while the chroot still cannot be opened.
+    pub fn resolver_for(&self, path: &[u8]) -> Result<&Resolver, String> {
+        if self.broken_chroot.is_none() {
+            return Ok(&self.resolver);
+        }
+        if self.late_root.get().is_none()
+            && let Ok(r) = Resolver::new(Some(Path::new(&self.chroot)), self.follow_symlinks)
+        {
+            log::info!("file transfer: the chroot {} opens now", self.chroot);
+            let _ = self.late_root.set(r.force_walk(self.force_walk));
+        }
+        match self.late_root.get() {
+            Some(r) => Ok(r),
+            None => Err(self
+                .broken_chroot_refusal(path)
+                .unwrap_or_else(|| "the chroot cannot be opened".to_string())),
+        }
+    }
+
+    /// The refusal of every request while the chroot cannot be opened: a
+    /// path that is not even lexically beneath it is "outside chroot" (as
+    /// upstream says for it), anything else names the broken chroot.
+    fn broken_chroot_refusal(&self, path: &[u8]) -> Option<String> {
+        let msg = self.broken_chroot.as_ref()?;
+        let root = self.chroot.trim_end_matches('/').as_bytes();
+        let beneath = path.starts_with(root)
+            && (path.len() == root.len() || path.get(root.len()) == Some(&b'/'));
+        Some(if beneath {
+            msg.clone()
+        } else {
+            PathError::Outside.to_string()
+        })
     }
 }
 
@@ -218,6 +274,32 @@ mod tests {
         assert_eq!(parse_octal("0202"), Some(0o202));
         assert_eq!(parse_octal("9x"), None);
         assert_eq!(parse_octal("0o22"), None);
+    }
+
+    #[test]
+    fn a_missing_chroot_refuses_until_it_appears_and_says_outside_for_paths_beyond_it() {
+        let base = std::env::temp_dir().join(format!("mc-late-chroot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let chroot = base.join("ft");
+        let mut cfg = crate::config::Config::default().limits;
+        cfg.enabled = true;
+        cfg.file_transfer.chroot = chroot.display().to_string();
+        let p = Policy::from_config(&cfg);
+        let inside = format!("{}/x", chroot.display()).into_bytes();
+        let broken = p.resolver_for(&inside).expect_err("no chroot yet");
+        assert!(broken.starts_with("cannot open the chroot"), "{broken}");
+        assert_eq!(
+            p.resolver_for(b"/etc/passwd").expect_err("outside"),
+            "the target file path is outside chroot"
+        );
+        std::fs::create_dir_all(&chroot).expect("mkdir");
+        let r = p.resolver_for(&inside).expect("opens now");
+        assert!(r.has_chroot());
+        assert!(matches!(
+            r.open(b"/etc/passwd", libc::O_PATH),
+            Err(PathError::Outside)
+        ));
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -99,6 +99,12 @@ impl AuthService {
         self.control("Set", token, url);
     }
 
+    /// Replaces the pair returned by `GetJwtToken` without a signal
+    /// (meta-mender's `MockSetJwtToken`).
+    pub fn set_quietly(&self, token: &str, url: &str) {
+        self.control("SetQuietly", token, url);
+    }
+
     /// Emits `JwtTokenStateChange(token, url)` without changing the pair that
     /// `GetJwtToken` returns.
     pub fn emit(&self, token: &str, url: &str) {
@@ -275,7 +281,7 @@ fn handle_auth(shared: &Shared, msg: &Message) -> Message {
 fn handle_control(shared: &Shared, quit: &AtomicBool, msg: &Message, c: &Connection) {
     let member = msg.member().map(|m| m.to_string()).unwrap_or_default();
     match member.as_str() {
-        "Set" | "Emit" => {
+        "Set" | "Emit" | "SetQuietly" => {
             let (token, url): (String, String) = match msg.read2() {
                 Ok(v) => v,
                 Err(e) => {
@@ -287,12 +293,17 @@ fn handle_control(shared: &Shared, quit: &AtomicBool, msg: &Message, c: &Connect
                     return;
                 }
             };
-            if member == "Set" {
+            if member != "Emit" {
                 let mut st = shared.state.lock().unwrap();
                 st.token = token.clone();
                 st.url = url.clone();
             }
             shared.cond.notify_all();
+            if member == "SetQuietly" {
+                let _ = c.send(msg.method_return());
+                c.channel().flush();
+                return;
+            }
             let sig = Message::new_signal(AUTH_PATH, AUTH_IFACE, SIGNAL)
                 .expect("valid signal names")
                 .append2(token, url);

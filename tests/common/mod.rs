@@ -19,6 +19,7 @@ pub mod env;
 pub mod http;
 pub mod management;
 pub mod netlab;
+pub mod operator;
 pub mod rest_ft;
 pub mod server;
 pub mod target;
@@ -97,6 +98,15 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits out a scenario's duration (an outage, a rate window), never a
+/// synchronisation.
+pub fn hold(d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        std::thread::park_timeout(until - Instant::now());
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `error` to `get_file` before any data | 500 → `internal error` | — |
 //! | `error` once data flowed | body truncated | — |
 //! | `error` to `put_file` or during upload | — | 400 device text |
+//! | any `error` with a positive `code` (before data) | that status + device text | same |
 //! | success | 200 + `X-MEN-File-*` | 201 |
 //!
 //! (The download endpoint masks 5xx texts as `internal error`.) Response
@@ -147,18 +148,29 @@ impl Drop for Session<'_> {
     }
 }
 
-/// `{err, msgtype}` of a file-transfer `error`.
-fn ft_error(msg: &ProtoMsg) -> (String, String) {
+/// A device `error` as current deviceconnect maps it: a positive `code`
+/// becomes that HTTP status with the device's text; otherwise `fallback`
+/// decides (400 for stat and upload errors, 500 after `get_file`).
+fn device_failure(msg: &ProtoMsg, fallback: impl FnOnce(String) -> Failure) -> Failure {
+    let (err, code) = ft_error(msg);
+    match code {
+        Some(c) if (100..=599).contains(&c) => (c as u16, err),
+        _ => fallback(err),
+    }
+}
+
+/// `{err, code}` of a file-transfer `error`.
+fn ft_error(msg: &ProtoMsg) -> (String, Option<i64>) {
     let mut err = String::new();
-    let mut msgtype = String::new();
+    let mut code = None;
     for (k, v) in decode_map(msg.body.as_deref().unwrap_or_default()).unwrap_or_default() {
         match (k.as_str(), v) {
             ("err", Value::Str(s)) => err = s,
-            ("msgtype", Value::Str(s)) => msgtype = s,
+            ("code", v) => code = v.as_i64().filter(|c| *c > 0),
             _ => {}
         }
     }
-    (err, msgtype)
+    (err, code)
 }
 
 #[derive(Debug, Default)]
@@ -287,11 +299,12 @@ fn download_body(
             Next::Msg(m) if m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping" => sess.pong(),
             Next::Msg(m) if m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "pong" => {}
             Next::Msg(m) if m.hdr.typ == "error" => {
-                let (err, _) = ft_error(&m);
-                return Err((
-                    400,
-                    format!("failed to retrieve file info: error received from device: {err}"),
-                ));
+                return Err(device_failure(&m, |err| {
+                    (
+                        400,
+                        format!("failed to retrieve file info: error received from device: {err}"),
+                    )
+                }));
             }
             Next::Msg(m) if m.hdr.typ == "file_info" => break file_info(&m),
             Next::Msg(_) => return Err((500, "unexpected response from device".into())),
@@ -334,7 +347,7 @@ fn download_body(
                     let _ = http::end_chunks(stream);
                     return Ok(());
                 }
-                return Err((500, ft_error(&m).0));
+                return Err(device_failure(&m, |err| (500, err)));
             }
             (_, "file_chunk") => {
                 if !sent_headers {
@@ -494,7 +507,7 @@ fn upload_request(form: &UploadForm) -> Vec<u8> {
 fn upload_inbound(sess: &Session, m: ProtoMsg, acked: &mut i64) -> Result<(), Failure> {
     match (m.hdr.proto, m.hdr.typ.as_str()) {
         (PROTO_CONTROL, "ping") => sess.pong(),
-        (_, "error") => return Err((400, ft_error(&m).0)),
+        (_, "error") => return Err(device_failure(&m, |err| (400, err))),
         (_, "ack") => {
             if let Some(Value::I64(o)) = m.prop("offset")
                 && *o > *acked
@@ -510,7 +523,9 @@ fn upload_inbound(sess: &Session, m: ProtoMsg, acked: &mut i64) -> Result<(), Fa
 fn run_upload(sess: &Session, form: &UploadForm) -> Result<(), Failure> {
     sess.send_ft("put_file", Some(upload_request(form)), None);
     match sess.next() {
-        Next::Msg(m) if m.hdr.typ == "error" => return Err((400, ft_error(&m).0)),
+        Next::Msg(m) if m.hdr.typ == "error" => {
+            return Err(device_failure(&m, |err| (400, err)));
+        }
         Next::Msg(m) if m.hdr.typ == "ack" => {}
         Next::Msg(m) => return Err((500, format!("unexpected message type '{}'", m.hdr.typ))),
         Next::TimedOut => return Err(timed_out()),

@@ -11,11 +11,13 @@ use crate::limits::bucket::{LimitError, MAX_WAIT};
 use crate::limits::path::os_text;
 
 use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
-use super::{FileTransfer, Link, Next, Service};
+use super::{DownloadRefusal, FileTransfer, Link, Next, Refusal, Service};
 
 impl FileTransfer {
     /// Checks and opens the file, then starts the streaming thread.
-    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), String> {
+    /// Every limit is applied here, before the first chunk; a refusal by
+    /// the limits carries `code` 403.
+    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), DownloadRefusal> {
         let req = wire::Request::decode(msg.body.as_deref())?;
         let path = req.path()?.to_vec();
         let shown = String::from_utf8_lossy(&path).into_owned();
@@ -23,16 +25,22 @@ impl FileTransfer {
         let (fd, st) = self
             .svc
             .check_download(&path, libc::O_RDONLY | libc::O_NONBLOCK)
-            .map_err(|e| {
-                e.text(|os| format!("failed to open file for reading: open {shown}: {os}"))
+            .map_err(|e| match e {
+                Refusal::Denied(_) => DownloadRefusal::denied(e.text(|os| os)),
+                Refusal::Os(_) => DownloadRefusal::from(
+                    e.text(|os| format!("failed to open file for reading: open {shown}: {os}")),
+                ),
             })?;
         let p = &self.svc.policy;
         // a disabled policy has no buckets and no size limit (Policy::disabled)
         if let Some(tx) = &p.tx {
-            tx.check_start().map_err(|e| e.to_string())?;
+            tx.check_start()
+                .map_err(|e| DownloadRefusal::denied(e.to_string()))?;
         }
         if self.busy() {
-            return Err("another file transfer is in progress".into());
+            return Err(DownloadRefusal::from(
+                "another file transfer is in progress".to_string(),
+            ));
         }
         let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
         if regular {
@@ -51,7 +59,7 @@ impl FileTransfer {
             path: shown,
             req: msg.hdr.clone(),
         };
-        self.spawn("download", move |link| job.run(&link))
+        Ok(self.spawn("download", move |link| job.run(&link))?)
     }
 }
 

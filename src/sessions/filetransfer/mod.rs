@@ -169,8 +169,13 @@ struct FileTransfer {
 
 impl FileTransfer {
     fn reply_error(&self, req: &ProtoHdr, msgtype: &str, err: &str) {
+        self.reply_error_with_code(req, msgtype, err, None);
+    }
+
+    fn reply_error_with_code(&self, req: &ProtoHdr, msgtype: &str, err: &str, code: Option<u16>) {
         log::info!("file transfer {}: {msgtype}: {err}", self.ctx.sid);
-        if let Err(e) = self.ctx.out.send(&wire::error_reply(req, msgtype, err)) {
+        let reply = wire::error_reply_with_code(req, msgtype, err, code);
+        if let Err(e) = self.ctx.out.send(&reply) {
             log::debug!("file transfer {}: error not sent: {e}", self.ctx.sid);
         }
     }
@@ -214,19 +219,19 @@ impl FileTransfer {
         Ok(())
     }
 
+    /// Metadata of any path, as upstream's `os.Stat`: the limits do not
+    /// apply (they guard contents, and deviceconnect needs the file type to
+    /// answer 400 `path is not a regular file` itself); `get_file` applies them.
     fn stat(&self, msg: &ProtoMsg) {
         let result = Request::decode(msg.body.as_deref()).and_then(|req| {
             let path = req.path()?.to_vec();
-            let st = self
-                .svc
-                .check_download(&path, libc::O_PATH)
-                .map(|(_, st)| st)
-                .map_err(|e| {
-                    e.text(|os| {
-                        let p = String::from_utf8_lossy(&path);
-                        format!("failed to get file info from path '{p}': stat {p}: {os}")
-                    })
-                })?;
+            let st = stat_path(&path).map_err(|e| {
+                let p = String::from_utf8_lossy(&path);
+                format!(
+                    "failed to get file info from path '{p}': stat {p}: {}",
+                    os_text(&e)
+                )
+            })?;
             Ok(wire::file_info(&self.ctx.sid, &path, &st))
         });
         match result {
@@ -292,7 +297,7 @@ impl Handler for FileTransfer {
             "stat" => self.stat(&msg),
             "get_file" => {
                 if let Err(e) = self.start_download(&msg) {
-                    self.reply_error(&msg.hdr, "get_file", &e);
+                    self.reply_error_with_code(&msg.hdr, "get_file", &e.text, e.code);
                 }
             }
             "put_file" => {
@@ -331,6 +336,42 @@ impl Refusal {
     }
 }
 
+/// Why a `get_file` was refused, with the status for `code` when the
+/// limits refused it (MEN-4659: a denial is 403, not 500 "internal error").
+#[derive(Debug)]
+pub(crate) struct DownloadRefusal {
+    text: String,
+    code: Option<u16>,
+}
+
+impl From<String> for DownloadRefusal {
+    fn from(text: String) -> DownloadRefusal {
+        DownloadRefusal { text, code: None }
+    }
+}
+
+impl DownloadRefusal {
+    fn denied(text: String) -> DownloadRefusal {
+        DownloadRefusal {
+            text,
+            code: Some(wire::CODE_FORBIDDEN),
+        }
+    }
+}
+
+/// `stat(2)` following symlinks, like Go's `os.Stat`.
+fn stat_path(path: &[u8]) -> std::io::Result<libc::stat> {
+    let c = std::ffi::CString::new(path)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: stat is plain old data, fully written by a successful stat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path and a valid out pointer.
+    if unsafe { libc::stat(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
 impl From<PathError> for Refusal {
     fn from(e: PathError) -> Refusal {
         match e {
@@ -341,18 +382,18 @@ impl From<PathError> for Refusal {
 }
 
 impl Service {
-    /// Opens `path` for a download (or a stat with `O_PATH`) and runs every
-    /// permit check on the opened descriptor.
+    /// Opens `path` for a download and runs every permit check on the
+    /// opened descriptor.
     fn check_download(
         &self,
         path: &[u8],
         flags: libc::c_int,
     ) -> Result<(std::os::fd::OwnedFd, libc::stat), Refusal> {
         let p = &self.policy;
-        if let Some(msg) = &p.broken_chroot {
-            return Err(Refusal::Denied(msg.clone()));
-        }
-        let fd = p.resolver.open(path, flags)?;
+        let fd = p
+            .resolver_for(path)
+            .map_err(Refusal::Denied)?
+            .open(path, flags)?;
         let st = fstat(fd.as_fd()).map_err(Refusal::Os)?;
         if p.enabled {
             if p.regular_files_only && st.st_mode & libc::S_IFMT != libc::S_IFREG {

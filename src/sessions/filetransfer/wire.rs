@@ -50,10 +50,14 @@ impl Request {
         Ok(r)
     }
 
-    /// The path, unless absent or empty.
+    /// The path, unless absent, empty or relative (the daemon never
+    /// resolves a request against its own working directory).
     pub fn path(&self) -> Result<&[u8], String> {
         match self.path.as_deref() {
-            Some(p) if !p.is_empty() => Ok(p),
+            Some(p) if p.starts_with(b"/") => Ok(p),
+            Some(p) if !p.is_empty() => {
+                Err("invalid request parameters: path: must be absolute".to_string())
+            }
             _ => Err("invalid request parameters: path: cannot be blank.".to_string()),
         }
     }
@@ -80,18 +84,37 @@ fn int(v: &Value, field: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// HTTP-style status of a download refused by the limits (`code` field).
+pub const CODE_FORBIDDEN: u16 = 403;
+
 /// A file-transfer `error` against `req`: its header (sid, props) copied,
 /// `typ` = error, body `{err, msgtype}`.
 pub fn error_reply(req: &ProtoHdr, msgtype: &str, err: &str) -> ProtoMsg {
+    error_reply_with_code(req, msgtype, err, None)
+}
+
+/// [`error_reply`] with the additive `code` field (protocol.md §3.2):
+/// current deviceconnect answers the HTTP request with that status and the
+/// device's text; older servers ignore the field.
+pub fn error_reply_with_code(
+    req: &ProtoHdr,
+    msgtype: &str,
+    err: &str,
+    code: Option<u16>,
+) -> ProtoMsg {
     let mut hdr = req.clone();
     hdr.proto = PROTO_FILETRANSFER;
     hdr.typ = "error".to_string();
+    let mut entries = vec![
+        ("err", Value::Str(err.to_string())),
+        ("msgtype", Value::Str(msgtype.to_string())),
+    ];
+    if let Some(c) = code {
+        entries.push(("code", Value::Int(i64::from(c))));
+    }
     ProtoMsg {
         hdr,
-        body: Some(encode_map(&[
-            ("err", Value::Str(err.to_string())),
-            ("msgtype", Value::Str(msgtype.to_string())),
-        ])),
+        body: Some(encode_map(&entries)),
     }
 }
 
@@ -220,5 +243,29 @@ mod tests {
             blank.path().expect_err("blank"),
             "invalid request parameters: path: cannot be blank."
         );
+        let rel = Request::decode(Some(&encode_map(&[("path", Value::Str("etc/x".into()))])));
+        assert_eq!(
+            rel.expect("relative path").path().expect_err("relative"),
+            "invalid request parameters: path: must be absolute"
+        );
+    }
+
+    #[test]
+    fn denials_carry_a_code_and_other_errors_none() {
+        let req = ProtoMsg::new(PROTO_FILETRANSFER, "get_file", "s").hdr;
+        let body = |m: ProtoMsg| decode_map(m.body.as_deref().unwrap_or_default()).expect("map");
+        let denied = body(error_reply_with_code(
+            &req,
+            "get_file",
+            "access denied: x",
+            Some(403),
+        ));
+        assert!(
+            denied
+                .iter()
+                .any(|(k, v)| k == "code" && v.as_i64() == Some(403))
+        );
+        let plain = body(error_reply(&req, "put_file", "x"));
+        assert!(plain.iter().all(|(k, _)| k != "code"), "{plain:?}");
     }
 }
