@@ -5,7 +5,7 @@
 # tests/mender_cli.rs and the demo's remote terminal; on a distribution that
 # does not package it, it is skipped with a warning (those tests then skip).
 set -eu
-PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2 gdb binutils mender-cli"
+PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2 gdb binutils mender-cli tinyproxy"
 OPTIONAL="mender-cli"
 missing=""
 for p in $PKGS; do

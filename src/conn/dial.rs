@@ -95,6 +95,8 @@ pub enum DialError {
     Status(u16),
     /// Any other handshake failure (I/O, malformed response, timeout).
     Handshake(String),
+    /// The `*_PROXY` setting or the proxy's `CONNECT` failed.
+    Proxy(super::proxy::ProxyError),
 }
 
 impl fmt::Display for DialError {
@@ -105,6 +107,7 @@ impl fmt::Display for DialError {
             DialError::Tls(e) => write!(f, "TLS: {e}"),
             DialError::Status(s) => write!(f, "websocket upgrade refused with HTTP {s}"),
             DialError::Handshake(e) => write!(f, "websocket handshake: {e}"),
+            DialError::Proxy(e) => write!(f, "{e}"),
         }
     }
 }
@@ -125,7 +128,13 @@ pub fn ws_config() -> WebSocketConfig {
 /// Dials `ep` with `token`; the returned socket is still blocking.
 pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let tcp = connect_tcp(ep, deadline)?;
+    let tcp = match super::proxy::Settings::from_env()
+        .for_endpoint(ep)
+        .map_err(DialError::Proxy)?
+    {
+        Some(p) => super::proxy::open(&p, ep, deadline).map_err(DialError::Proxy)?,
+        None => connect_tcp(ep, deadline)?,
+    };
     let _ = tcp.set_nodelay(true);
     let remaining = deadline
         .saturating_duration_since(Instant::now())
@@ -170,7 +179,8 @@ pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> 
     }
 }
 
-fn connect_tcp(ep: &Endpoint, deadline: Instant) -> Result<TcpStream, DialError> {
+/// Resolves `ep.host` and connects to the first address that accepts.
+pub(super) fn connect_tcp(ep: &Endpoint, deadline: Instant) -> Result<TcpStream, DialError> {
     let addrs: Vec<SocketAddr> = (ep.host.as_str(), ep.port)
         .to_socket_addrs()
         .map_err(|e| DialError::Resolve(ep.host.clone(), e))?

@@ -22,6 +22,7 @@ pub mod netlab;
 pub mod rest_ft;
 pub mod server;
 pub mod target;
+pub mod tinyproxy;
 pub mod tls;
 
 #[allow(unused_imports)]
