@@ -103,6 +103,11 @@ struct Supervisor {
     backoff: Backoff,
     retry_at: Option<Instant>,
     awaiting_refresh: bool,
+    /// A `FetchJwtToken` may be sent in this back-off step (one per step,
+    /// so a server that keeps refusing cannot cause a storm).
+    fetch_allowed: bool,
+    /// A `FetchJwtToken` was sent after a 401 and its token has not come.
+    fetch_pending: bool,
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -133,6 +138,8 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         backoff: Backoff::new(base, backoff::seed()),
         retry_at: None,
         awaiting_refresh: false,
+        fetch_allowed: true,
+        fetch_pending: false,
     };
     sup.main_loop(&auth_rx, &links_rx, &sig_rx)
 }
@@ -195,7 +202,12 @@ impl Supervisor {
                     if changed && was_authorized {
                         log::info!("token or server URL changed; reconnecting");
                     }
-                    self.backoff.reset();
+                    // A token we fetched after a 401 is tried at once but
+                    // keeps the back-off: if the server refuses it too, the
+                    // next attempt still waits its step.
+                    if !std::mem::take(&mut self.fetch_pending) {
+                        self.backoff.reset();
+                    }
                     self.connect_now();
                 } else if (requested && self.awaiting_refresh)
                     || (self.link.is_none() && self.retry_at.is_none())
@@ -274,7 +286,10 @@ impl Supervisor {
 
     fn on_link(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Connected { id } => log::debug!("link {id} up"),
+            LinkEvent::Connected { id } => {
+                log::debug!("link {id} up");
+                self.fetch_pending = false;
+            }
             LinkEvent::Ended {
                 id,
                 error,
@@ -293,6 +308,14 @@ impl Supervisor {
                 }
                 if unauthorized {
                     log::warn!("the server refused the token (HTTP 401)");
+                    if self.authorized && std::mem::take(&mut self.fetch_allowed) {
+                        // The renewed token comes as JwtTokenStateChange and
+                        // is tried at once; the back-off timer below bounds
+                        // the wait for it.
+                        log::info!("asking the auth daemon for a new token (FetchJwtToken)");
+                        self.fetch_pending = true;
+                        self.auth.fetch();
+                    }
                 }
                 if self.authorized {
                     self.schedule_retry();
@@ -307,6 +330,7 @@ impl Supervisor {
             return;
         }
         self.retry_at = None;
+        self.fetch_allowed = true;
         // Re-ask D-Bus before every attempt: the token may have been renewed.
         self.awaiting_refresh = self.authorized;
         self.auth.refresh();
