@@ -16,6 +16,7 @@ use crate::conn::router::Router;
 use crate::conn::timing::Timing;
 use crate::conn::url;
 use crate::conn::wake::Wake;
+use crate::sdnotify::Notifier;
 use crate::sessions::{Registry, ShellRouter};
 
 /// While not authorized, ask the auth daemon again this often in case it
@@ -108,6 +109,16 @@ struct Supervisor {
     fetch_allowed: bool,
     /// A `FetchJwtToken` was sent after a 401 and its token has not come.
     fetch_pending: bool,
+    /// systemd's notification socket, when started as `Type=notify`.
+    notify: Option<Notifier>,
+    /// The last `STATUS=` sent, so repeats are not sent again.
+    status: String,
+    /// When the next `WATCHDOG=1` is due.
+    next_watchdog: Option<Instant>,
+    /// Why the last link ended, for the status line.
+    last_error: Option<String>,
+    /// The websocket URL of the current link.
+    link_url: String,
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -140,7 +151,19 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         awaiting_refresh: false,
         fetch_allowed: true,
         fetch_pending: false,
+        notify: Notifier::from_env(),
+        status: String::new(),
+        next_watchdog: None,
+        last_error: None,
+        link_url: String::new(),
     };
+    // Ready once the configuration is loaded and D-Bus is up; the server may
+    // take much longer, and systemd must not hold up the boot for it.
+    if let Some(n) = &sup.notify {
+        n.send("READY=1\nSTATUS=waiting for authorization");
+        sup.status = "waiting for authorization".to_string();
+        sup.next_watchdog = n.watchdog_interval().map(|_| Instant::now());
+    }
     sup.main_loop(&auth_rx, &links_rx, &sig_rx)
 }
 
@@ -152,7 +175,13 @@ impl Supervisor {
         sig_rx: &Receiver<libc::c_int>,
     ) -> Result<(), DaemonError> {
         loop {
-            let timeout = self.retry_at.map_or(Duration::from_secs(3600), |t| {
+            // checked every round: a busy channel must not starve the pings
+            self.watchdog();
+            let next = match (self.retry_at, self.next_watchdog) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = next.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(Instant::now())
             });
             select! {
@@ -230,7 +259,40 @@ impl Supervisor {
         }
     }
 
+    /// Sends `STATUS=<text>` to systemd (shown by `systemctl status`).
+    fn set_status(&mut self, text: String) {
+        if let Some(n) = &self.notify
+            && text != self.status
+        {
+            n.send(&format!("STATUS={text}"));
+            self.status = text;
+        }
+    }
+
+    /// Pings systemd's watchdog when due, but only while the connection
+    /// thread (which also runs the router) proves it is making progress: a
+    /// stuck thread stops the pings and systemd restarts the daemon.
+    fn watchdog(&mut self) {
+        let (Some(due), Some(n)) = (self.next_watchdog, &self.notify) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < due {
+            return;
+        }
+        let Some(interval) = n.watchdog_interval() else {
+            return;
+        };
+        if self.link.as_ref().is_none_or(|l| l.is_alive(self.timing)) {
+            n.send("WATCHDOG=1");
+        } else {
+            log::error!("the connection thread is stuck; withholding the systemd watchdog ping");
+        }
+        self.next_watchdog = Some(now + interval);
+    }
+
     fn deauthorize(&mut self) {
+        self.set_status("waiting for authorization".to_string());
         if self.authorized {
             let shells = self.router.terminate_shells();
             log::info!("authorization lost: terminated {shells} shells, disconnecting");
@@ -256,11 +318,14 @@ impl Supervisor {
             Ok(ep) => ep,
             Err(e) => {
                 log::error!("cannot connect: {e}");
+                self.last_error = Some(e.to_string());
                 self.schedule_retry();
                 return;
             }
         };
         self.link_seq += 1;
+        self.link_url = ep.url.clone();
+        self.set_status(format!("connecting to {}", ep.url));
         match Link::start(
             self.link_seq,
             ep,
@@ -273,6 +338,7 @@ impl Supervisor {
             Ok(link) => self.link = Some(link),
             Err(e) => {
                 log::error!("cannot start the connection thread: {e}");
+                self.last_error = Some(e.to_string());
                 self.schedule_retry();
             }
         }
@@ -282,6 +348,9 @@ impl Supervisor {
         let delay = self.backoff.next_delay();
         log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
         self.retry_at = Some(Instant::now() + delay);
+        let why = self.last_error.as_deref().unwrap_or("connection closed");
+        let text = format!("reconnecting in {} s: {why}", delay.as_secs_f64().round());
+        self.set_status(text);
     }
 
     fn on_link(&mut self, ev: LinkEvent) {
@@ -289,6 +358,8 @@ impl Supervisor {
             LinkEvent::Connected { id } => {
                 log::debug!("link {id} up");
                 self.fetch_pending = false;
+                self.last_error = None;
+                self.set_status(format!("connected to {}", self.link_url));
             }
             LinkEvent::Ended {
                 id,
@@ -306,6 +377,7 @@ impl Supervisor {
                 if let Some(e) = &error {
                     log::error!("connection lost: {e}");
                 }
+                self.last_error = error;
                 if unauthorized {
                     log::warn!("the server refused the token (HTTP 401)");
                     if self.authorized && std::mem::take(&mut self.fetch_allowed) {
@@ -340,6 +412,9 @@ impl Supervisor {
     }
 
     fn shutdown(&mut self) {
+        if let Some(n) = &self.notify {
+            n.send("STOPPING=1\nSTATUS=shutting down");
+        }
         self.router.shutdown(SHUTDOWN_SESSIONS);
         if let Some(link) = self.link.take() {
             link.stop_and_join(SHUTDOWN_LINK);

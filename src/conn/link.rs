@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,51 @@ pub enum LinkEvent {
     },
 }
 
+/// Slack on top of the dial's own deadline: name resolution is bounded by
+/// the resolver's settings, not by us.
+const DIAL_SLACK: Duration = Duration::from_secs(30);
+
+/// Proof of life from a connection thread: the last time it came round its
+/// loop (or started dialing), for the supervisor's watchdog decision.
+#[derive(Debug)]
+pub struct Liveness {
+    epoch: Instant,
+    beat_ms: AtomicU64,
+    dialing: AtomicBool,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            epoch: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            dialing: AtomicBool::new(true),
+        }
+    }
+
+    fn beat(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.beat_ms.store(ms, Ordering::Release);
+    }
+
+    /// Whether the thread came round in time: within the dial's deadline
+    /// (plus resolver slack) while dialing, within two ping periods after
+    /// (the poll wakes at least once per ping period).
+    pub fn is_alive(&self, timing: Timing) -> bool {
+        let beat = self.epoch + Duration::from_millis(self.beat_ms.load(Ordering::Acquire));
+        let bound = if self.dialing.load(Ordering::Acquire) {
+            dial::HANDSHAKE_TIMEOUT + DIAL_SLACK
+        } else {
+            timing.ping_period * 2
+        };
+        beat.elapsed() <= bound
+    }
+}
+
 /// The supervisor's handle on one connection thread.
 pub struct Link {
     id: usize,
+    live: Arc<Liveness>,
     stop: Arc<AtomicBool>,
     out: OutboundRx,
     join: Option<JoinHandle<()>>,
@@ -70,6 +112,8 @@ impl Link {
     ) -> io::Result<Link> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
+        let live = Arc::new(Liveness::new());
+        let thread_live = Arc::clone(&live);
         let thread_out = out.clone();
         let join = std::thread::Builder::new()
             .name("conn".to_string())
@@ -83,12 +127,14 @@ impl Link {
                     &router,
                     timing,
                     &thread_stop,
+                    &thread_live,
                     &events,
                 );
                 let _ = events.send(ev);
             })?;
         Ok(Link {
             id,
+            live,
             stop,
             out,
             join: Some(join),
@@ -98,6 +144,12 @@ impl Link {
     /// Which link this is.
     pub fn id(&self) -> usize {
         self.id
+    }
+
+    /// Whether its thread (and the router, which runs on it) is making
+    /// progress.
+    pub fn is_alive(&self, timing: Timing) -> bool {
+        self.live.is_alive(timing)
     }
 
     /// Asks the thread to close the websocket (close frame) and end.
@@ -131,6 +183,7 @@ fn run(
     router: &Router,
     timing: Timing,
     stop: &AtomicBool,
+    live: &Liveness,
     events: &Sender<LinkEvent>,
 ) -> LinkEvent {
     let ended =
@@ -159,11 +212,13 @@ fn run(
         close_gracefully(&mut ws);
         return ended(None, None, false);
     }
+    live.beat();
+    live.dialing.store(false, Ordering::Release);
     let up = Instant::now();
     out.set_connected(id, true);
     let _ = events.send(LinkEvent::Connected { id });
     log::info!("Connection established with {}", ep.url);
-    let result = pump(&mut ws, out, router, timing, stop);
+    let result = pump(&mut ws, out, router, timing, stop, live);
     out.set_connected(id, false);
     let lived = Some(up.elapsed());
     match result {
@@ -189,6 +244,7 @@ fn pump(
     router: &Router,
     timing: Timing,
     stop: &AtomicBool,
+    live: &Liveness,
 ) -> Result<(), String> {
     let sock = ws.get_ref().as_raw_fd();
     let wake = out.wake.as_raw_fd();
@@ -196,6 +252,7 @@ fn pump(
     let mut next_ping = last_heard + timing.ping_period;
     let mut write_blocked = false;
     loop {
+        live.beat();
         if stop.load(Ordering::Acquire) {
             return Ok(());
         }
