@@ -22,6 +22,9 @@ use crate::sessions::{Registry, ShellRouter};
 /// While not authorized, ask the auth daemon again this often in case it
 /// never signals (behavior.md §3.3 SHOULD).
 const UNAUTHORIZED_POLL: Duration = Duration::from_secs(30);
+/// Network changes retry at once at most this often (route churn on a busy
+/// device must not turn into a connection storm).
+const NET_RETRY_MIN_GAP: Duration = Duration::from_secs(1);
 /// Everything on SIGTERM must be done well within the 2 s systemd expects.
 const SHUTDOWN_SESSIONS: Duration = Duration::from_millis(1000);
 const SHUTDOWN_LINK: Duration = Duration::from_millis(600);
@@ -119,6 +122,8 @@ struct Supervisor {
     last_error: Option<String>,
     /// The websocket URL of the current link.
     link_url: String,
+    /// When a network change last triggered an immediate retry.
+    last_net_retry: Option<Instant>,
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -156,7 +161,12 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         next_watchdog: None,
         last_error: None,
         link_url: String::new(),
+        last_net_retry: None,
     };
+    let (net_tx, net_rx) = crossbeam_channel::unbounded();
+    if let Err(e) = crate::conn::netwatch::start(net_tx) {
+        log::warn!("cannot watch network changes (rtnetlink): {e}; relying on the back-off");
+    }
     // Ready once the configuration is loaded and D-Bus is up; the server may
     // take much longer, and systemd must not hold up the boot for it.
     if let Some(n) = &sup.notify {
@@ -164,7 +174,7 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         sup.status = "waiting for authorization".to_string();
         sup.next_watchdog = n.watchdog_interval().map(|_| Instant::now());
     }
-    sup.main_loop(&auth_rx, &links_rx, &sig_rx)
+    sup.main_loop(&auth_rx, &links_rx, &sig_rx, &net_rx)
 }
 
 impl Supervisor {
@@ -173,6 +183,7 @@ impl Supervisor {
         auth_rx: &Receiver<AuthEvent>,
         links_rx: &Receiver<LinkEvent>,
         sig_rx: &Receiver<libc::c_int>,
+        net_rx: &Receiver<()>,
     ) -> Result<(), DaemonError> {
         loop {
             // checked every round: a busy channel must not starve the pings
@@ -203,6 +214,7 @@ impl Supervisor {
                     Err(_) => return Err(DaemonError::BusLost("D-Bus thread ended".to_string())),
                 },
                 recv(links_rx) -> ev => if let Ok(ev) = ev { self.on_link(ev) },
+                recv(net_rx) -> ev => if ev.is_ok() { self.on_network_gained() },
                 default(timeout) => self.on_timer(),
             }
         }
@@ -394,6 +406,40 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// A link came up, or an address or default route appeared: while
+    /// disconnected, retry now with a fresh back-off instead of waiting out
+    /// a step of up to a minute.
+    fn on_network_gained(&mut self) {
+        if !self.authorized {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_net_retry
+            .is_some_and(|t| now.duration_since(t) < NET_RETRY_MIN_GAP)
+        {
+            return;
+        }
+        match &self.link {
+            None if self.retry_at.is_some() => {}
+            // a dial begun before the change may be stuck on the dead path
+            Some(l)
+                if l.dialing_since()
+                    .is_some_and(|t| now.duration_since(t) >= NET_RETRY_MIN_GAP) =>
+            {
+                if let Some(old) = self.link.take() {
+                    old.stop_and_join(SHUTDOWN_LINK);
+                }
+            }
+            _ => return,
+        }
+        log::info!("network change: retrying the connection now");
+        self.last_net_retry = Some(now);
+        self.backoff.reset();
+        // through the timer path, so the token is re-read first
+        self.retry_at = Some(now);
     }
 
     fn on_timer(&mut self) {

@@ -114,6 +114,37 @@ impl fmt::Display for DialError {
 
 impl std::error::Error for DialError {}
 
+/// TCP keepalive on the websocket's socket: idle 30 s, then a probe every
+/// 10 s, dead after 3 unanswered (a dead path is noticed in ~60 s even when
+/// neither side has anything to send between websocket pings).
+pub const KEEPALIVE: (libc::c_int, libc::c_int, libc::c_int) = (30, 10, 3);
+
+/// Turns on TCP keepalive with [`KEEPALIVE`]'s idle, interval and count.
+pub fn set_keepalive(tcp: &TcpStream) -> io::Result<()> {
+    let (idle, interval, count) = KEEPALIVE;
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count),
+    ] {
+        // SAFETY: setsockopt with a c_int option value on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Small buffers: the device moves at most a few KiB per message, and RAM is
 /// what the target boards lack.
 pub fn ws_config() -> WebSocketConfig {
@@ -136,6 +167,9 @@ pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> 
         None => connect_tcp(ep, deadline)?,
     };
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_keepalive(&tcp) {
+        log::debug!("TCP keepalive not set: {e}");
+    }
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));

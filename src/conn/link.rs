@@ -146,6 +146,14 @@ impl Link {
         self.id
     }
 
+    /// Whether it is still dialing, and since when.
+    pub fn dialing_since(&self) -> Option<Instant> {
+        self.live
+            .dialing
+            .load(Ordering::Acquire)
+            .then_some(self.live.epoch)
+    }
+
     /// Whether its thread (and the router, which runs on it) is making
     /// progress.
     pub fn is_alive(&self, timing: Timing) -> bool {
@@ -438,6 +446,42 @@ mod tests {
             }
         };
         end_after_read(&mut ws, Some(&err));
+    }
+
+    fn sockopt(fd: i32, level: i32, name: i32) -> i32 {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int we own.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                name,
+                &mut v as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    #[test]
+    fn the_websocket_socket_has_tcp_keepalive_30s_idle_10s_interval_3_probes() {
+        let (port, server) = server_seeing_close(Vec::new());
+        let ep = Endpoint {
+            tls: false,
+            host: "127.0.0.1".to_string(),
+            port,
+            url: format!("ws://127.0.0.1:{port}/connect"),
+        };
+        let mut ws = dial::dial(&ep, "token").expect("dial");
+        let fd = ws.get_ref().as_raw_fd();
+        assert_eq!(sockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
+        assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
+        assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        close_gracefully(&mut ws);
+        let _ = server.join();
     }
 
     #[test]

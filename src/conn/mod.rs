@@ -7,6 +7,7 @@ pub mod codec;
 pub mod control;
 pub mod dial;
 pub mod link;
+pub mod netwatch;
 pub mod outbound;
 pub mod proxy;
 pub mod router;
