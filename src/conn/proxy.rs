@@ -511,8 +511,12 @@ pub fn open(proxy: &Proxy, ep: &Endpoint, deadline: Instant) -> Result<TcpStream
         port: proxy.port,
         url: proxy.name(),
     };
-    let mut tcp = super::dial::connect_tcp(&proxy_ep, deadline)
-        .map_err(|e| ProxyError::Connect(proxy.name(), io::Error::other(e.to_string())))?;
+    let mut tcp = super::dial::connect_tcp(&proxy_ep, deadline).map_err(|e| match e {
+        super::dial::DialError::Resolve(_, e) | super::dial::DialError::Connect(_, e) => {
+            ProxyError::Connect(proxy.name(), e)
+        }
+        other => ProxyError::Connect(proxy.name(), io::Error::other(other.to_string())),
+    })?;
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(std::time::Duration::from_millis(1));
