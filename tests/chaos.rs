@@ -194,10 +194,11 @@ fn link_outage() -> Duration {
     Duration::from_secs(s)
 }
 
-// Named to sort first: libtest starts tests in name order, so this long one
-// runs alongside the others instead of after them.
+// The two long tests (this one and the lossy link) are named to sort first:
+// libtest starts tests in name order, so with two test threads both start at
+// once and the short ones follow on whichever thread frees up first.
 #[test]
-fn after_a_128s_link_outage_a_shell_works_within_5s_of_link_up_without_restart() {
+fn a_128s_link_outage_then_a_shell_works_within_5s_of_link_up_without_restart() {
     let Some(bed) = LabBed::start() else {
         return;
     };
@@ -302,7 +303,7 @@ fn blackhole_then_a_shell_works_within_30s_without_restart() {
 }
 
 #[test]
-fn lossy_link_transfers_complete_intact() {
+fn a_lossy_link_still_transfers_complete_and_intact() {
     let Some(bed) = LabBed::start() else {
         return;
     };
