@@ -466,6 +466,31 @@ mod tests {
     }
 
     #[test]
+    fn liveness_allows_a_dial_its_deadline_and_a_running_link_two_ping_periods() {
+        let timing = Timing::default();
+        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(100)) else {
+            return; // a machine up for less than 100 s
+        };
+        let live = Liveness {
+            epoch: long_ago,
+            beat_ms: AtomicU64::new(0),
+            dialing: AtomicBool::new(true),
+        };
+        // dialing since 100 s: past 45 s + 30 s slack
+        assert!(!live.is_alive(timing));
+        // running, last round 100 s ago: within 2 × 54 s
+        live.dialing.store(false, Ordering::Release);
+        assert!(live.is_alive(timing));
+        let fast = Timing {
+            ping_period: Duration::from_secs(10),
+            ..timing
+        };
+        assert!(!live.is_alive(fast));
+        live.beat();
+        assert!(live.is_alive(fast));
+    }
+
+    #[test]
     fn the_websocket_socket_has_tcp_keepalive_30s_idle_10s_interval_3_probes() {
         let (port, server) = server_seeing_close(Vec::new());
         let ep = Endpoint {
