@@ -7,7 +7,7 @@
 # openssh-server/-client: mender-cli's own port-forward test (scp through
 # the forward) runs a private sshd on 127.0.0.1 (tests/mender_cli.rs).
 set -eu
-PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2 gdb binutils mender-cli openssh-server openssh-client"
+PKGS="pkg-config libssl-dev libdbus-1-dev dbus openssl iproute2 gdb binutils mender-cli openssh-server openssh-client tinyproxy"
 OPTIONAL="mender-cli"
 missing=""
 for p in $PKGS; do

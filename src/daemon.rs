@@ -16,11 +16,15 @@ use crate::conn::router::Router;
 use crate::conn::timing::Timing;
 use crate::conn::url;
 use crate::conn::wake::Wake;
+use crate::sdnotify::Notifier;
 use crate::sessions::{Registry, ShellRouter};
 
 /// While not authorized, ask the auth daemon again this often in case it
 /// never signals (behavior.md §3.3 SHOULD).
 const UNAUTHORIZED_POLL: Duration = Duration::from_secs(30);
+/// Network changes retry at once at most this often (route churn on a busy
+/// device must not turn into a connection storm).
+const NET_RETRY_MIN_GAP: Duration = Duration::from_secs(1);
 /// Everything on SIGTERM must be done well within the 2 s systemd expects.
 const SHUTDOWN_SESSIONS: Duration = Duration::from_millis(1000);
 const SHUTDOWN_LINK: Duration = Duration::from_millis(600);
@@ -103,6 +107,23 @@ struct Supervisor {
     backoff: Backoff,
     retry_at: Option<Instant>,
     awaiting_refresh: bool,
+    /// A `FetchJwtToken` may be sent in this back-off step (one per step,
+    /// so a server that keeps refusing cannot cause a storm).
+    fetch_allowed: bool,
+    /// A `FetchJwtToken` was sent after a 401 and its token has not come.
+    fetch_pending: bool,
+    /// systemd's notification socket, when started as `Type=notify`.
+    notify: Option<Notifier>,
+    /// The last `STATUS=` sent, so repeats are not sent again.
+    status: String,
+    /// When the next `WATCHDOG=1` is due.
+    next_watchdog: Option<Instant>,
+    /// Why the last link ended, for the status line.
+    last_error: Option<String>,
+    /// The websocket URL of the current link.
+    link_url: String,
+    /// When a network change last triggered an immediate retry.
+    last_net_retry: Option<Instant>,
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
@@ -133,8 +154,27 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         backoff: Backoff::new(base, backoff::seed()),
         retry_at: None,
         awaiting_refresh: false,
+        fetch_allowed: true,
+        fetch_pending: false,
+        notify: Notifier::from_env(),
+        status: String::new(),
+        next_watchdog: None,
+        last_error: None,
+        link_url: String::new(),
+        last_net_retry: None,
     };
-    sup.main_loop(&auth_rx, &links_rx, &sig_rx)
+    let (net_tx, net_rx) = crossbeam_channel::unbounded();
+    if let Err(e) = crate::conn::netwatch::start(net_tx) {
+        log::warn!("cannot watch network changes (rtnetlink): {e}; relying on the back-off");
+    }
+    // Ready once the configuration is loaded and D-Bus is up; the server may
+    // take much longer, and systemd must not hold up the boot for it.
+    if let Some(n) = &sup.notify {
+        n.send("READY=1\nSTATUS=waiting for authorization");
+        sup.status = "waiting for authorization".to_string();
+        sup.next_watchdog = n.watchdog_interval().map(|_| Instant::now());
+    }
+    sup.main_loop(&auth_rx, &links_rx, &sig_rx, &net_rx)
 }
 
 impl Supervisor {
@@ -143,9 +183,16 @@ impl Supervisor {
         auth_rx: &Receiver<AuthEvent>,
         links_rx: &Receiver<LinkEvent>,
         sig_rx: &Receiver<libc::c_int>,
+        net_rx: &Receiver<()>,
     ) -> Result<(), DaemonError> {
         loop {
-            let timeout = self.retry_at.map_or(Duration::from_secs(3600), |t| {
+            // checked every round: a busy channel must not starve the pings
+            self.watchdog();
+            let next = match (self.retry_at, self.next_watchdog) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = next.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(Instant::now())
             });
             select! {
@@ -167,6 +214,7 @@ impl Supervisor {
                     Err(_) => return Err(DaemonError::BusLost("D-Bus thread ended".to_string())),
                 },
                 recv(links_rx) -> ev => if let Ok(ev) = ev { self.on_link(ev) },
+                recv(net_rx) -> ev => if ev.is_ok() { self.on_network_gained() },
                 default(timeout) => self.on_timer(),
             }
         }
@@ -202,7 +250,12 @@ impl Supervisor {
                     if changed && was_authorized {
                         log::info!("token or server URL changed; reconnecting");
                     }
-                    self.backoff.reset();
+                    // A token we fetched after a 401 is tried at once but
+                    // keeps the back-off: if the server refuses it too, the
+                    // next attempt still waits its step.
+                    if !std::mem::take(&mut self.fetch_pending) {
+                        self.backoff.reset();
+                    }
                     self.connect_now();
                 } else if (requested && self.awaiting_refresh)
                     || (self.link.is_none() && self.retry_at.is_none())
@@ -225,7 +278,40 @@ impl Supervisor {
         }
     }
 
+    /// Sends `STATUS=<text>` to systemd (shown by `systemctl status`).
+    fn set_status(&mut self, text: String) {
+        if let Some(n) = &self.notify
+            && text != self.status
+        {
+            n.send(&format!("STATUS={text}"));
+            self.status = text;
+        }
+    }
+
+    /// Pings systemd's watchdog when due, but only while the connection
+    /// thread (which also runs the router) proves it is making progress: a
+    /// stuck thread stops the pings and systemd restarts the daemon.
+    fn watchdog(&mut self) {
+        let (Some(due), Some(n)) = (self.next_watchdog, &self.notify) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < due {
+            return;
+        }
+        let Some(interval) = n.watchdog_interval() else {
+            return;
+        };
+        if self.link.as_ref().is_none_or(|l| l.is_alive(self.timing)) {
+            n.send("WATCHDOG=1");
+        } else {
+            log::error!("the connection thread is stuck; withholding the systemd watchdog ping");
+        }
+        self.next_watchdog = Some(now + interval);
+    }
+
     fn deauthorize(&mut self) {
+        self.set_status("waiting for authorization".to_string());
         if self.authorized {
             // Go's wording (meta-mender greps it); its sessions are shell sessions.
             let shells = self.router.terminate_shells();
@@ -252,11 +338,14 @@ impl Supervisor {
             Ok(ep) => ep,
             Err(e) => {
                 self.log_connect_failure(&e.to_string());
+                self.last_error = Some(e.to_string());
                 self.schedule_retry();
                 return;
             }
         };
         self.link_seq += 1;
+        self.link_url = ep.url.clone();
+        self.set_status(format!("connecting to {}", ep.url));
         match Link::start(
             self.link_seq,
             ep,
@@ -269,6 +358,7 @@ impl Supervisor {
             Ok(link) => self.link = Some(link),
             Err(e) => {
                 log::error!("cannot start the connection thread: {e}");
+                self.last_error = Some(e.to_string());
                 self.schedule_retry();
             }
         }
@@ -291,6 +381,9 @@ impl Supervisor {
         let delay = self.backoff.next_delay();
         log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
         self.retry_at = Some(Instant::now() + delay);
+        let why = self.last_error.as_deref().unwrap_or("connection closed");
+        let text = format!("reconnecting in {} s: {why}", delay.as_secs_f64().round());
+        self.set_status(text);
     }
 
     fn on_link(&mut self, ev: LinkEvent) {
@@ -302,6 +395,9 @@ impl Supervisor {
                     // Go's wording with the URL as D-Bus gave it (meta-mender greps it).
                     log::info!("eventLoop: Connection established with {url}");
                 }
+                self.fetch_pending = false;
+                self.last_error = None;
+                self.set_status(format!("connected to {}", self.link_url));
             }
             LinkEvent::Ended {
                 id,
@@ -321,8 +417,17 @@ impl Supervisor {
                     (Some(e), Some(_)) => log::error!("connection lost: {e}"),
                     (None, _) => {}
                 }
+                self.last_error = error;
                 if unauthorized {
                     log::warn!("the server refused the token (HTTP 401)");
+                    if self.authorized && std::mem::take(&mut self.fetch_allowed) {
+                        // The renewed token comes as JwtTokenStateChange and
+                        // is tried at once; the back-off timer below bounds
+                        // the wait for it.
+                        log::info!("asking the auth daemon for a new token (FetchJwtToken)");
+                        self.fetch_pending = true;
+                        self.auth.fetch();
+                    }
                 }
                 if self.authorized {
                     self.schedule_retry();
@@ -331,12 +436,47 @@ impl Supervisor {
         }
     }
 
+    /// A link came up, or an address or default route appeared: while
+    /// disconnected, retry now with a fresh back-off instead of waiting out
+    /// a step of up to a minute.
+    fn on_network_gained(&mut self) {
+        if !self.authorized {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_net_retry
+            .is_some_and(|t| now.duration_since(t) < NET_RETRY_MIN_GAP)
+        {
+            return;
+        }
+        match &self.link {
+            None if self.retry_at.is_some() => {}
+            // a dial begun before the change may be stuck on the dead path
+            Some(l)
+                if l.dialing_since()
+                    .is_some_and(|t| now.duration_since(t) >= NET_RETRY_MIN_GAP) =>
+            {
+                if let Some(old) = self.link.take() {
+                    old.stop_and_join(SHUTDOWN_LINK);
+                }
+            }
+            _ => return,
+        }
+        log::info!("network change: retrying the connection now");
+        self.last_net_retry = Some(now);
+        self.backoff.reset();
+        // through the timer path, so the token is re-read first
+        self.retry_at = Some(now);
+    }
+
     fn on_timer(&mut self) {
         let Some(at) = self.retry_at else { return };
         if Instant::now() < at {
             return;
         }
         self.retry_at = None;
+        self.fetch_allowed = true;
         // Re-ask D-Bus before every attempt: the token may have been renewed.
         self.awaiting_refresh = self.authorized;
         self.auth.refresh();
@@ -346,6 +486,9 @@ impl Supervisor {
     }
 
     fn shutdown(&mut self) {
+        if let Some(n) = &self.notify {
+            n.send("STOPPING=1\nSTATUS=shutting down");
+        }
         self.router.shutdown(SHUTDOWN_SESSIONS);
         if let Some(link) = self.link.take() {
             link.stop_and_join(SHUTDOWN_LINK);

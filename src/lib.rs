@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod fuzzing;
 pub mod limits;
 pub mod logging;
+pub mod sdnotify;
 pub mod sessions;
 pub mod signals;

@@ -100,6 +100,12 @@ struct LabBed {
 
 impl LabBed {
     fn start() -> Option<LabBed> {
+        let bin = common::daemon::BINARY.expect("binary under test");
+        LabBed::start_with(Path::new(bin))
+    }
+
+    /// The lab with daemon binary `bin` (ours, or the Go one for a bench).
+    fn start_with(bin: &Path) -> Option<LabBed> {
         let lab = match NetLab::new() {
             Ok(l) => l,
             Err(e) => {
@@ -111,14 +117,8 @@ impl LabBed {
         let server = Server::start_plain();
         let url = lab.forward_to(server.port());
         let auth = AuthService::start(bus.address(), "chaos", &url);
-        let bin = common::daemon::BINARY.expect("binary under test");
-        let daemon = Daemon::spawn_with_binary(
-            &lab.dev_wrapper(Path::new(bin)),
-            &config(),
-            bus.address(),
-            &[],
-            true,
-        );
+        let daemon =
+            Daemon::spawn_with_binary(&lab.dev_wrapper(bin), &config(), bus.address(), &[], true);
         Some(LabBed {
             lab,
             server,
@@ -126,6 +126,141 @@ impl LabBed {
             _auth: auth,
             _bus: bus,
         })
+    }
+}
+
+impl LabBed {
+    /// Runs a shell on whichever connection is newest (the old one if it
+    /// survived, or the daemon's reconnection) until one works or
+    /// `deadline`; session ids start with `tag`. Each try is short so a
+    /// dead link is abandoned.
+    fn shell_on_newest_connection(&self, tag: char, deadline: Instant) -> Result<(), String> {
+        let mut n = 0;
+        let mut last_err = String::new();
+        loop {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "connections: {}; last error: {last_err}",
+                    self.server.connection_count()
+                ));
+            }
+            let count = self.server.connection_count();
+            if let Some(conn) = count.checked_sub(1).and_then(|i| self.server.connection(i)) {
+                n += 1;
+                let sid = format!("{tag}0000000-0000-4000-8000-{n:012}");
+                let left = deadline.saturating_duration_since(Instant::now());
+                match shell_works(&conn, &sid, left.min(Duration::from_secs(5))) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last_err = e,
+                }
+            }
+            // a new connection may be on its way; wait for one or the next try
+            self.server
+                .wait_connection_count(count + 1, Duration::from_millis(500));
+        }
+    }
+}
+
+impl LabBed {
+    /// After an outage of `outage`, a working shell by `deadline`.
+    fn shell_after_link_up(&self, outage: Duration, deadline: Instant) -> Result<(), String> {
+        // past the 60 s pong wait the daemon has given the old link up, so
+        // the shell must come over its reconnection (trying the dead one
+        // first would only measure the test's own timeout)
+        if outage > Duration::from_secs(60) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.server.wait_connection_count(2, left) {
+                return Err("no reconnection".to_string());
+            }
+        }
+        self.shell_on_newest_connection('b', deadline)
+    }
+}
+
+/// upstream's `test_in_poor_network_environment` outage; `CHAOS_OUTAGE_S`
+/// shortens it for a quick local run.
+fn link_outage() -> Duration {
+    let s = std::env::var("CHAOS_OUTAGE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    Duration::from_secs(s)
+}
+
+// The two long tests (this one and the lossy link) are named to sort first:
+// libtest starts tests in name order, so with two test threads both start at
+// once and the short ones follow on whichever thread frees up first.
+#[test]
+fn a_128s_link_outage_then_a_shell_works_within_5s_of_link_up_without_restart() {
+    let Some(bed) = LabBed::start() else {
+        return;
+    };
+    let outage = link_outage();
+    let conn = bed.server.wait_connection(TIMEOUT).expect("connected");
+    shell_works(&conn, "a0000000-0000-4000-8000-000000000001", TIMEOUT).expect("shell before");
+    let pid = bed.daemon.pid();
+
+    bed.lab.set_dev_link(false).expect("link down");
+    hold(outage);
+    bed.lab.set_dev_link(true).expect("link up");
+    let up = Instant::now();
+    let result = bed.shell_after_link_up(outage, up + Duration::from_secs(20));
+    let took = up.elapsed();
+    eprintln!(
+        "{outage:?} link outage: shell works {took:?} after link-up (connections: {})",
+        bed.server.connection_count()
+    );
+    result.expect("a working shell after link-up");
+    assert!(
+        took <= Duration::from_secs(5),
+        "shell took {took:?} after link-up (bound 5 s)"
+    );
+    assert!(bed.daemon.log().contains("network change"));
+    let mut bed = bed;
+    assert!(bed.daemon.try_status().is_none(), "daemon exited");
+    assert_eq!(bed.daemon.pid(), pid, "daemon restarted");
+}
+
+/// Link down for the outage, up again: how long until a shell works.
+fn outage_recovery(bin: &Path, outage: Duration) -> Result<Duration, String> {
+    let bed = LabBed::start_with(bin).ok_or("no lab")?;
+    // the Go daemon waits about 10 s before its first connection
+    let conn = bed
+        .server
+        .wait_connection(Duration::from_secs(60))
+        .ok_or("never connected")?;
+    shell_works(&conn, "a0000000-0000-4000-8000-000000000001", TIMEOUT)?;
+    bed.lab.set_dev_link(false)?;
+    hold(outage);
+    bed.lab.set_dev_link(true)?;
+    let up = Instant::now();
+    bed.shell_after_link_up(outage, up + Duration::from_secs(180))?;
+    Ok(up.elapsed())
+}
+
+/// A bench, not a timed test: with `CHAOS_BENCH_GO=<Go mender-connect 2.1.0
+/// binary>` it prints the time from link-up to a working shell after the
+/// outage for ours and the Go daemon, each in its own lab, side by side.
+#[test]
+fn bench_link_outage_recovery_ours_and_go_side_by_side() {
+    let Some(go) = std::env::var_os("CHAOS_BENCH_GO") else {
+        return skip("bench: set CHAOS_BENCH_GO=<path of Go mender-connect> to run it");
+    };
+    let outage = link_outage();
+    let ours = std::path::PathBuf::from(common::daemon::BINARY.expect("binary under test"));
+    let runs = [("ours", ours), ("Go 2.1.0", std::path::PathBuf::from(go))].map(|(name, bin)| {
+        (
+            name,
+            std::thread::spawn(move || outage_recovery(&bin, outage)),
+        )
+    });
+    for (name, run) in runs {
+        match run.join().expect("bench thread") {
+            Ok(d) => {
+                eprintln!("BENCH {outage:?} link outage, link-up -> working shell: {name}: {d:?}")
+            }
+            Err(e) => eprintln!("BENCH {outage:?} link outage: {name}: failed: {e}"),
+        }
     }
 }
 
@@ -148,31 +283,8 @@ fn blackhole_then_a_shell_works_within_30s_without_restart() {
     bed.lab.blackhole(false);
     let lifted = Instant::now();
 
-    // Use whichever connection is newest: the old one if it survived, or the
-    // daemon's reconnection. Each try is short so a dead link is abandoned.
-    let deadline = lifted + Duration::from_secs(30);
-    let mut n = 0;
-    let mut last_err = String::new();
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "no working shell 30 s after a {outage:?} blackhole lifted (connections: {}; last: {last_err})",
-            bed.server.connection_count()
-        );
-        let count = bed.server.connection_count();
-        let Some(conn) = bed.server.connection(count - 1) else {
-            continue;
-        };
-        n += 1;
-        let sid = format!("d0000000-0000-4000-8000-{n:012}");
-        let left = deadline.saturating_duration_since(Instant::now());
-        match shell_works(&conn, &sid, left.min(Duration::from_secs(5))) {
-            Ok(()) => break,
-            Err(e) => last_err = e,
-        }
-        // a new connection may be on its way; wait for one or the next try
-        bed.server
-            .wait_connection_count(count + 1, Duration::from_millis(500));
+    if let Err(e) = bed.shell_on_newest_connection('d', lifted + Duration::from_secs(30)) {
+        panic!("no working shell 30 s after a {outage:?} blackhole lifted: {e}");
     }
     eprintln!(
         "{outage:?} blackhole: shell works {:?} after it lifted (connections: {})",
@@ -237,7 +349,7 @@ fn test_in_poor_network_environment() {
 }
 
 #[test]
-fn lossy_link_transfers_complete_intact() {
+fn a_lossy_link_still_transfers_complete_and_intact() {
     let Some(bed) = LabBed::start() else {
         return;
     };

@@ -358,3 +358,65 @@ fn a_session_id_with_a_nul_byte_does_not_abort_the_daemon() {
     );
     assert!(conn.is_open());
 }
+
+fn config_with_interval(seconds: u64) -> String {
+    let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
+    cfg["ReconnectIntervalSeconds"] = serde_json::json!(seconds);
+    cfg.to_string()
+}
+
+#[test]
+fn a_401_fetches_a_new_token_and_the_signalled_one_connects_before_the_backoff_step() {
+    let bus = DbusDaemon::start();
+    let server = Server::start_plain();
+    server.set_reject(Some(401));
+    let auth = AuthService::start(bus.address(), "expired", &server.url());
+    // a 30 s back-off step: only the signalled token can connect promptly
+    let mut daemon = Daemon::spawn(&config_with_interval(30), bus.address(), &[]);
+    assert!(server.wait_attempts(1, TIMEOUT), "never dialed");
+    assert!(
+        auth.wait_fetch_calls(1, TIMEOUT),
+        "no FetchJwtToken after the 401"
+    );
+    server.set_reject(None);
+    let t = Instant::now();
+    auth.set("renewed", &server.url());
+    let conn = server
+        .wait_connection(TIMEOUT)
+        .expect("connected with the renewed token");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(conn.authorization(), Some("Bearer renewed"));
+    assert_eq!(auth.fetch_calls(), 1);
+    assert!(daemon.wait_log("FetchJwtToken", TIMEOUT));
+}
+
+#[test]
+fn a_server_that_keeps_refusing_gets_at_most_one_fetch_per_backoff_step() {
+    let bus = DbusDaemon::start();
+    let server = Server::start_plain();
+    server.set_reject(Some(401));
+    let auth = AuthService::start(bus.address(), "t0", &server.url());
+    let _daemon = Daemon::spawn(&config_with_interval(1), bus.address(), &[]);
+    // An auth daemon that hands out a new token on every fetch, which the
+    // server refuses too: without a per-step limit this loops at full speed.
+    let window = Duration::from_secs(8);
+    let end = Instant::now() + window;
+    let mut n = 0;
+    while Instant::now() < end {
+        if auth.wait_fetch_calls(n + 1, end.saturating_duration_since(Instant::now())) {
+            n += 1;
+            auth.set(&format!("t{n}"), &server.url());
+        }
+    }
+    let (fetches, attempts) = (auth.fetch_calls(), server.attempt_count());
+    eprintln!("{window:?} of 401s: {fetches} FetchJwtToken calls, {attempts} attempts");
+    // steps of at most 1, 2, 4 s (at least half that with jitter) from t=0:
+    // ≤ 5 steps in 8 s, each with one attempt plus one with the new token
+    assert!(fetches >= 2, "the token is re-fetched in later steps");
+    assert!(fetches <= 6, "{fetches} fetches in {window:?}");
+    assert!(attempts <= 12, "{attempts} attempts in {window:?}");
+}

@@ -78,9 +78,19 @@ impl fmt::Display for AuthError {
 
 impl std::error::Error for AuthError {}
 
+/// What the supervisor asks the auth thread for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// `GetJwtToken`: the current pair, answered as an event.
+    Get,
+    /// `FetchJwtToken`: make the auth daemon renew the token; the new one
+    /// arrives as a `JwtTokenStateChange` signal.
+    Fetch,
+}
+
 /// Handle on the auth thread.
 pub struct Auth {
-    requests: Sender<()>,
+    requests: Sender<Request>,
     wake: Arc<Wake>,
 }
 
@@ -94,7 +104,7 @@ impl Auth {
         channel.set_watch_enabled(true);
         let conn = Connection::from(channel);
         let wake = Arc::new(Wake::new().map_err(AuthError::Thread)?);
-        let (requests, req_rx) = crossbeam_channel::unbounded::<()>();
+        let (requests, req_rx) = crossbeam_channel::unbounded::<Request>();
         let signal_events = events.clone();
         let rule = MatchRule::new_signal(INTERFACE, "JwtTokenStateChange").with_path(OBJECT_PATH);
         conn.add_match(rule, move |(token, url): (String, String), _, _| {
@@ -119,7 +129,7 @@ impl Auth {
             move |(name, _old, new): (String, String, String), _, _| {
                 if name == BUS_NAME && !new.is_empty() {
                     log::debug!("{BUS_NAME} has a new owner; asking for the token");
-                    let _ = owner_requests.send(());
+                    let _ = owner_requests.send(Request::Get);
                     owner_wake.wake();
                 }
                 true
@@ -127,7 +137,7 @@ impl Auth {
         )
         .map_err(AuthError::Match)?;
         let thread_wake = Arc::clone(&wake);
-        let _ = requests.send(());
+        let _ = requests.send(Request::Get);
         std::thread::Builder::new()
             .name("dbus".to_string())
             .stack_size(128 * 1024)
@@ -139,17 +149,33 @@ impl Auth {
     /// Asks for a fresh `GetJwtToken`; the answer comes as an event with
     /// `requested: true`.
     pub fn refresh(&self) {
-        let _ = self.requests.send(());
+        let _ = self.requests.send(Request::Get);
+        self.wake.wake();
+    }
+
+    /// Calls `FetchJwtToken` (the server refused the token); the renewed
+    /// token comes as a `JwtTokenStateChange` signal.
+    pub fn fetch(&self) {
+        let _ = self.requests.send(Request::Fetch);
         self.wake.wake();
     }
 }
 
-fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<()>, events: &Sender<AuthEvent>) {
+fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<Request>, events: &Sender<AuthEvent>) {
     let fd = conn.channel().watch().fd;
     loop {
-        // Several requests queued meanwhile need only one call.
-        if requests.try_recv().is_ok() {
-            while requests.try_recv().is_ok() {}
+        // Several requests queued meanwhile need only one call of each kind.
+        let (mut get, mut fetch) = (false, false);
+        while let Ok(r) = requests.try_recv() {
+            match r {
+                Request::Get => get = true,
+                Request::Fetch => fetch = true,
+            }
+        }
+        if fetch && let Err(e) = fetch_jwt_token(conn) {
+            log::warn!("call to FetchJwtToken on the Mender D-Bus API failed: {e}");
+        }
+        if get {
             let ev = match get_jwt_token(conn) {
                 Ok((token, url)) => AuthEvent::Token {
                     token,
@@ -194,6 +220,21 @@ fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<()>, events: &Sende
             }
         }
     }
+}
+
+/// The reply (a boolean in mender-auth) is not needed: the outcome is the
+/// signal, so it is not read and a differing signature cannot fail the call.
+fn fetch_jwt_token(conn: &Connection) -> Result<(), String> {
+    let proxy = conn.with_proxy(BUS_NAME, OBJECT_PATH, CALL_TIMEOUT);
+    proxy
+        .method_call(INTERFACE, "FetchJwtToken", ())
+        .map_err(|e: dbus::Error| {
+            format!(
+                "{}: {}",
+                e.name().unwrap_or("error"),
+                e.message().unwrap_or("")
+            )
+        })
 }
 
 fn get_jwt_token(conn: &Connection) -> Result<(String, String), String> {

@@ -95,6 +95,8 @@ pub enum DialError {
     Status(u16),
     /// Any other handshake failure (I/O, malformed response, timeout).
     Handshake(String),
+    /// The `*_PROXY` setting or the proxy's `CONNECT` failed.
+    Proxy(super::proxy::ProxyError),
 }
 
 impl fmt::Display for DialError {
@@ -105,11 +107,43 @@ impl fmt::Display for DialError {
             DialError::Tls(e) => write!(f, "TLS: {e}"),
             DialError::Status(s) => write!(f, "websocket upgrade refused with HTTP {s}"),
             DialError::Handshake(e) => write!(f, "websocket handshake: {e}"),
+            DialError::Proxy(e) => write!(f, "{e}"),
         }
     }
 }
 
 impl std::error::Error for DialError {}
+
+/// TCP keepalive on the websocket's socket: idle 30 s, then a probe every
+/// 10 s, dead after 3 unanswered (a dead path is noticed in ~60 s even when
+/// neither side has anything to send between websocket pings).
+pub const KEEPALIVE: (libc::c_int, libc::c_int, libc::c_int) = (30, 10, 3);
+
+/// Turns on TCP keepalive with [`KEEPALIVE`]'s idle, interval and count.
+pub fn set_keepalive(tcp: &TcpStream) -> io::Result<()> {
+    let (idle, interval, count) = KEEPALIVE;
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count),
+    ] {
+        // SAFETY: setsockopt with a c_int option value on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
 
 /// Small buffers: the device moves at most a few KiB per message, and RAM is
 /// what the target boards lack.
@@ -125,8 +159,17 @@ pub fn ws_config() -> WebSocketConfig {
 /// Dials `ep` with `token`; the returned socket is still blocking.
 pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let tcp = connect_tcp(ep, deadline)?;
+    let tcp = match super::proxy::Settings::from_env()
+        .for_endpoint(ep)
+        .map_err(DialError::Proxy)?
+    {
+        Some(p) => super::proxy::open(&p, ep, deadline).map_err(DialError::Proxy)?,
+        None => connect_tcp(ep, deadline)?,
+    };
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_keepalive(&tcp) {
+        log::debug!("TCP keepalive not set: {e}");
+    }
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(1));
@@ -170,7 +213,8 @@ pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> 
     }
 }
 
-fn connect_tcp(ep: &Endpoint, deadline: Instant) -> Result<TcpStream, DialError> {
+/// Resolves `ep.host` and connects to the first address that accepts.
+pub(super) fn connect_tcp(ep: &Endpoint, deadline: Instant) -> Result<TcpStream, DialError> {
     let addrs: Vec<SocketAddr> = (ep.host.as_str(), ep.port)
         .to_socket_addrs()
         .map_err(|e| DialError::Resolve(ep.host.clone(), e))?

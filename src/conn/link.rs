@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,51 @@ pub enum LinkEvent {
     },
 }
 
+/// Slack on top of the dial's own deadline: name resolution is bounded by
+/// the resolver's settings, not by us.
+const DIAL_SLACK: Duration = Duration::from_secs(30);
+
+/// Proof of life from a connection thread: the last time it came round its
+/// loop (or started dialing), for the supervisor's watchdog decision.
+#[derive(Debug)]
+pub struct Liveness {
+    epoch: Instant,
+    beat_ms: AtomicU64,
+    dialing: AtomicBool,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            epoch: Instant::now(),
+            beat_ms: AtomicU64::new(0),
+            dialing: AtomicBool::new(true),
+        }
+    }
+
+    fn beat(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.beat_ms.store(ms, Ordering::Release);
+    }
+
+    /// Whether the thread came round in time: within the dial's deadline
+    /// (plus resolver slack) while dialing, within two ping periods after
+    /// (the poll wakes at least once per ping period).
+    pub fn is_alive(&self, timing: Timing) -> bool {
+        let beat = self.epoch + Duration::from_millis(self.beat_ms.load(Ordering::Acquire));
+        let bound = if self.dialing.load(Ordering::Acquire) {
+            dial::HANDSHAKE_TIMEOUT + DIAL_SLACK
+        } else {
+            timing.ping_period * 2
+        };
+        beat.elapsed() <= bound
+    }
+}
+
 /// The supervisor's handle on one connection thread.
 pub struct Link {
     id: usize,
+    live: Arc<Liveness>,
     stop: Arc<AtomicBool>,
     out: OutboundRx,
     join: Option<JoinHandle<()>>,
@@ -70,6 +112,8 @@ impl Link {
     ) -> io::Result<Link> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = Arc::clone(&stop);
+        let live = Arc::new(Liveness::new());
+        let thread_live = Arc::clone(&live);
         let thread_out = out.clone();
         let join = std::thread::Builder::new()
             .name("conn".to_string())
@@ -83,12 +127,14 @@ impl Link {
                     &router,
                     timing,
                     &thread_stop,
+                    &thread_live,
                     &events,
                 );
                 let _ = events.send(ev);
             })?;
         Ok(Link {
             id,
+            live,
             stop,
             out,
             join: Some(join),
@@ -98,6 +144,20 @@ impl Link {
     /// Which link this is.
     pub fn id(&self) -> usize {
         self.id
+    }
+
+    /// Whether it is still dialing, and since when.
+    pub fn dialing_since(&self) -> Option<Instant> {
+        self.live
+            .dialing
+            .load(Ordering::Acquire)
+            .then_some(self.live.epoch)
+    }
+
+    /// Whether its thread (and the router, which runs on it) is making
+    /// progress.
+    pub fn is_alive(&self, timing: Timing) -> bool {
+        self.live.is_alive(timing)
     }
 
     /// Asks the thread to close the websocket (close frame) and end.
@@ -131,6 +191,7 @@ fn run(
     router: &Router,
     timing: Timing,
     stop: &AtomicBool,
+    live: &Liveness,
     events: &Sender<LinkEvent>,
 ) -> LinkEvent {
     let ended =
@@ -156,11 +217,13 @@ fn run(
         close_gracefully(&mut ws);
         return ended(None, None, false);
     }
+    live.beat();
+    live.dialing.store(false, Ordering::Release);
     let up = Instant::now();
     out.set_connected(id, true);
     let _ = events.send(LinkEvent::Connected { id });
     log::debug!("websocket up: {}", ep.url);
-    let result = pump(&mut ws, out, router, timing, stop);
+    let result = pump(&mut ws, out, router, timing, stop, live);
     out.set_connected(id, false);
     let lived = Some(up.elapsed());
     match result {
@@ -186,6 +249,7 @@ fn pump(
     router: &Router,
     timing: Timing,
     stop: &AtomicBool,
+    live: &Liveness,
 ) -> Result<(), String> {
     let sock = ws.get_ref().as_raw_fd();
     let wake = out.wake.as_raw_fd();
@@ -193,6 +257,7 @@ fn pump(
     let mut next_ping = last_heard + timing.ping_period;
     let mut write_blocked = false;
     loop {
+        live.beat();
         if stop.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -378,6 +443,67 @@ mod tests {
             }
         };
         end_after_read(&mut ws, Some(&err));
+    }
+
+    fn sockopt(fd: i32, level: i32, name: i32) -> i32 {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int we own.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                name,
+                &mut v as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    #[test]
+    fn liveness_allows_a_dial_its_deadline_and_a_running_link_two_ping_periods() {
+        let timing = Timing::default();
+        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(100)) else {
+            return; // a machine up for less than 100 s
+        };
+        let live = Liveness {
+            epoch: long_ago,
+            beat_ms: AtomicU64::new(0),
+            dialing: AtomicBool::new(true),
+        };
+        // dialing since 100 s: past 45 s + 30 s slack
+        assert!(!live.is_alive(timing));
+        // running, last round 100 s ago: within 2 × 54 s
+        live.dialing.store(false, Ordering::Release);
+        assert!(live.is_alive(timing));
+        let fast = Timing {
+            ping_period: Duration::from_secs(10),
+            ..timing
+        };
+        assert!(!live.is_alive(fast));
+        live.beat();
+        assert!(live.is_alive(fast));
+    }
+
+    #[test]
+    fn the_websocket_socket_has_tcp_keepalive_30s_idle_10s_interval_3_probes() {
+        let (port, server) = server_seeing_close(Vec::new());
+        let ep = Endpoint {
+            tls: false,
+            host: "127.0.0.1".to_string(),
+            port,
+            url: format!("ws://127.0.0.1:{port}/connect"),
+        };
+        let mut ws = dial::dial(&ep, "token").expect("dial");
+        let fd = ws.get_ref().as_raw_fd();
+        assert_eq!(sockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
+        assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
+        assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+        close_gracefully(&mut ws);
+        let _ = server.join();
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod operator;
 pub mod rest_ft;
 pub mod server;
 pub mod target;
+pub mod tinyproxy;
 pub mod tls;
 
 #[allow(unused_imports)]

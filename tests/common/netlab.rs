@@ -325,6 +325,14 @@ impl NetLab {
         self.shared.state.lock().unwrap().impair = [dev_to_srv, srv_to_dev];
     }
 
+    /// Takes the device's end of the link down or up (`ip link set`), as a
+    /// modem or Wi-Fi losing and regaining its link: unlike a blackhole, the
+    /// kernel drops the link's routes and tells rtnetlink listeners.
+    pub fn set_dev_link(&self, up: bool) -> Result<(), String> {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.dev_ns, "link", "set", "mclab0", state])
+    }
+
     /// Drops every packet both ways while `on`.
     pub fn blackhole(&self, on: bool) {
         self.shared.state.lock().unwrap().blackhole = on;

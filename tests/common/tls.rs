@@ -37,8 +37,14 @@ impl TlsCert {
     /// `DNS:localhost` and `IP:127.0.0.1` (one hour back, one day ahead), and
     /// writes the CA PEM to `ca_file()`.
     pub fn generate() -> TlsCert {
+        Self::generate_for(&[])
+    }
+
+    /// Like [`generate`](Self::generate), with `extra_dns` names added to
+    /// the server certificate (e.g. a name only a proxy can resolve).
+    pub fn generate_for(extra_dns: &[&str]) -> TlsCert {
         let (ca_key, ca) = make_ca().expect("generate CA");
-        let (key, cert) = make_leaf(&ca_key, &ca).expect("generate server certificate");
+        let (key, cert) = make_leaf(&ca_key, &ca, extra_dns).expect("generate server certificate");
         let ca_pem = ca.to_pem().unwrap();
         let mut cert_pem = cert.to_pem().unwrap();
         cert_pem.extend_from_slice(&ca_pem);
@@ -143,6 +149,7 @@ fn make_ca() -> Result<(PKey<Private>, X509), openssl::error::ErrorStack> {
 fn make_leaf(
     ca_key: &PKey<Private>,
     ca: &X509,
+    extra_dns: &[&str],
 ) -> Result<(PKey<Private>, X509), openssl::error::ErrorStack> {
     let key = new_key()?;
     let mut b = base("localhost", &key)?;
@@ -156,10 +163,12 @@ fn make_leaf(
             .build()?,
     )?;
     b.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
-    let san = SubjectAlternativeName::new()
-        .dns("localhost")
-        .ip("127.0.0.1")
-        .build(&b.x509v3_context(Some(ca), None))?;
+    let mut san = SubjectAlternativeName::new();
+    san.dns("localhost").ip("127.0.0.1");
+    for name in extra_dns {
+        san.dns(name);
+    }
+    let san = san.build(&b.x509v3_context(Some(ca), None))?;
     b.append_extension(san)?;
     let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(Some(ca), None))?;
     b.append_extension(ski)?;
