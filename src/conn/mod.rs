@@ -8,6 +8,7 @@ pub mod control;
 pub mod dial;
 pub mod link;
 pub mod outbound;
+pub mod reframe;
 pub mod router;
 pub mod timing;
 pub mod url;
