@@ -226,3 +226,241 @@ impl Reframer {
         self.clear = len;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use tungstenite::protocol::{Role, WebSocket};
+
+    const HEAD: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
+
+    /// A server→client frame (never masked unless `mask`).
+    fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        frame_with(if fin { 0x80 } else { 0 } | opcode, None, payload)
+    }
+
+    fn frame_with(b0: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        let mut f = vec![b0];
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n <= 0xffff => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(k) => {
+                f.extend_from_slice(&k);
+                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => f.extend_from_slice(payload),
+        }
+        f
+    }
+
+    /// Hands out `data` in chunks of the sizes given (cycled), with a
+    /// `WouldBlock` before every third chunk, like a non-blocking socket.
+    struct Chunky {
+        data: Vec<u8>,
+        pos: usize,
+        sizes: Vec<usize>,
+        calls: usize,
+    }
+
+    impl Read for Chunky {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 3 == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let size = self.sizes[self.calls % self.sizes.len()];
+            let n = size.min(buf.len()).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    /// tungstenite's client side over a reader; writes (pongs) are dropped.
+    struct Duplex<R>(R);
+
+    impl<R: Read> Read for Duplex<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl<R> Write for Duplex<R> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Reframed {
+        inner: Chunky,
+        rf: Reframer,
+        /// Everything `read` returned.
+        out: Vec<u8>,
+    }
+
+    impl Read for Reframed {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.rf.read(&mut self.inner, buf)?;
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+    }
+
+    /// What tungstenite makes of a stream: each message or control frame as
+    /// text, and the error that ended it.
+    fn judge(r: impl Read) -> Vec<String> {
+        let config = crate::conn::dial::ws_config();
+        let mut ws = WebSocket::from_raw_socket(Duplex(r), Role::Client, Some(config));
+        let mut seen = Vec::new();
+        loop {
+            match ws.read() {
+                Ok(m) => seen.push(format!("{:?}", m).chars().take(200).collect()),
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(tungstenite::Error::Utf8(_)) => {
+                    // its text shows the bad bytes, which differ with the
+                    // fragment they were found in; the close code (1007)
+                    // is the same
+                    seen.push("error: UTF-8".to_string());
+                    return seen;
+                }
+                Err(e) => {
+                    seen.push(format!("error: {e}"));
+                    return seen;
+                }
+            }
+        }
+    }
+
+    fn chunky(data: Vec<u8>, sizes: &[usize]) -> Chunky {
+        Chunky {
+            data,
+            pos: 0,
+            sizes: sizes.to_vec(),
+            calls: 0,
+        }
+    }
+
+    /// Runs `frames` after the response head through the reframer; checks
+    /// that exactly the head comes first, that tungstenite reads the same
+    /// as from the original, and returns the output's frame stream.
+    fn same_for_tungstenite(frames: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let mut stream = HEAD.to_vec();
+        stream.extend_from_slice(frames);
+        let mut r = Reframed {
+            inner: chunky(stream, sizes),
+            rf: Reframer::new(),
+            out: Vec::new(),
+        };
+        // the handshake reads through the reframer and must get no byte more
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut buf = [0; 4096];
+            match r.read(&mut buf) {
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(head, HEAD);
+        r.out.clear();
+        let want = judge(chunky(frames.to_vec(), &[usize::MAX]));
+        let got = judge(&mut r);
+        assert_eq!(got, want, "chunks {sizes:?}");
+        r.out
+    }
+
+    /// Payload sizes of the data frames in `stream` (unmasked, as sent).
+    fn data_frame_sizes(mut stream: &[u8]) -> Vec<u64> {
+        let mut sizes = Vec::new();
+        while let Some(h) = header(stream) {
+            if h.opcode <= 2 {
+                sizes.push(h.payload);
+            }
+            let end = h.len + h.payload as usize;
+            if end > stream.len() {
+                break;
+            }
+            stream = &stream[end..];
+        }
+        sizes
+    }
+
+    const CHUNKINGS: &[&[usize]] = &[&[usize::MAX], &[1], &[7, 1, 3], &[1000, 20_000, 13]];
+
+    #[test]
+    fn large_frames_arrive_as_fragments_of_the_same_messages() {
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        // multi-byte characters, so fragment ends fall inside some of them
+        let text = "äöü€𝄞x".repeat(6000);
+        let mut s = Vec::new();
+        s.extend(frame(true, 2, b"small"));
+        s.extend(frame(true, 2, &big));
+        s.extend(frame(true, 1, text.as_bytes()));
+        s.extend(frame(true, 2, &big[..PIECE]));
+        s.extend(frame(true, 2, &big[..PIECE + 1]));
+        s.extend(frame(true, 2, &big[..2 * PIECE + 125]));
+        // a fragmented message with large fragments and a ping between
+        s.extend(frame(false, 2, &big[..40_000]));
+        s.extend(frame(true, 9, b"ping"));
+        s.extend(frame(false, 0, &big[..PIECE + 7]));
+        s.extend(frame(true, 0, &big[..50_000]));
+        s.extend(frame(true, 2, b""));
+        s.extend(frame(true, 8, &[0x03, 0xe8]));
+        for sizes in CHUNKINGS {
+            let out = same_for_tungstenite(&s, sizes);
+            let frames = data_frame_sizes(&out);
+            assert!(frames.iter().all(|&n| n <= PIECE as u64), "{frames:?}");
+            assert!(frames.len() > 20, "{frames:?}");
+        }
+    }
+
+    #[test]
+    fn what_tungstenite_must_refuse_passes_unchanged() {
+        let big = vec![0x41; 3 * PIECE];
+        let cases: Vec<Vec<u8>> = vec![
+            frame_with(0x82, Some([1, 2, 3, 4]), &big),
+            frame_with(0xc2, None, &big),
+            frame_with(0x83, None, &big),
+            frame(true, 9, &big[..200]),
+            frame(true, 0, &big),
+            [frame(false, 2, &big), frame(true, 2, &big)].concat(),
+            [frame(true, 1, &[0xff; 40_000])].concat(),
+        ];
+        for case in cases {
+            for sizes in CHUNKINGS {
+                let mut s = frame(true, 2, b"before");
+                s.extend_from_slice(&case);
+                same_for_tungstenite(&s, sizes);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_and_cut_frames_fail_as_before() {
+        let mut over = vec![0x82, 127];
+        over.extend_from_slice(&((MAX_INBOUND_MESSAGE as u64) + 1).to_be_bytes());
+        over.extend_from_slice(&[0; 64]);
+        let big = vec![7; 3 * PIECE];
+        let whole = frame(true, 2, &big);
+        for sizes in CHUNKINGS {
+            same_for_tungstenite(&over, sizes);
+            // the stream ends inside a split frame, and inside a header
+            same_for_tungstenite(&whole[..2 * PIECE + 100], sizes);
+            same_for_tungstenite(&whole[..3], sizes);
+        }
+    }
+}
