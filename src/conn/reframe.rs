@@ -276,7 +276,7 @@ mod tests {
     impl Read for Chunky {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             self.calls += 1;
-            if self.calls % 3 == 0 {
+            if self.calls.is_multiple_of(3) {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let size = self.sizes[self.calls % self.sizes.len()];
