@@ -21,7 +21,7 @@ use super::dial::MAX_INBOUND_MESSAGE;
 pub const PIECE: usize = 16 * 1024;
 
 /// Rewrites one server→client byte stream; see the module comment.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Reframer {
     /// The HTTP response head is over: frames follow.
     framing: bool,
@@ -40,13 +40,15 @@ pub struct Reframer {
     split_left: u64,
     /// Whether the frame being split was its message's last.
     split_fin: bool,
+    /// Fragment size (`PIECE`; smaller for fuzzing).
+    piece: u64,
 }
 
 /// `clear` extended over the whole pass-through frames that start in `data`
 /// (the bytes at the current position) where the clear bytes end.
-fn clear_over(mut clear: u64, data: &[u8]) -> u64 {
+fn clear_over(mut clear: u64, data: &[u8], piece: u64) -> u64 {
     while let Some(rest) = usize::try_from(clear).ok().and_then(|c| data.get(c..)) {
-        match header(rest) {
+        match header(rest, piece) {
             Some(h) if !h.split => clear = clear.saturating_add(h.len as u64 + h.payload),
             _ => break,
         }
@@ -60,13 +62,14 @@ struct Header {
     payload: u64,
     fin: bool,
     opcode: u8,
-    /// Unmasked data frame without reserved bits, over `PIECE` and within
-    /// the message limit.
+    /// Unmasked data frame without reserved bits, over the fragment size
+    /// and within the message limit.
     split: bool,
 }
 
-/// The frame header at the start of `b`, or `None` while incomplete.
-fn header(b: &[u8]) -> Option<Header> {
+/// The frame header at the start of `b`, or `None` while incomplete; frames
+/// over `piece` bytes are to be split.
+fn header(b: &[u8], piece: u64) -> Option<Header> {
     let (&b0, &b1) = (b.first()?, b.get(1)?);
     let (payload, mut len) = match b1 & 0x7f {
         126 => (u64::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?])), 4),
@@ -87,7 +90,7 @@ fn header(b: &[u8]) -> Option<Header> {
     let split = b0 & 0x70 == 0
         && !masked
         && opcode <= 2
-        && payload > PIECE as u64
+        && payload > piece
         && payload <= MAX_INBOUND_MESSAGE as u64;
     Some(Header {
         len,
@@ -98,10 +101,38 @@ fn header(b: &[u8]) -> Option<Header> {
     })
 }
 
+impl Default for Reframer {
+    fn default() -> Reframer {
+        Reframer {
+            framing: false,
+            line_empty: false,
+            raw: Vec::new(),
+            lo: 0,
+            out: [0; 4],
+            out_lo: 0,
+            out_hi: 0,
+            clear: 0,
+            split_left: 0,
+            split_fin: false,
+            piece: PIECE as u64,
+        }
+    }
+}
+
 impl Reframer {
     /// A reframer for a fresh connection (the response head comes first).
     pub fn new() -> Reframer {
         Reframer::default()
+    }
+
+    /// For fuzzing: frames from the first byte (no response head), split
+    /// into fragments of `piece` bytes (1 to `PIECE`).
+    pub fn frames_only(piece: usize) -> Reframer {
+        Reframer {
+            framing: true,
+            piece: piece.clamp(1, PIECE) as u64,
+            ..Reframer::new()
+        }
     }
 
     /// Reads from `inner` into `dst` what tungstenite is to see.
@@ -117,7 +148,7 @@ impl Reframer {
                 return Ok(n);
             }
             if self.clear == 0 && self.split_left > 0 {
-                let piece = self.split_left.min(PIECE as u64);
+                let piece = self.split_left.min(self.piece);
                 self.split_left -= piece;
                 let fin = self.split_left == 0 && self.split_fin;
                 self.fragment(fin, 0, piece);
@@ -125,7 +156,7 @@ impl Reframer {
             }
             if self.lo < self.raw.len() {
                 if self.split_left == 0 {
-                    self.clear = clear_over(self.clear, &self.raw[self.lo..]);
+                    self.clear = clear_over(self.clear, &self.raw[self.lo..], self.piece);
                 }
                 let n = self.take_clear(self.raw.len() - self.lo, dst.len());
                 if n > 0 {
@@ -138,11 +169,11 @@ impl Reframer {
                     return Ok(n);
                 }
                 // at a frame header: to split, or not complete yet
-                if let Some(h) = header(&self.raw[self.lo..]).filter(|h| h.split) {
+                if let Some(h) = header(&self.raw[self.lo..], self.piece).filter(|h| h.split) {
                     self.lo += h.len;
-                    self.split_left = h.payload - PIECE as u64;
+                    self.split_left = h.payload - self.piece;
                     self.split_fin = h.fin;
-                    self.fragment(false, h.opcode, PIECE as u64);
+                    self.fragment(false, h.opcode, self.piece);
                     continue;
                 }
                 self.raw.drain(..self.lo);
@@ -168,7 +199,7 @@ impl Reframer {
             }
             let k = if self.framing {
                 if self.clear < n as u64 && self.split_left == 0 {
-                    self.clear = clear_over(self.clear, &dst[..n]);
+                    self.clear = clear_over(self.clear, &dst[..n], self.piece);
                 }
                 self.take_clear(n, n)
             } else {
@@ -230,8 +261,7 @@ impl Reframer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use tungstenite::protocol::{Role, WebSocket};
+    use crate::fuzzing::judge;
 
     const HEAD: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n";
 
@@ -287,24 +317,6 @@ mod tests {
         }
     }
 
-    /// tungstenite's client side over a reader; writes (pongs) are dropped.
-    struct Duplex<R>(R);
-
-    impl<R: Read> Read for Duplex<R> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-
-    impl<R> Write for Duplex<R> {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     struct Reframed {
         inner: Chunky,
         rf: Reframer,
@@ -317,31 +329,6 @@ mod tests {
             let n = self.rf.read(&mut self.inner, buf)?;
             self.out.extend_from_slice(&buf[..n]);
             Ok(n)
-        }
-    }
-
-    /// What tungstenite makes of a stream: each message or control frame as
-    /// text, and the error that ended it.
-    fn judge(r: impl Read) -> Vec<String> {
-        let config = crate::conn::dial::ws_config();
-        let mut ws = WebSocket::from_raw_socket(Duplex(r), Role::Client, Some(config));
-        let mut seen = Vec::new();
-        loop {
-            match ws.read() {
-                Ok(m) => seen.push(format!("{:?}", m).chars().take(200).collect()),
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(tungstenite::Error::Utf8(_)) => {
-                    // its text shows the bad bytes, which differ with the
-                    // fragment they were found in; the close code (1007)
-                    // is the same
-                    seen.push("error: UTF-8".to_string());
-                    return seen;
-                }
-                Err(e) => {
-                    seen.push(format!("error: {e}"));
-                    return seen;
-                }
-            }
         }
     }
 
@@ -386,7 +373,7 @@ mod tests {
     /// Payload sizes of the data frames in `stream` (unmasked, as sent).
     fn data_frame_sizes(mut stream: &[u8]) -> Vec<u64> {
         let mut sizes = Vec::new();
-        while let Some(h) = header(stream) {
+        while let Some(h) = header(stream, PIECE as u64) {
             if h.opcode <= 2 {
                 sizes.push(h.payload);
             }
@@ -461,6 +448,39 @@ mod tests {
             // the stream ends inside a split frame, and inside a header
             same_for_tungstenite(&whole[..2 * PIECE + 100], sizes);
             same_for_tungstenite(&whole[..3], sizes);
+        }
+    }
+
+    #[test]
+    fn random_frame_streams_read_the_same_with_tiny_fragments() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut data = vec![next() as u8];
+            for _ in 0..next() % 6 {
+                let r = next();
+                // mostly valid data frames, sometimes anything
+                let b0 = match r % 8 {
+                    0 => (r >> 8) as u8,
+                    1 => 0x89,
+                    2 | 3 => 0x02,
+                    4 => 0x00,
+                    5 => 0x80,
+                    _ => 0x81,
+                };
+                let len = (r >> 16) as usize % 300;
+                let payload: Vec<u8> = (0..len).map(|i| (r >> 32) as u8 ^ i as u8).collect();
+                data.extend(frame_with(b0, None, &payload));
+                if r % 13 == 0 {
+                    data.truncate(data.len() - 1);
+                }
+            }
+            crate::fuzzing::reframe(&data);
         }
     }
 }
