@@ -21,7 +21,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Inbound messages up to 16 MiB are accepted: twice deviceconnect's own
 /// 8 MiB message limit, so nothing the server relays is refused (the Go
 /// daemon drops the link above 8 KiB), and the Autobahn 16 MiB cases pass.
-/// tungstenite allocates as bytes arrive, so the cap costs nothing idle.
+/// tungstenite allocates as bytes arrive, so the cap costs nothing idle; a
+/// large message reaches it in fragments (`reframe`) and, past the mmap
+/// threshold set in `main`, is unmapped when dropped.
 pub const MAX_INBOUND_MESSAGE: usize = 16 << 20;
 
 /// The socket under the websocket: plain TCP or TLS over TCP. Reads pass
