@@ -19,6 +19,8 @@ use super::dial::MAX_INBOUND_MESSAGE;
 
 /// Largest fragment handed to tungstenite.
 pub const PIECE: usize = 16 * 1024;
+// fragment headers use the 16-bit length form at most
+const _: () = assert!(PIECE < 1 << 16);
 
 /// Rewrites one server→client byte stream; see the module comment.
 #[derive(Debug)]
