@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use crate::conn::codec::{self, ProtoMsg};
 use crate::conn::control::{self, Accept, ControlError, Open};
+use crate::conn::reframe::Reframer;
 use crate::conn::router;
 use crate::limits::path::Resolver;
 use crate::sessions::filetransfer::wire::{self, Request};
@@ -167,5 +168,124 @@ pub fn chroot(data: &[u8]) {
                 assert_inside(&dir, jail, &path);
             }
         }
+    }
+}
+
+/// Reads its input in pieces of `step` bytes (a non-blocking socket's
+/// `WouldBlock` after each), as the network hands a stream out.
+struct Steps<'a> {
+    data: &'a [u8],
+    step: usize,
+    blocked: bool,
+}
+
+impl std::io::Read for Steps<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.blocked = !self.blocked;
+        if self.blocked {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.step.min(buf.len()).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// A stream read through a reframer.
+struct Through<R> {
+    rf: Reframer,
+    inner: R,
+}
+
+impl<R: std::io::Read> std::io::Read for Through<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.rf.read(&mut self.inner, buf)
+    }
+}
+
+/// Both ends of a websocket stream for tungstenite; what it writes (pongs,
+/// close replies) is dropped.
+struct ReadOnly<R>(R);
+
+impl<R: std::io::Read> std::io::Read for ReadOnly<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R> std::io::Write for ReadOnly<R> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What tungstenite, as the daemon configures it, reads from a server's
+/// frame stream: each message or control frame, then the error that ended
+/// it. UTF-8 and size errors name the bytes or sizes of the fragment they
+/// were found in, so only their kind is kept (the close code is the same).
+pub(crate) fn judge(r: impl std::io::Read) -> Vec<String> {
+    use tungstenite::protocol::{Role, WebSocket};
+    let config = crate::conn::dial::ws_config();
+    let mut ws = WebSocket::from_raw_socket(ReadOnly(r), Role::Client, Some(config));
+    let mut seen = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(m) => seen.push(format!("{m:?}").chars().take(200).collect()),
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(tungstenite::Error::Utf8(_)) => {
+                seen.push("error: UTF-8".to_string());
+                return seen;
+            }
+            Err(tungstenite::Error::Capacity(_)) => {
+                seen.push("error: capacity".to_string());
+                return seen;
+            }
+            Err(e) => {
+                seen.push(format!("error: {e}"));
+                return seen;
+            }
+        }
+    }
+}
+
+/// The reframer: tungstenite reads the same from a frame stream split into
+/// fragments of 1 to 16 bytes (first input byte, low half), read in steps
+/// of 1 to 16 bytes (high half), as from the stream itself.
+pub fn reframe(data: &[u8]) {
+    let Some((&cfg, frames)) = data.split_first() else {
+        return;
+    };
+    let piece = 1 + usize::from(cfg & 0x0f);
+    let step = 1 + usize::from(cfg >> 4);
+    let want = judge(Steps {
+        data: frames,
+        step: usize::MAX,
+        blocked: true,
+    });
+    let inner = Steps {
+        data: frames,
+        step,
+        blocked: true,
+    };
+    let got = judge(Through {
+        rf: Reframer::frames_only(piece),
+        inner,
+    });
+    // A fragment can show an error before the whole frame is in: bad UTF-8
+    // or an oversized message (failing fast, as RFC 6455 §8.1 prefers), or
+    // any protocol error in a frame the original stream cuts off.
+    let early = |e: &String| e == "error: UTF-8" || e == "error: capacity";
+    let cut = "error: WebSocket protocol error: Connection reset without closing handshake";
+    match (got.split_last(), want.split_last()) {
+        (Some((g, g_rest)), Some((w, w_rest)))
+            if g.starts_with("error: ") && w.starts_with("error: ") && (early(g) || w == cut) =>
+        {
+            assert_eq!(g_rest, w_rest, "fragments of {piece}, reads of {step}");
+        }
+        _ => assert_eq!(got, want, "fragments of {piece}, reads of {step}"),
     }
 }

@@ -745,6 +745,31 @@ pub fn decode_value(bytes: &[u8]) -> Result<(Value, usize), DecodeError> {
 /// can justify. Follows Go's decoding into the same struct (§2.3): a repeated
 /// key decodes again into what the earlier one left, so the last one wins.
 pub fn decode(bytes: &[u8]) -> Result<ProtoMsg, DecodeError> {
+    let (mut msg, body) = decode_parts(bytes)?;
+    msg.body = body.map(|r| bytes[r].to_vec());
+    Ok(msg)
+}
+
+/// Like [`decode`], from a message of its own: a body that is most of the
+/// message keeps the message's allocation, so a large message is never held
+/// twice.
+pub fn decode_owned(mut bytes: Vec<u8>) -> Result<ProtoMsg, DecodeError> {
+    let (mut msg, body) = decode_parts(&bytes)?;
+    msg.body = body.map(|r| {
+        if r.len() >= bytes.len() / 2 {
+            let len = r.len();
+            bytes.copy_within(r, 0);
+            bytes.truncate(len);
+            std::mem::take(&mut bytes)
+        } else {
+            bytes[r].to_vec()
+        }
+    });
+    Ok(msg)
+}
+
+/// The message without its body, and where in `bytes` the body is.
+fn decode_parts(bytes: &[u8]) -> Result<(ProtoMsg, Option<std::ops::Range<usize>>), DecodeError> {
     let mut r = Reader::new(bytes);
     let n = match r.go_map_len().map_err(in_field("message"))? {
         Some(n) => n,
@@ -756,17 +781,22 @@ pub fn decode(bytes: &[u8]) -> Result<ProtoMsg, DecodeError> {
         }
     };
     let mut msg = ProtoMsg::default();
+    let mut body = None;
     for _ in 0..n {
         match r.key()? {
             b"hdr" => decode_hdr(&mut r, &mut msg.hdr)?,
             b"body" => {
-                msg.body = r.go_bytes().map_err(in_field("body"))?.map(<[u8]>::to_vec);
+                body = r.go_bytes().map_err(in_field("body"))?.map(|b| {
+                    // `b` lies within `bytes`
+                    let start = b.as_ptr() as usize - bytes.as_ptr() as usize;
+                    start..start + b.len()
+                });
             }
             _ => r.skip()?,
         }
     }
     // Trailing bytes are ignored, as Go's Unmarshal does.
-    Ok(msg)
+    Ok((msg, body))
 }
 
 fn decode_hdr(r: &mut Reader<'_>, hdr: &mut ProtoHdr) -> Result<(), DecodeError> {
@@ -922,6 +952,23 @@ mod tests {
             hex(&encode(&ProtoMsg::default())),
             format!("81{}81{}cd0000", s("hdr"), s("proto"))
         );
+    }
+
+    #[test]
+    fn an_owned_large_body_keeps_the_message_allocation() {
+        let big = ProtoMsg::new(PROTO_PORTFORWARD, "forward", "s").with_body(vec![7; 100_000]);
+        let bytes = encode(&big);
+        let at = bytes.as_ptr();
+        let msg = decode_owned(bytes).unwrap();
+        assert_eq!(msg, big);
+        assert_eq!(msg.body.as_ref().map(|b| b.as_ptr()), Some(at));
+        // a small body among large props is copied out, the rest freed
+        let props = ProtoMsg::new(PROTO_PORTFORWARD, "forward", "s")
+            .with_prop("pad", Value::Str("x".repeat(10_000)))
+            .with_body(b"abc".to_vec());
+        let msg = decode_owned(encode(&props)).unwrap();
+        assert_eq!(msg, props);
+        assert_eq!(msg.body.map(|b| b.capacity()), Some(3));
     }
 
     #[test]
@@ -1150,6 +1197,10 @@ mod tests {
     /// Decoding arbitrary bytes never panics, and whatever decodes re-encodes
     /// to something that decodes to the same thing.
     fn no_panic(bytes: &[u8]) {
+        assert_eq!(
+            format!("{:?}", decode_owned(bytes.to_vec())),
+            format!("{:?}", decode(bytes))
+        );
         if let Ok(msg) = decode(bytes) {
             let once = encode(&msg);
             let again = decode(&once).expect("re-decode of encoded message");

@@ -13,6 +13,7 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::http::HeaderValue;
 use tungstenite::protocol::WebSocketConfig;
 
+use super::reframe::Reframer;
 use super::url::Endpoint;
 
 /// The whole dial (resolve, connect, TLS, upgrade) must finish within this.
@@ -20,12 +21,21 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Inbound messages up to 16 MiB are accepted: twice deviceconnect's own
 /// 8 MiB message limit, so nothing the server relays is refused (the Go
 /// daemon drops the link above 8 KiB), and the Autobahn 16 MiB cases pass.
-/// tungstenite allocates as bytes arrive, so the cap costs nothing idle.
+/// tungstenite allocates as bytes arrive, so the cap costs nothing idle; a
+/// large message reaches it in fragments (`reframe`) and, past the mmap
+/// threshold set in `main`, is unmapped when dropped.
 pub const MAX_INBOUND_MESSAGE: usize = 16 << 20;
 
-/// The socket under the websocket: plain TCP or TLS over TCP.
+/// The socket under the websocket: plain TCP or TLS over TCP. Reads pass
+/// through a [`Reframer`], which splits large inbound frames.
 #[derive(Debug)]
-pub enum Stream {
+pub struct Stream {
+    io: Io,
+    reframe: Reframer,
+}
+
+#[derive(Debug)]
+enum Io {
     /// `ws://`: no TLS state is ever created.
     Plain(TcpStream),
     /// `wss://` via the system OpenSSL.
@@ -33,10 +43,17 @@ pub enum Stream {
 }
 
 impl Stream {
+    fn new(io: Io) -> Stream {
+        Stream {
+            io,
+            reframe: Reframer::new(),
+        }
+    }
+
     fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
+        match &self.io {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref(),
         }
     }
 
@@ -57,27 +74,33 @@ impl AsRawFd for Stream {
     }
 }
 
-impl Read for Stream {
+impl Read for Io {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
+            Io::Plain(s) => s.read(buf),
+            Io::Tls(s) => s.read(buf),
         }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reframe.read(&mut self.io, buf)
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
+        match &mut self.io {
+            Io::Plain(s) => s.write(buf),
+            Io::Tls(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
+        match &mut self.io {
+            Io::Plain(s) => s.flush(),
+            Io::Tls(s) => s.flush(),
         }
     }
 }
@@ -187,9 +210,9 @@ pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> 
                 DialError::Tls("handshake timed out".to_string())
             }
         })?;
-        Stream::Tls(Box::new(tls))
+        Stream::new(Io::Tls(Box::new(tls)))
     } else {
-        Stream::Plain(tcp)
+        Stream::new(Io::Plain(tcp))
     };
     let mut request = ep
         .url

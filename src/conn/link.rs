@@ -268,7 +268,7 @@ fn pump(
         let mut more_to_read = true;
         for _ in 0..READ_BURST {
             match ws.read() {
-                Ok(Message::Binary(b)) => router.dispatch_frame(&b),
+                Ok(Message::Binary(b)) => router.dispatch_owned(b.into()),
                 Ok(Message::Text(t)) => router.dispatch_frame(t.as_bytes()),
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => last_heard = Instant::now(),
                 Ok(Message::Close(frame)) => {

@@ -10,6 +10,7 @@ pub mod link;
 pub mod netwatch;
 pub mod outbound;
 pub mod proxy;
+pub mod reframe;
 pub mod router;
 pub mod timing;
 pub mod url;

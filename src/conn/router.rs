@@ -127,10 +127,21 @@ impl Router {
     /// not decode is logged and answered with a control error; it never
     /// costs the connection.
     pub fn dispatch_frame(&self, frame: &[u8]) {
-        match codec::decode(frame) {
+        self.dispatch_decoded(codec::decode(frame), frame.len());
+    }
+
+    /// Like [`dispatch_frame`](Self::dispatch_frame); a large body keeps the
+    /// frame's allocation instead of being copied out of it.
+    pub fn dispatch_owned(&self, frame: Vec<u8>) {
+        let len = frame.len();
+        self.dispatch_decoded(codec::decode_owned(frame), len);
+    }
+
+    fn dispatch_decoded(&self, decoded: Result<ProtoMsg, codec::DecodeError>, len: usize) {
+        match decoded {
             Ok(msg) => self.dispatch(msg),
             Err(e) => {
-                log::warn!("dropping undecodable message ({} bytes): {e}", frame.len());
+                log::warn!("dropping undecodable message ({len} bytes): {e}");
                 let err = ControlError {
                     err: format!("failed to decode message: {e}"),
                     close: false,

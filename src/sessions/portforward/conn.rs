@@ -241,6 +241,7 @@ impl Pump<'_> {
                 *done += n;
                 if matches!(self.sock, Sock::Udp(_)) || *done >= data.len() {
                     self.writing = None;
+                    self.inbox.written();
                     self.last_activity = Instant::now();
                     self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
                 }
@@ -252,6 +253,7 @@ impl Pump<'_> {
                 // transfer.md §4.3: ack even so, then report; the read side
                 // notices a dead target and stops the connection.
                 self.writing = None;
+                self.inbox.written();
                 let net = match self.sock {
                     Sock::Tcp(_) => "tcp",
                     Sock::Udp(_) => "udp",

@@ -13,9 +13,11 @@ use crate::conn::wake::Wake;
 /// Server messages queued per connection before the client counts as having
 /// broken flow control (transfer.md §4.3 suggests 4: forward + stop + slack).
 pub const QUEUE_LIMIT: usize = 8;
-/// Bytes of `forward` data queued per connection beyond the first item: the
-/// client keeps one `forward` in flight, so more is a client ignoring flow
-/// control, and must not pin up to 8 inbound messages of 16 MiB each.
+/// Bytes of `forward` data queued per connection beyond the first item, or
+/// held with the one being written: the client keeps one `forward` in flight
+/// (the next waits for the `ack` sent once it is written), so more is a
+/// client ignoring flow control, and must not pin up to 8 inbound messages
+/// of 16 MiB each, nor a second while one is written.
 pub const QUEUE_BYTES: usize = 1 << 20;
 
 /// One server message for the connection's thread, in arrival order.
@@ -87,6 +89,8 @@ struct State {
     closed: bool,
     quiet: bool,
     awaiting_ack: bool,
+    /// Bytes of the server `forward` the thread is writing.
+    writing: usize,
 }
 
 /// Shared between a connection's handler entry and its thread.
@@ -132,6 +136,7 @@ impl Inbox {
         let queued: usize = st.queue.iter().map(Item::len).sum();
         if st.queue.len() >= QUEUE_LIMIT
             || (!st.queue.is_empty() && queued + item.len() > QUEUE_BYTES)
+            || (item.len() > 0 && st.writing > 0 && st.writing + queued + item.len() > QUEUE_BYTES)
         {
             return Push::Full;
         }
@@ -189,10 +194,19 @@ impl Inbox {
         } else {
             None
         };
+        if let Some(Item::Forward(data)) = &item {
+            st.writing = data.len();
+        }
         Next::Go {
             item,
             awaiting_ack: st.awaiting_ack,
         }
+    }
+
+    /// Thread side: the server `forward` taken last is written (called
+    /// before its `ack` goes out, so the client's next one finds room).
+    pub fn written(&self) {
+        self.lock().writing = 0;
     }
 
     /// Thread side: a `forward` is about to be sent. False when the
@@ -245,6 +259,19 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_second_large_forward_while_one_is_written_is_refused() {
+        let (ib, _) = inbox();
+        let big = || Item::Forward(vec![0; QUEUE_BYTES]);
+        assert_eq!(ib.push(big()), Push::Queued);
+        assert!(matches!(ib.next(true), Next::Go { item: Some(_), .. }));
+        // while it is written, a stop still queues
+        assert_eq!(ib.push(Item::Stop), Push::Queued);
+        assert_eq!(ib.push(big()), Push::Full);
+        ib.written();
+        assert_eq!(ib.push(big()), Push::Queued);
     }
 
     #[test]
