@@ -257,6 +257,38 @@ mod tests {
     }
 
     #[test]
+    fn a_denied_target_is_refused_without_a_connection_attempt() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let port = l.local_addr().expect("addr").port();
+        let target = Target {
+            net: Net::Tcp,
+            host: "127.0.0.1".to_string(),
+            port,
+        };
+        let deny = AllowList::parse(&["127.0.0.2:*", "udp/127.0.0.1:*"]).expect("list");
+        let e = dial(&target, &deny, Duration::from_secs(5)).expect_err("denied");
+        assert_eq!(
+            e.to_string(),
+            format!("port forward to 127.0.0.1:{port} is not allowed")
+        );
+        let none = l.accept().map(|_| ()).expect_err("nobody connected");
+        assert_eq!(none.kind(), io::ErrorKind::WouldBlock);
+        // a name that does not resolve proves nothing against address entries
+        let nx = Target {
+            host: "no-such-host.invalid".to_string(),
+            ..target.clone()
+        };
+        let e = dial(&nx, &deny, Duration::from_secs(5)).expect_err("denied");
+        assert!(matches!(e, DialError::NotAllowed { .. }), "{e}");
+
+        let allow = AllowList::parse(&["127.0.0.0/8:*"]).expect("list");
+        dial(&target, &allow, Duration::from_secs(5)).expect("allowed");
+        // connect returned, so the handshake is done and accept is ready
+        l.accept().expect("the allowed dial connected");
+    }
+
+    #[test]
     fn a_closed_port_gives_the_reference_text() {
         let target = Target {
             net: Net::Tcp,
