@@ -457,6 +457,7 @@ impl Shell {
                         pty::status_text(st)
                     );
                 }
+                // before the release: shutdown waits for that, then exits
                 self.audit_close(by, status);
                 self.inner.release(&self.sid, false);
                 self.finish(want_reply, None);
@@ -531,8 +532,8 @@ impl Shell {
                 None
             }
         };
-        self.audit_close(by, status);
         self.inner.release(&self.sid, true);
+        self.audit_close(by, status);
         self.finish(false, Some(why));
     }
 
@@ -554,8 +555,8 @@ impl Shell {
             ),
             None => log::info!("session {}: shell exited", self.sid),
         }
-        self.audit_close("exit", status);
         self.inner.release(&self.sid, true);
+        self.audit_close("exit", status);
         self.finish(false, Some(EXIT_TEXT));
     }
 }
