@@ -442,6 +442,26 @@ fn port_forwards_log_target_bytes_each_way_duration_errors_and_caps() {
         get(&err, "err"),
         format!("dial tcp 127.0.0.1:{closed}: connect: connection refused")
     );
+
+    // a `new` that does not parse
+    let s = sid(43);
+    let body = encode_map(&[
+        ("remote_host", Value::Str("127.0.0.1".into())),
+        ("remote_port", Value::U16(22)),
+        ("protocol", Value::Str("sctp".into())),
+    ]);
+    c.conn.send_msg(
+        &ProtoMsg::new(PROTO_PORTFORWARD, "new", &s)
+            .with_prop("connection_id", Value::Str("c5".into()))
+            .with_prop("user_id", Value::Str(DRIVER_USER.into()))
+            .with_body(body),
+    );
+    let bad = wait_audit(&c.daemon, "port forward open", |f| {
+        f.get("session_id") == Some(&s)
+    });
+    assert_who(&bad, DRIVER_USER, &s, "error");
+    assert_eq!(get(&bad, "err"), "unknown protocol: sctp");
+    assert_eq!(get(&bad, "connection_id"), "c5");
 }
 
 // ---------------------------------------------------------- mender client

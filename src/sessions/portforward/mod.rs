@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::audit::Event;
+use crate::audit::{Event, Outcome};
 use crate::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::conn::control::{decode_map, encode_map};
 use crate::conn::router::sid8;
@@ -373,6 +373,13 @@ impl Handler for PortForward {
                 let body = msg.body.as_deref().unwrap_or_default();
                 let user_id = msg.prop_str("user_id").unwrap_or_default();
                 if let Err(e) = self.new_connection(&cid, user_id, body) {
+                    // a cap refusal has its own line already
+                    if !matches!(e, PfError::TooMany) {
+                        Event::new("port forward open", user_id, &self.ctx.sid, Outcome::Error)
+                            .with("connection_id", &cid)
+                            .with("err", &e)
+                            .emit();
+                    }
                     self.reply_error(&cid, &e, "new");
                 }
             }
