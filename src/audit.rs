@@ -53,6 +53,7 @@ impl Event {
     pub fn new(action: &'static str, user_id: &str, sid: &str, outcome: Outcome) -> Event {
         Event {
             action,
+            // sorted by key: `set` keeps it so
             fields: vec![
                 ("audit", "true".to_string()),
                 ("result", outcome.name().to_string()),
@@ -70,11 +71,16 @@ impl Event {
     }
 
     /// Adds (or replaces) field `key`.
-    pub fn with(mut self, key: &'static str, value: impl fmt::Display) -> Event {
-        let value = value.to_string();
-        match self.fields.iter_mut().find(|(k, _)| *k == key) {
-            Some(slot) => slot.1 = value,
-            None => self.fields.push((key, value)),
+    pub fn with(self, key: &'static str, value: impl fmt::Display) -> Event {
+        self.set(key, value.to_string())
+    }
+
+    /// The one non-generic body of `with` (it is called with many types):
+    /// keeps the fields sorted by key, as logrus prints them.
+    fn set(mut self, key: &'static str, value: String) -> Event {
+        match self.fields.binary_search_by(|(k, _)| (*k).cmp(key)) {
+            Ok(i) => self.fields[i].1 = value,
+            Err(i) => self.fields.insert(i, (key, value)),
         }
         self
     }
@@ -110,9 +116,7 @@ impl fmt::Display for Event {
     /// `msg="…" k=v …`, keys sorted like logrus' text formatter.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "msg={}", crate::logging::quote(self.action))?;
-        let mut fields: Vec<&(&str, String)> = self.fields.iter().collect();
-        fields.sort_by_key(|(k, _)| *k);
-        for (k, v) in fields {
+        for (k, v) in &self.fields {
             if needs_quoting(v) {
                 write!(f, " {k}={}", crate::logging::quote(v))?;
             } else {
@@ -134,7 +138,7 @@ fn needs_quoting(v: &str) -> bool {
 
 /// `1.5s`, `250ms`, `2m3.4s`: Go's `Duration.String` after rounding to ms.
 pub fn go_duration(d: Duration) -> String {
-    let ms = d.as_millis();
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if ms == 0 {
         return "0s".to_string();
     }
