@@ -45,8 +45,8 @@ pub struct Config {
     pub reconnect_interval_seconds: i64,
     /// `FileTransfer.Disable`: default false.
     pub file_transfer: Toggle,
-    /// `PortForward.Disable`: default false.
-    pub port_forward: Toggle,
+    /// `PortForward`: the switch and the target allow-list.
+    pub port_forward: PortForwardConfig,
     /// `MenderClient.Disable`: default false.
     pub mender_client: Toggle,
     /// `Limits`: file-transfer restrictions (transfer.md §3).
@@ -82,6 +82,16 @@ pub struct SessionsConfig {
 pub struct Toggle {
     /// `Disable`: default false.
     pub disable: bool,
+}
+
+/// `PortForward` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortForwardConfig {
+    /// `Disable`: default false.
+    pub disable: bool,
+    /// `AllowedTargets`: `[udp/]HOST:PORT` entries a `new` may reach;
+    /// default empty (every target). Not a key of the Go daemon.
+    pub allowed_targets: Vec<String>,
 }
 
 /// `Limits` section.
@@ -234,6 +244,8 @@ pub enum ConfigError {
         /// The configured value.
         value: i64,
     },
+    /// An entry of `PortForward.AllowedTargets` does not parse.
+    AllowedTarget(crate::sessions::portforward::allow::EntryError),
 }
 
 impl ConfigError {
@@ -259,6 +271,7 @@ impl ConfigError {
             | ConfigError::UnknownUser { .. }
             | ConfigError::UserLookup { .. } => Some("User"),
             ConfigError::NegativeReconnectInterval { .. } => Some("ReconnectIntervalSeconds"),
+            ConfigError::AllowedTarget(_) => Some(crate::sessions::portforward::allow::KEY),
             _ => None,
         }
     }
@@ -317,6 +330,7 @@ impl fmt::Display for ConfigError {
                 f,
                 "ReconnectIntervalSeconds: must not be negative (got {value})"
             ),
+            ConfigError::AllowedTarget(e) => write!(f, "{e}"),
         }
     }
 }
@@ -434,6 +448,7 @@ struct Raw {
     preserve_mode: Option<bool>,
     preserve_owner: Option<bool>,
     preserve_group: Option<bool>,
+    allowed_targets: Option<Vec<String>>,
 }
 
 impl Raw {
@@ -457,7 +472,7 @@ impl Raw {
                 },
                 reconnect_interval_seconds: 0,
                 file_transfer: Toggle::default(),
-                port_forward: Toggle::default(),
+                port_forward: PortForwardConfig::default(),
                 mender_client: Toggle::default(),
                 limits: LimitsConfig {
                     enabled: false,
@@ -486,6 +501,7 @@ impl Raw {
             preserve_mode: None,
             preserve_owner: None,
             preserve_group: None,
+            allowed_targets: None,
         }
     }
 
@@ -539,6 +555,7 @@ impl Raw {
         ft.preserve_mode = self.preserve_mode.unwrap_or(true);
         ft.preserve_owner = self.preserve_owner.unwrap_or(true);
         ft.preserve_group = self.preserve_group.unwrap_or(true);
+        c.port_forward.allowed_targets = self.allowed_targets.unwrap_or_default();
         if c.sessions.max_per_user == 0 {
             c.sessions.max_per_user = 1;
         }
@@ -582,9 +599,29 @@ impl Raw {
                 "FileTransfer" => {
                     decode_toggle(val, &mut c.file_transfer, "FileTransferConfig", &at)
                 }
-                "PortForward" => decode_toggle(val, &mut c.port_forward, "PortForwardConfig", &at),
+                "PortForward" => self.decode_port_forward(val, &at),
                 _ => decode_toggle(val, &mut c.mender_client, "MenderClientConfig", &at),
             }
+        })
+    }
+
+    fn decode_port_forward(&mut self, v: &Json, at: &Loc) -> Result<(), DecodeError> {
+        const S: &str = "PortForwardConfig";
+        walk_object(v, at, "config.PortForwardConfig", |k, val| match canonical(
+            k,
+            &["Disable", "AllowedTargets"],
+        ) {
+            Some("Disable") => set_bool(
+                val,
+                &mut self.cfg.port_forward.disable,
+                &at.field(S, "Disable"),
+            ),
+            Some(_) => set_strings(
+                val,
+                &mut self.allowed_targets,
+                &at.field(S, "AllowedTargets"),
+            ),
+            None => unknown(at, k),
         })
     }
 
@@ -1013,4 +1050,4 @@ mod validate;
 #[cfg(test)]
 use json::MAX_DEPTH;
 use json::{Json, parse_json};
-pub use validate::validate;
+pub use validate::{check_allowed_targets, validate};

@@ -62,9 +62,15 @@ pub fn registry(cfg: &Config) -> Registry {
         r.register(PROTO_FILETRANSFER, Box::new(move |ctx| ft.handler(ctx)));
     }
     if !cfg.port_forward.disable {
+        // validated at start; should it still fail here, fail closed
+        let allow = portforward::AllowList::parse(&cfg.port_forward.allowed_targets)
+            .unwrap_or_else(|e| {
+                log::error!("{e}; port forwarding refuses every target");
+                portforward::AllowList::deny_all()
+            });
         r.register(
             PROTO_PORTFORWARD,
-            portforward::factory(portforward::Settings::from_env()),
+            portforward::factory(portforward::Settings::from_env(), allow),
         );
     }
     if !cfg.mender_client.disable {

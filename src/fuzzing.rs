@@ -87,9 +87,38 @@ pub fn shell(data: &[u8]) {
     }
 }
 
-/// The configuration file parser, bytes as the file's content.
+/// The configuration file parser, bytes as the file's content, and the
+/// `PortForward.AllowedTargets` entries it yields: an accepted list prints
+/// a canonical form that parses back to the same list.
 pub fn config(data: &[u8]) {
-    let _ = crate::config::parse(Path::new("fuzz.conf"), data);
+    let Ok(cfg) = crate::config::parse(Path::new("fuzz.conf"), data) else {
+        return;
+    };
+    let _ = crate::config::check_allowed_targets(&cfg);
+    allow_list(&cfg.port_forward.allowed_targets);
+}
+
+fn allow_list(entries: &[String]) {
+    use crate::sessions::portforward::{AllowList, Net};
+    let Ok(list) = AllowList::parse(entries) else {
+        return;
+    };
+    let shown = list.to_string();
+    let again: Vec<&str> = if shown.is_empty() {
+        Vec::new()
+    } else {
+        shown.split(',').collect()
+    };
+    match AllowList::parse(&again) {
+        Ok(l) => assert_eq!(l, list, "canonical form {shown:?} changed the list"),
+        Err(e) => panic!("canonical form {shown:?} does not parse: {e}"),
+    }
+    // the matcher itself must not panic on what the entries produce
+    for e in entries {
+        let host = e.rsplit_once(':').map_or(e.as_str(), |(h, _)| h);
+        let _ = list.verdict(Net::Tcp, host, 22);
+        let _ = list.verdict(Net::Udp, host, 53);
+    }
 }
 
 /// A chroot with symlinks that point out of it, built once per process

@@ -1,6 +1,7 @@
 //! mender-connect: a synchronous Rust re-implementation of Mender's device-side
 //! remote-access daemon.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod conn;

@@ -17,6 +17,15 @@ pub fn init(level: log::LevelFilter) {
                 log::Level::Debug => "debug",
                 log::Level::Trace => "trace",
             };
+            if record.target() == crate::audit::TARGET {
+                // an audit::Event already is `msg="…" k=v …`, quoted where needed
+                return writeln!(
+                    buf,
+                    "time=\"{}\" level={level} {}",
+                    rfc3339_now(),
+                    record.args()
+                );
+            }
             writeln!(
                 buf,
                 "time=\"{}\" level={level} msg={}",
@@ -28,7 +37,7 @@ pub fn init(level: log::LevelFilter) {
 }
 
 /// logfmt quoting: backslash, quote and control characters escaped.
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

@@ -916,3 +916,72 @@ fn missing_shells_file_accepts_only_bin_sh() {
     };
     assert!(validate(&sh, &none).is_ok());
 }
+
+// --- PortForward.AllowedTargets (not a key of the Go daemon) ---
+
+#[test]
+fn allowed_targets_load_merge_and_reset_like_go_slices() {
+    let c = load1(r#"{"PortForward": {"AllowedTargets": ["127.0.0.1:22", "udp/*:53"]}}"#);
+    assert_eq!(
+        c.port_forward.allowed_targets,
+        vec!["127.0.0.1:22".to_string(), "udp/*:53".to_string()]
+    );
+    assert!(!c.port_forward.disable);
+    assert!(Config::default().port_forward.allowed_targets.is_empty());
+    // keys fold case; the main file's list replaces the fallback's
+    let c = load2(
+        Some(r#"{"PortForward": {"AllowedTargets": ["a:1", "b:2"]}}"#),
+        Some(r#"{"portforward": {"allowedtargets": ["c:3"], "disable": true}}"#),
+    )
+    .expect("loads");
+    assert_eq!(c.port_forward.allowed_targets, vec!["c:3".to_string()]);
+    assert!(c.port_forward.disable);
+    // null resets a slice, absence keeps it
+    let c = load2(
+        Some(r#"{"PortForward": {"AllowedTargets": ["a:1"]}}"#),
+        Some(r#"{"PortForward": {"AllowedTargets": null}}"#),
+    )
+    .expect("loads");
+    assert!(c.port_forward.allowed_targets.is_empty());
+    let c = load2(
+        Some(r#"{"PortForward": {"AllowedTargets": ["a:1"]}}"#),
+        Some(r#"{"PortForward": {"Disable": false}}"#),
+    )
+    .expect("loads");
+    assert_eq!(c.port_forward.allowed_targets, vec!["a:1".to_string()]);
+}
+
+#[test]
+fn allowed_targets_of_the_wrong_type_name_the_key() {
+    let e = load_err(r#"{"PortForward": {"AllowedTargets": "127.0.0.1:22"}}"#);
+    assert_eq!(e.key(), Some("PortForward.AllowedTargets"));
+    assert!(
+        e.to_string().ends_with(
+            "(PortForward.AllowedTargets: json: cannot unmarshal string into Go struct field \
+             PortForwardConfig.PortForward.AllowedTargets of type []string)"
+        ),
+        "{e}"
+    );
+    let e = load_err(r#"{"PortForward": {"AllowedTargets": [22]}}"#);
+    assert_eq!(e.key(), Some("PortForward.AllowedTargets"));
+}
+
+#[test]
+fn a_bad_allowed_target_fails_validation_naming_key_and_entry() {
+    let d = TempDir::new();
+    let (good, shells) = valid(&d);
+    let mut cfg = good.clone();
+    cfg.port_forward.allowed_targets = vec!["10.0.0.0/8:22".into(), "10.0.0.1:99999".into()];
+    let e = validate(&cfg, &shells).expect_err("bad entry");
+    assert_eq!(e.key(), Some("PortForward.AllowedTargets"));
+    assert_eq!(
+        e.to_string(),
+        "PortForward.AllowedTargets: invalid entry \"10.0.0.1:99999\": \
+         port must be *, a number from 1 to 65535 or a range LOW-HIGH"
+    );
+    // checked even while port forwarding is disabled
+    cfg.port_forward.disable = true;
+    assert!(validate(&cfg, &shells).is_err());
+    cfg.port_forward.allowed_targets = vec!["[::1]:22".into(), "*:*".into()];
+    assert!(validate(&cfg, &shells).is_ok());
+}

@@ -31,8 +31,17 @@ pub fn validate(cfg: &Config, etc_shells: &Path) -> Result<ValidatedUser, Config
             value: cfg.reconnect_interval_seconds,
         });
     }
+    check_allowed_targets(cfg)?;
     log::debug!("Verified configuration = {cfg:?}");
     Ok(user)
+}
+
+/// Every `PortForward.AllowedTargets` entry must parse (checked even when
+/// port forwarding is disabled, so a typo surfaces before it is enabled).
+pub fn check_allowed_targets(cfg: &Config) -> Result<(), ConfigError> {
+    crate::sessions::portforward::AllowList::parse(&cfg.port_forward.allowed_targets)
+        .map(|_| ())
+        .map_err(ConfigError::AllowedTarget)
 }
 
 /// The shell must equal a whole line of the shells file (Go `bufio.ScanLines`:

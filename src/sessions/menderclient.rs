@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 
+use crate::audit::{Event, Outcome};
 use crate::conn::codec::{PROTO_MENDERCLIENT, ProtoMsg, Value};
 use crate::conn::router::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
@@ -223,6 +224,22 @@ pub fn reply(sid: &str, typ: &str, result: &Result<(), McError>) -> ProtoMsg {
     }
 }
 
+/// The audit line of trigger `typ` asked by `user_id`: how it ended, or the
+/// cap that refused it.
+pub fn audit(user_id: &str, sid: &str, typ: &str, result: &Result<(), McError>) -> Event {
+    const ACTION: &str = "mender-client trigger";
+    let e = match result {
+        Ok(()) => Event::new(ACTION, user_id, sid, Outcome::Ok).with("status", "exit status 0"),
+        Err(e @ McError::Busy) => {
+            Event::refused(ACTION, user_id, sid, "pending requests cap", &e.to_string())
+        }
+        Err(McError::Failed(st)) => Event::new(ACTION, user_id, sid, Outcome::Error)
+            .with("status", crate::sessions::shell::status_text(st.into_raw())),
+        Err(e) => Event::new(ACTION, user_id, sid, Outcome::Error).with("err", e),
+    };
+    e.with("trigger", typ)
+}
+
 /// The handler factory.
 pub fn factory(settings: Settings) -> Factory {
     let settings = Arc::new(settings);
@@ -239,7 +256,7 @@ pub fn factory(settings: Settings) -> Factory {
 struct MenderClient {
     ctx: SessionCtx,
     settings: Arc<Settings>,
-    worker: Option<Sender<String>>,
+    worker: Option<Sender<(String, String)>>,
     closed: Arc<AtomicBool>,
 }
 
@@ -250,11 +267,11 @@ impl MenderClient {
         }
     }
 
-    fn start_worker(&mut self) -> Result<Sender<String>, McError> {
+    fn start_worker(&mut self) -> Result<Sender<(String, String)>, McError> {
         if let Some(tx) = &self.worker {
             return Ok(tx.clone());
         }
-        let (tx, rx) = crossbeam_channel::bounded::<String>(QUEUE_LIMIT);
+        let (tx, rx) = crossbeam_channel::bounded::<(String, String)>(QUEUE_LIMIT);
         let ctx = self.ctx.clone();
         let settings = Arc::clone(&self.settings);
         let closed = Arc::clone(&self.closed);
@@ -263,7 +280,7 @@ impl MenderClient {
             .stack_size(THREAD_STACK)
             .spawn(move || {
                 // ends when the handler drops its sender
-                for typ in rx {
+                for (typ, user_id) in rx {
                     // requests still queued when the session ended are dropped
                     if closed.load(Ordering::Acquire) {
                         break;
@@ -274,6 +291,7 @@ impl MenderClient {
                         Ok(()) => log::info!("mender client: {typ} done"),
                         Err(e) => log::warn!("mender client: {typ} failed: {e}"),
                     }
+                    audit(&user_id, &ctx.sid, &typ, &result).emit();
                     // after the session ended, nobody is there for the reply
                     if !closed.load(Ordering::Acquire)
                         && let Err(e) = ctx.out.send(&reply(&ctx.sid, &typ, &result))
@@ -295,16 +313,19 @@ impl Handler for MenderClient {
             self.send(&reply(&self.ctx.sid, &typ, &Err(McError::UnknownType)));
             return;
         }
-        let queued = self
-            .start_worker()
-            .and_then(|tx| match tx.try_send(typ.clone()) {
-                Ok(()) => Ok(()),
-                Err(TrySendError::Full(_)) => Err(McError::Busy),
-                Err(TrySendError::Disconnected(_)) => Err(McError::Busy),
-            });
+        let user_id = msg.prop_str("user_id").unwrap_or_default().to_string();
+        let queued =
+            self.start_worker()
+                .and_then(|tx| match tx.try_send((typ.clone(), user_id.clone())) {
+                    Ok(()) => Ok(()),
+                    Err(TrySendError::Full(_)) => Err(McError::Busy),
+                    Err(TrySendError::Disconnected(_)) => Err(McError::Busy),
+                });
         if let Err(e) = queued {
             log::warn!("mender client: {typ} refused: {e}");
-            self.send(&reply(&self.ctx.sid, &typ, &Err(e)));
+            let result = Err(e);
+            audit(&user_id, &self.ctx.sid, &typ, &result).emit();
+            self.send(&reply(&self.ctx.sid, &typ, &result));
         }
     }
 

@@ -11,7 +11,7 @@ use crate::limits::bucket::{LimitError, MAX_WAIT};
 use crate::limits::path::os_text;
 
 use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
-use super::{DownloadRefusal, FileTransfer, Link, Next, Refusal, Service};
+use super::{DOWNLOAD, DownloadRefusal, FileTransfer, Link, Next, Refusal, Service, audit_event};
 
 impl FileTransfer {
     /// Checks and opens the file, then starts the streaming thread.
@@ -79,7 +79,9 @@ enum Fail {
 
 impl Download {
     fn run(mut self, link: &Link) {
-        if let Err(Fail::Reply(hdr, msgtype, err)) = self.stream(link) {
+        let result = self.stream(link);
+        self.audit(link, &result);
+        if let Err(Fail::Reply(hdr, msgtype, err)) = result {
             log::info!(
                 "file transfer {}: download of {}: {err}",
                 link.sid,
@@ -87,6 +89,22 @@ impl Download {
             );
             link.send(&wire::error_reply(&hdr, &msgtype, &err));
         }
+    }
+
+    /// One audit line for the whole download.
+    fn audit(&self, link: &Link, result: &Result<(), Fail>) {
+        let event = match result {
+            Ok(()) => audit_event(DOWNLOAD, &self.req, &link.sid, Ok(())),
+            Err(Fail::Reply(_, _, err)) => audit_event(DOWNLOAD, &self.req, &link.sid, Err(err)),
+            Err(Fail::Quiet) => {
+                audit_event(DOWNLOAD, &self.req, &link.sid, Ok(())).with("result", "aborted")
+            }
+        };
+        event
+            .with("path", &self.path)
+            .with_opt("resolved", crate::audit::fd_path(self.file.as_raw_fd()))
+            .with_opt("size", self.file.metadata().ok().map(|m| m.len()))
+            .emit();
     }
 
     fn stream(&mut self, link: &Link) -> Result<(), Fail> {

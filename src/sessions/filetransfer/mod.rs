@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
 
+use crate::audit::{self, Event, Outcome};
 use crate::config::LimitsConfig;
 use crate::conn::codec::{ProtoHdr, ProtoMsg};
 use crate::conn::outbound::Outbound;
@@ -297,11 +298,13 @@ impl Handler for FileTransfer {
             "stat" => self.stat(&msg),
             "get_file" => {
                 if let Err(e) = self.start_download(&msg) {
+                    audit_unstarted(DOWNLOAD, &msg, &self.ctx.sid, &e.text);
                     self.reply_error_with_code(&msg.hdr, "get_file", &e.text, e.code);
                 }
             }
             "put_file" => {
                 if let Err(e) = self.start_upload(&msg) {
+                    audit_unstarted(UPLOAD, &msg, &self.ctx.sid, &e);
                     self.reply_error(&msg.hdr, "put_file", &e);
                 }
             }
@@ -318,6 +321,46 @@ impl Handler for FileTransfer {
             a.stop();
         }
     }
+}
+
+/// Audit actions of this protocol.
+const DOWNLOAD: &str = "file download";
+const UPLOAD: &str = "file upload";
+
+/// The audit line of a transfer of `action` requested by `req`, ended by
+/// `result`: a failure whose text names a Limits rule is a refusal.
+fn audit_event(action: &'static str, req: &ProtoHdr, sid: &str, result: Result<(), &str>) -> Event {
+    let user = req
+        .props
+        .iter()
+        .find(|(k, _)| *k == "user_id")
+        .and_then(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    match result {
+        Ok(()) => Event::new(action, user, sid, Outcome::Ok),
+        Err(err) => match audit::transfer_rule(err, action == UPLOAD) {
+            Some(rule) => Event::refused(action, user, sid, rule, err),
+            None => Event::new(action, user, sid, Outcome::Error).with("err", err),
+        },
+    }
+}
+
+/// The audit line of a `get_file`/`put_file` refused before it started.
+fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &str) {
+    let req = Request::decode(msg.body.as_deref()).ok();
+    let path = req
+        .as_ref()
+        .and_then(|r| r.path.as_deref())
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let mut e = audit_event(action, &msg.hdr, sid, Err(err)).with_opt("path", path);
+    if let Some(r) = req.filter(|_| action == UPLOAD) {
+        e = e
+            .with_opt("mode", r.mode.map(|m| format!("{m:o}")))
+            .with_opt("uid", r.uid)
+            .with_opt("gid", r.gid)
+            .with_opt("size", r.size);
+    }
+    e.emit();
 }
 
 /// A refusal before a transfer starts: a permit reason or an OS error.

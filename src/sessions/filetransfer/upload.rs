@@ -15,7 +15,7 @@ use crate::limits::bucket::MAX_WAIT;
 use crate::limits::path::{PathError, openat, os_text};
 
 use super::wire::{self, ACK_EVERY, GO_SETUID, Request, offset_of};
-use super::{FileTransfer, Link, Next, Service};
+use super::{FileTransfer, Link, Next, Service, UPLOAD, audit_event};
 
 /// Temp-name attempts on EEXIST, as upstream.
 const TEMP_ATTEMPTS: u32 = 100;
@@ -294,7 +294,9 @@ enum Fail {
 
 impl Upload {
     fn run(mut self, link: &Link) {
-        match self.receive(link) {
+        let result = self.receive(link);
+        self.audit(link, &result);
+        match result {
             Ok(()) => log::info!("file transfer {}: uploaded {}", link.sid, self.shown),
             Err(Fail::Quiet) => log::info!(
                 "file transfer {}: upload of {} aborted",
@@ -310,6 +312,46 @@ impl Upload {
                 link.send(&wire::error_reply(&req, "put_file", &err));
             }
         }
+    }
+
+    /// One audit line for the whole upload: the final path, size, mode and
+    /// owner, or why it failed.
+    fn audit(&self, link: &Link, result: &Result<(), Fail>) {
+        let p = &self.svc.policy;
+        let event = match result {
+            Ok(()) => audit_event(UPLOAD, &self.req, &link.sid, Ok(())),
+            Err(Fail::Reply(err)) => {
+                let mut e = audit_event(UPLOAD, &self.req, &link.sid, Err(err));
+                if err == "failed to write file chunk: transmitted bytes limit exhausted"
+                    && p.rx.is_some()
+                    && p.max_file_size > 0
+                {
+                    // upstream uses one text for both rules
+                    e = e.with(
+                        "rule",
+                        "Limits.FileTransfer.MaxFileSize or Counters.MaxBytesRxPerMinute",
+                    );
+                } else if err.ends_with("transmitted bytes limit exhausted") && p.rx.is_some() {
+                    e = e.with("rule", "Limits.FileTransfer.Counters.MaxBytesRxPerMinute");
+                }
+                e
+            }
+            Err(Fail::Quiet) => {
+                audit_event(UPLOAD, &self.req, &link.sid, Ok(())).with("result", "aborted")
+            }
+        };
+        let dir = crate::audit::fd_path(self.dir.as_raw_fd());
+        event
+            .with("path", &self.shown)
+            .with_opt(
+                "resolved",
+                dir.map(|d| format!("{d}/{}", lossy(&self.leaf))),
+            )
+            .with_opt("size", self.file.metadata().ok().map(|m| m.len()))
+            .with("mode", format!("{:o}", self.plan.mode))
+            .with("uid", self.plan.uid)
+            .with("gid", self.plan.gid)
+            .emit();
     }
 
     fn receive(&mut self, link: &Link) -> Result<(), Fail> {

@@ -8,9 +8,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::allow::{self, AllowList};
 use super::dial::{self, Net, Sock, Target};
 use super::inbox::{Inbox, Item, Next};
 use super::{Settings, error_msg, pf_msg};
+use crate::audit::{Event, Outcome};
 use crate::conn::codec::ProtoMsg;
 use crate::conn::outbound::Outbound;
 use crate::conn::wake::poll_fds;
@@ -43,6 +45,10 @@ pub struct ConnCtx {
     pub inbox: Arc<Inbox>,
     /// Timers.
     pub settings: Settings,
+    /// `PortForward.AllowedTargets`.
+    pub allow: Arc<AllowList>,
+    /// The server's `user_id` of the `new`, for the audit trail.
+    pub user_id: String,
 }
 
 impl ConnCtx {
@@ -78,10 +84,24 @@ impl ConnCtx {
 /// timeout or a quiet close.
 pub fn run(ctx: ConnCtx, target: Target) {
     let inbox = Arc::clone(&ctx.inbox);
-    let sock = match dial::dial(&target, ctx.settings.dial_timeout) {
+    let started = Instant::now();
+    let audit = |outcome| {
+        Event::new("port forward open", &ctx.user_id, &ctx.sid, outcome)
+            .with("connection_id", &ctx.cid)
+            .with("protocol", target.net.name())
+            .with("target", format!("{}:{}", target.host, target.port))
+    };
+    let sock = match dial::dial(&target, &ctx.allow, ctx.settings.dial_timeout) {
         Ok(s) => s,
         Err(e) => {
             log::info!("port forward {}/{}: {e}", ctx.sid, ctx.cid);
+            match e {
+                dial::DialError::NotAllowed { .. } => audit(Outcome::Refused)
+                    .with("rule", allow::KEY)
+                    .with("err", &e),
+                _ => audit(Outcome::Error).with("err", &e),
+            }
+            .emit();
             if let Some(left) = inbox.finish() {
                 ctx.send_error(&e.to_string(), "new");
                 ctx.unknown(left);
@@ -99,6 +119,7 @@ pub fn run(ctx: ConnCtx, target: Target) {
         target.net.name(),
         sock.endpoints()
     );
+    audit(Outcome::Ok).with("peer", sock.endpoints()).emit();
     // The reply goes out before anything read from the target (protocol.md
     // §3.3 SHOULD): this thread sends both, in this order.
     ctx.send(&pf_msg("new", &ctx.sid, &ctx.cid));
@@ -114,9 +135,26 @@ pub fn run(ctx: ConnCtx, target: Target) {
         writing: None,
         last_activity: Instant::now(),
         forward_sent: None,
+        rx_bytes: 0,
+        tx_bytes: 0,
     };
     let end = pump.run();
+    let (rx, tx) = (pump.rx_bytes, pump.tx_bytes);
     drop(pump.sock);
+    let stopped_by = match &end {
+        End::Quiet => "session".to_string(),
+        End::StopRequested => "operator".to_string(),
+        End::Target(why) => why.clone(),
+    };
+    Event::new("port forward close", &ctx.user_id, &ctx.sid, Outcome::Ok)
+        .with("connection_id", &ctx.cid)
+        .with("protocol", target.net.name())
+        .with("target", format!("{}:{}", target.host, target.port))
+        .with("rx_bytes", rx)
+        .with("tx_bytes", tx)
+        .with("stopped_by", stopped_by)
+        .with_duration(started.elapsed())
+        .emit();
     match end {
         End::Quiet => {}
         End::StopRequested => {
@@ -154,6 +192,9 @@ struct Pump<'a> {
     last_activity: Instant,
     /// When the `forward` in flight was sent.
     forward_sent: Option<Instant>,
+    /// Bytes written to the target (from the operator) and read from it.
+    rx_bytes: u64,
+    tx_bytes: u64,
 }
 
 impl Pump<'_> {
@@ -239,6 +280,7 @@ impl Pump<'_> {
         match result {
             Ok(n) => {
                 *done += n;
+                self.rx_bytes += n as u64;
                 if matches!(self.sock, Sock::Udp(_)) || *done >= data.len() {
                     self.writing = None;
                     self.inbox.written();
@@ -292,6 +334,7 @@ impl Pump<'_> {
                 }
                 self.last_activity = Instant::now();
                 self.forward_sent = Some(self.last_activity);
+                self.tx_bytes += n as u64;
                 // Hand the buffer itself to the message to save a copy, and
                 // take it back once encoded.
                 let mut data = std::mem::take(&mut self.buf);

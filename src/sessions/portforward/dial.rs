@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use super::allow::{AllowList, Verdict};
+
 /// Transport of a forwarded connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Net {
@@ -50,6 +52,12 @@ pub enum DialError {
         /// Resolver text.
         text: String,
     },
+    /// `PortForward.AllowedTargets` does not allow the target; nothing was
+    /// dialled.
+    NotAllowed {
+        /// The `host:port` as requested.
+        addr: String,
+    },
     /// Every resolved address failed; this is the first failure.
     Connect {
         /// Transport.
@@ -67,6 +75,7 @@ impl fmt::Display for DialError {
             DialError::Lookup { net, addr, text } => {
                 write!(f, "dial {}: lookup {addr}: {text}", net.name())
             }
+            DialError::NotAllowed { addr } => write!(f, "port forward to {addr} is not allowed"),
             // Go names the failing syscall, except for its own deadline
             DialError::Connect { net, addr, text } if text == "i/o timeout" => {
                 write!(f, "dial {} {addr}: {text}", net.name())
@@ -153,14 +162,23 @@ impl Sock {
     }
 }
 
-/// Resolves and connects, trying each address in turn within `timeout`
-/// overall. Runs on the connection's own thread: it may block that long.
-pub fn dial(target: &Target, timeout: Duration) -> Result<Sock, DialError> {
+/// Resolves once, checks the target against `allow`, and connects only to
+/// the addresses checked, trying each in turn within `timeout` overall.
+/// Runs on the connection's own thread: it may block that long.
+pub fn dial(target: &Target, allow: &AllowList, timeout: Duration) -> Result<Sock, DialError> {
     let deadline = Instant::now() + timeout;
     // Go concatenates host and port; a client brackets IPv6 literals itself.
     let addr = format!("{}:{}", target.host, target.port);
+    let verdict = allow.verdict(target.net, &target.host, target.port);
+    if verdict == Verdict::Denied {
+        return Err(DialError::NotAllowed { addr });
+    }
     let addrs: Vec<SocketAddr> = match addr.to_socket_addrs() {
         Ok(a) => a.collect(),
+        Err(_) if verdict == Verdict::CheckAddresses => {
+            // nothing resolved, so nothing can be shown to be inside the list
+            return Err(DialError::NotAllowed { addr });
+        }
         Err(e) => {
             return Err(DialError::Lookup {
                 net: target.net,
@@ -169,6 +187,12 @@ pub fn dial(target: &Target, timeout: Duration) -> Result<Sock, DialError> {
             });
         }
     };
+    if verdict == Verdict::CheckAddresses {
+        let ips: Vec<std::net::IpAddr> = addrs.iter().map(SocketAddr::ip).collect();
+        if !allow.covers(target.net, target.port, &ips) {
+            return Err(DialError::NotAllowed { addr });
+        }
+    }
     let mut first: Option<DialError> = None;
     for a in &addrs {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -233,13 +257,46 @@ mod tests {
     }
 
     #[test]
+    fn a_denied_target_is_refused_without_a_connection_attempt() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let port = l.local_addr().expect("addr").port();
+        let target = Target {
+            net: Net::Tcp,
+            host: "127.0.0.1".to_string(),
+            port,
+        };
+        let deny = AllowList::parse(&["127.0.0.2:*", "udp/127.0.0.1:*"]).expect("list");
+        let e = dial(&target, &deny, Duration::from_secs(5)).expect_err("denied");
+        assert_eq!(
+            e.to_string(),
+            format!("port forward to 127.0.0.1:{port} is not allowed")
+        );
+        let none = l.accept().map(|_| ()).expect_err("nobody connected");
+        assert_eq!(none.kind(), io::ErrorKind::WouldBlock);
+        // a name that does not resolve proves nothing against address entries
+        let nx = Target {
+            host: "no-such-host.invalid".to_string(),
+            ..target.clone()
+        };
+        let e = dial(&nx, &deny, Duration::from_secs(5)).expect_err("denied");
+        assert!(matches!(e, DialError::NotAllowed { .. }), "{e}");
+
+        let allow = AllowList::parse(&["127.0.0.0/8:*"]).expect("list");
+        dial(&target, &allow, Duration::from_secs(5)).expect("allowed");
+        // connect returned, so the handshake is done and accept is ready
+        l.accept().expect("the allowed dial connected");
+    }
+
+    #[test]
     fn a_closed_port_gives_the_reference_text() {
         let target = Target {
             net: Net::Tcp,
             host: "127.0.0.1".to_string(),
             port: 1,
         };
-        let e = dial(&target, Duration::from_secs(5)).expect_err("port 1 is closed");
+        let e = dial(&target, &AllowList::default(), Duration::from_secs(5))
+            .expect_err("port 1 is closed");
         assert_eq!(
             e.to_string(),
             "dial tcp 127.0.0.1:1: connect: connection refused"

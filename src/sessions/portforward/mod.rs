@@ -23,17 +23,22 @@
 //!   left unacked for 60 s ends the connection with `stop`;
 //! - a `new` reusing a live `connection_id` closes the old socket first;
 //! - errors carry `connection_id` in props when there is one (transfer.md
-//!   §1.4 SHOULD), otherwise the shape is the reference's `{err, msgtype}`.
+//!   §1.4 SHOULD), otherwise the shape is the reference's `{err, msgtype}`;
+//! - `PortForward.AllowedTargets` (see `allow`) restricts targets: a `new`
+//!   outside it gets `port forward to <host>:<port> is not allowed` and no
+//!   socket is opened (the reference has no such key and ignores it).
 //!
 //! Environment overrides (for tests; positive integers, otherwise ignored):
 //! `MENDER_CONNECT_PF_IDLE_MS` (idle timeout), `MENDER_CONNECT_PF_ACK_MS`
 //! (ack timeout), `MENDER_CONNECT_PF_DIAL_MS` (dial timeout),
 //! `MENDER_CONNECT_PF_MAX_PER_SESSION`, `MENDER_CONNECT_PF_MAX_TOTAL`.
 
+pub mod allow;
 mod conn;
 mod dial;
 mod inbox;
 
+pub use allow::AllowList;
 pub use conn::{CHUNK_MAX, TCP_CHUNK_MIN, UDP_BUF};
 pub use dial::{DialError, Net, Target};
 
@@ -43,6 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::audit::{Event, Outcome};
 use crate::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::conn::control::{decode_map, encode_map};
 use crate::conn::router::sid8;
@@ -116,13 +122,16 @@ fn env_num(name: &str) -> Option<u64> {
     }
 }
 
-/// The handler factory; all sessions share one global connection count.
-pub fn factory(settings: Settings) -> Factory {
+/// The handler factory; all sessions share one global connection count
+/// and the allow-list.
+pub fn factory(settings: Settings, allow: AllowList) -> Factory {
     let total = Arc::new(AtomicUsize::new(0));
+    let allow = Arc::new(allow);
     Box::new(move |ctx: &SessionCtx| {
         Box::new(PortForward {
             ctx: ctx.clone(),
             settings,
+            allow: Arc::clone(&allow),
             total: Arc::clone(&total),
             conns: HashMap::new(),
             next_n: 0,
@@ -223,6 +232,7 @@ pub fn parse_new(body: &[u8], has_id: bool) -> Result<Target, PfError> {
 struct PortForward {
     ctx: SessionCtx,
     settings: Settings,
+    allow: Arc<AllowList>,
     total: Arc<AtomicUsize>,
     conns: HashMap<String, Arc<Inbox>>,
     next_n: u64,
@@ -243,7 +253,7 @@ impl PortForward {
         }
     }
 
-    fn new_connection(&mut self, cid: &str, body: &[u8]) -> Result<(), PfError> {
+    fn new_connection(&mut self, cid: &str, user_id: &str, body: &[u8]) -> Result<(), PfError> {
         let target = parse_new(body, !cid.is_empty())?;
         if let Some(old) = self.conns.remove(cid) {
             // a reused id: the old socket goes, silently (its messages would
@@ -255,8 +265,22 @@ impl PortForward {
             old.close_quietly();
         }
         self.conns.retain(|_, ib| !ib.is_closed());
+        let refuse = |rule: &str| {
+            Event::refused(
+                "port forward open",
+                user_id,
+                &self.ctx.sid,
+                rule,
+                &PfError::TooMany.to_string(),
+            )
+            .with("connection_id", cid)
+            .with("protocol", target.net.name())
+            .with("target", format!("{}:{}", target.host, target.port))
+            .emit();
+            PfError::TooMany
+        };
         if self.conns.len() >= self.settings.max_per_session {
-            return Err(PfError::TooMany);
+            return Err(refuse("connections per session cap"));
         }
         let max_total = self.settings.max_total;
         let taken = self
@@ -265,7 +289,7 @@ impl PortForward {
                 (n < max_total).then_some(n + 1)
             });
         if taken.is_err() {
-            return Err(PfError::TooMany);
+            return Err(refuse("connections in total cap"));
         }
         let inbox = match Inbox::new(Arc::clone(&self.total)) {
             Ok(ib) => Arc::new(ib),
@@ -281,6 +305,8 @@ impl PortForward {
             out: self.ctx.out.clone(),
             settings: self.settings,
             inbox: Arc::clone(&inbox),
+            allow: Arc::clone(&self.allow),
+            user_id: user_id.to_string(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("pf-{}-{}", sid8(&self.ctx.sid), self.next_n))
@@ -345,7 +371,15 @@ impl Handler for PortForward {
         match typ {
             "new" => {
                 let body = msg.body.as_deref().unwrap_or_default();
-                if let Err(e) = self.new_connection(&cid, body) {
+                let user_id = msg.prop_str("user_id").unwrap_or_default();
+                if let Err(e) = self.new_connection(&cid, user_id, body) {
+                    // a cap refusal has its own line already
+                    if !matches!(e, PfError::TooMany) {
+                        Event::new("port forward open", user_id, &self.ctx.sid, Outcome::Error)
+                            .with("connection_id", &cid)
+                            .with("err", &e)
+                            .emit();
+                    }
                     self.reply_error(&cid, &e, "new");
                 }
             }

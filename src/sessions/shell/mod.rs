@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
+use crate::audit::{Event, Outcome};
 use crate::config::{Config, ValidatedUser};
 use crate::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
 use crate::conn::outbound::Outbound;
@@ -52,6 +53,20 @@ const TERMINATE_ALL_WAIT: Duration = Duration::from_millis(900);
 pub(crate) const STOP_REPLY: u8 = 1;
 pub(crate) const STOP_QUIET: u8 = 2;
 
+/// Who asked a shell to stop (`Control::by`), for the audit trail.
+pub(crate) const BY_OPERATOR: u8 = 0;
+pub(crate) const BY_DISCONNECT: u8 = 1;
+pub(crate) const BY_SHUTDOWN: u8 = 2;
+
+/// The name of a stop cause in audit lines.
+pub(crate) fn by_name(by: u8) -> &'static str {
+    match by {
+        BY_DISCONNECT => "disconnect",
+        BY_SHUTDOWN => "shutdown",
+        _ => "operator",
+    }
+}
+
 /// What a shell thread is told through its channel.
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -70,6 +85,8 @@ pub(crate) struct Control {
     /// The newest requested window size, not yet applied. Only the last one
     /// matters, so a flood of resizes costs no memory.
     pub resize: Mutex<Option<(u16, u16)>>,
+    /// Who requested the stop (`BY_*`), set before the stop bit.
+    pub by: AtomicU8,
 }
 
 /// Fixed per-daemon shell parameters.
@@ -83,6 +100,8 @@ pub(crate) struct Settings {
     pub expire_idle: Option<Duration>,
     pub ping: Duration,
     pub pong_wait: Duration,
+    /// The account shells run as, for the audit trail.
+    pub run_as: String,
 }
 
 struct Entry {
@@ -160,6 +179,13 @@ impl Shells {
                 );
             }
         }
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let run_as = if root || me == user.uid {
+            user.name.clone()
+        } else {
+            format!("uid {me}")
+        };
         let recipe = pty::Recipe::new(&cfg.shell_command, &cfg.shell_arguments, user, root)?;
         let ping = ping_from_env();
         let s = &cfg.sessions;
@@ -193,6 +219,7 @@ impl Shells {
             expire_idle,
             ping,
             pong_wait: ping * 65 / 60,
+            run_as,
         };
         Ok(Shells {
             inner: Arc::new(Inner {
@@ -255,20 +282,28 @@ impl Inner {
         };
         let mut t = this.lock();
         let refuse = if t.live.len() >= MAX_SHELLS {
-            Some("too many shells spawned".to_string())
+            Some(("too many shells spawned", Some("shells per device cap")))
         } else if t.live.contains_key(sid) {
-            Some("failed to start shell: shell is already running".to_string())
+            Some(("failed to start shell: shell is already running", None))
         } else if t.live.values().filter(|e| e.user_id == user_id).count()
             >= this.settings.max_per_user
         {
-            Some("user has too many open sessions".to_string())
+            Some((
+                "user has too many open sessions",
+                Some("Sessions.MaxPerUser"),
+            ))
         } else {
             None
         };
-        if let Some(text) = refuse {
+        if let Some((text, rule)) = refuse {
             drop(t);
             log::warn!("refusing shell for session {sid}: {text}");
-            this.try_reply(reply("new", sid, 2, Some(text)));
+            match rule {
+                Some(rule) => Event::refused("shell open", &user_id, sid, rule, text),
+                None => Event::new("shell open", &user_id, sid, Outcome::Error).with("err", text),
+            }
+            .emit();
+            this.try_reply(reply("new", sid, 2, Some(text.to_string())));
             return;
         }
         let wake = match Wake::new() {
@@ -290,19 +325,21 @@ impl Inner {
             pong_at: Mutex::new(None),
             queued: AtomicUsize::new(0),
             resize: Mutex::new(None),
+            by: AtomicU8::new(BY_OPERATOR),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         t.tombs.remove(sid);
         t.live.insert(
             sid.clone(),
             Entry {
-                user_id,
+                user_id: user_id.clone(),
                 tx,
                 ctl: Arc::clone(&ctl),
             },
         );
         drop(t);
-        if let Err(e) = session::start(Arc::clone(this), sid.clone(), ctl, rx, rows, cols) {
+        let who = (sid.clone(), user_id);
+        if let Err(e) = session::start(Arc::clone(this), who, ctl, rx, rows, cols) {
             this.release(sid, false);
             this.try_reply(reply(
                 "new",
@@ -382,6 +419,7 @@ impl Inner {
             }
             let mut n = 0;
             for e in t.live.values().filter(|e| e.user_id == user) {
+                e.ctl.by.store(BY_OPERATOR, Ordering::Release);
                 e.ctl.stop.fetch_or(STOP_QUIET, Ordering::AcqRel);
                 e.ctl.wake.wake();
                 n += 1;
@@ -391,6 +429,13 @@ impl Inner {
             return;
         }
         if let Some(e) = t.live.get(sid) {
+            // deviceconnect's stop when the operator's websocket closed
+            let by = if msg.body.as_deref() == Some(b"user disconnected") {
+                BY_DISCONNECT
+            } else {
+                BY_OPERATOR
+            };
+            e.ctl.by.store(by, Ordering::Release);
             e.ctl.stop.fetch_or(STOP_REPLY, Ordering::AcqRel);
             e.ctl.wake.wake();
             return;
@@ -468,6 +513,7 @@ impl ShellRouter for Shells {
         let mut t = inner.lock();
         let n = t.live.len();
         for e in t.live.values() {
+            e.ctl.by.store(BY_SHUTDOWN, Ordering::Release);
             e.ctl.stop.fetch_or(STOP_QUIET, Ordering::AcqRel);
             e.ctl.wake.wake();
         }

@@ -12,6 +12,7 @@ use crossbeam_channel::Receiver;
 
 use super::pty::{self, Child};
 use super::{Cmd, Control, Inner, STOP_REPLY, output_msg, ping_msg, reply};
+use crate::audit::{Event, Outcome};
 use crate::conn::codec::{self, ProtoMsg};
 use crate::conn::outbound::SendError;
 use crate::conn::wake::poll_fds;
@@ -32,27 +33,39 @@ const STACK: usize = 128 * 1024;
 /// The reference's read-error text, which clients expect in a device `stop`.
 const EXIT_TEXT: &str = "read /dev/ptmx: input/output error";
 
-/// Starts the thread for a freshly registered shell.
+/// Starts the thread for a freshly registered shell; `who` is its sid and
+/// the server's `user_id`.
 pub(super) fn start(
     inner: Arc<Inner>,
-    sid: String,
+    who: (String, String),
     ctl: Arc<Control>,
     rx: Receiver<Cmd>,
     rows: u16,
     cols: u16,
 ) -> io::Result<()> {
     std::thread::Builder::new()
-        .name(format!("shell-{}", crate::conn::router::sid8(&sid)))
+        .name(format!("shell-{}", crate::conn::router::sid8(&who.0)))
         .stack_size(STACK)
-        .spawn(move || run(inner, sid, ctl, rx, rows, cols))
+        .spawn(move || run(inner, who, ctl, rx, rows, cols))
         .map(|_| ())
 }
 
-fn run(inner: Arc<Inner>, sid: String, ctl: Arc<Control>, rx: Receiver<Cmd>, rows: u16, cols: u16) {
+fn run(
+    inner: Arc<Inner>,
+    (sid, user_id): (String, String),
+    ctl: Arc<Control>,
+    rx: Receiver<Cmd>,
+    rows: u16,
+    cols: u16,
+) {
     let child = match pty::spawn(&inner.settings.recipe, rows, cols) {
         Ok(c) => c,
         Err(e) => {
             log::error!("session {sid}: failed to start shell: {e}");
+            Event::new("shell open", &user_id, &sid, Outcome::Error)
+                .with("run_as", &inner.settings.run_as)
+                .with("err", format!("failed to start shell: {e}"))
+                .emit();
             inner.release(&sid, false);
             send(
                 &inner,
@@ -65,9 +78,19 @@ fn run(inner: Arc<Inner>, sid: String, ctl: Arc<Control>, rx: Receiver<Cmd>, row
         "mender-connect starting shell command passing process, pid: {}",
         child.pid
     );
+    Event::new("shell open", &user_id, &sid, Outcome::Ok)
+        .with("run_as", &inner.settings.run_as)
+        .with("pid", child.pid)
+        .with("rows", rows)
+        .with("cols", cols)
+        .emit();
     send(&inner, reply("new", &sid, 1, Some("Shell started".into())));
     let now = Instant::now();
     let mut sh = Shell {
+        user_id,
+        started: now,
+        rx_bytes: 0,
+        tx_bytes: 0,
         start_ms: inner.now_ms(),
         next_ping: now + inner.settings.ping,
         last_input: now,
@@ -113,6 +136,12 @@ enum Read {
 struct Shell {
     inner: Arc<Inner>,
     sid: String,
+    /// The server's `user_id` of the `new`, and when the shell started.
+    user_id: String,
+    started: Instant,
+    /// Input bytes from the operator and output bytes read from the PTY.
+    rx_bytes: u64,
+    tx_bytes: u64,
     ctl: Arc<Control>,
     rx: Receiver<Cmd>,
     child: Child,
@@ -150,13 +179,13 @@ impl Shell {
                     "session {}, health check failed, connection with the client lost",
                     self.sid
                 );
-                self.end_by_timer("health check failed");
+                self.end_by_timer("health check failed", "health-check");
                 log::info!("session {} successfully stopped", self.sid);
                 return;
             }
             if self.expiry().is_some_and(|at| now >= at) {
                 log::info!("session {} expired; stopping its shell", self.sid);
-                self.end_by_timer("session expired");
+                self.end_by_timer("session expired", "expiry");
                 return;
             }
             if now >= self.next_ping {
@@ -201,7 +230,7 @@ impl Shell {
                 Ok(r) => r,
                 Err(e) => {
                     log::error!("session {}: poll failed: {e}", self.sid);
-                    self.end_by_timer("internal error");
+                    self.end_by_timer("internal error", "error");
                     return;
                 }
             };
@@ -255,6 +284,7 @@ impl Shell {
             match cmd {
                 Cmd::Input(bytes) => {
                     self.last_input = Instant::now();
+                    self.rx_bytes += bytes.len() as u64;
                     if self.written == self.pending.len() {
                         self.pending.clear();
                         self.written = 0;
@@ -340,6 +370,7 @@ impl Shell {
             };
             if n > 0 {
                 let n = n as usize;
+                self.tx_bytes += n as u64;
                 self.backlog.extend_from_slice(&self.buf[..n]);
                 total += n;
                 self.trim();
@@ -416,6 +447,7 @@ impl Shell {
     fn stop(&mut self, bits: u8) -> bool {
         let want_reply = bits & STOP_REPLY != 0;
         let grace = if want_reply { STOP_GRACE } else { QUIET_GRACE };
+        let by = super::by_name(self.ctl.by.load(Ordering::Acquire));
         match self.child.terminate(grace) {
             Ok(status) => {
                 if let Some(st) = status {
@@ -425,6 +457,8 @@ impl Shell {
                         pty::status_text(st)
                     );
                 }
+                // before the release: shutdown waits for that, then exits
+                self.audit_close(by, status);
                 self.inner.release(&self.sid, false);
                 self.finish(want_reply, None);
                 true
@@ -446,6 +480,7 @@ impl Shell {
                 false
             }
             Err(_) => {
+                self.audit_close(by, None);
                 self.inner.release(&self.sid, false);
                 self.finish(want_reply, None);
                 true
@@ -475,12 +510,30 @@ impl Shell {
         }
     }
 
-    /// Expiry or a failed health check: stop, free the slot, tell the server.
-    fn end_by_timer(&mut self, why: &str) {
-        if let Err(e) = self.child.terminate(STOP_GRACE) {
-            log::error!("session {}: {e}", self.sid);
-        }
+    /// The audit line of a shell that ended; `by` says who ended it.
+    fn audit_close(&self, by: &str, status: Option<libc::c_int>) {
+        Event::new("shell close", &self.user_id, &self.sid, Outcome::Ok)
+            .with("pid", self.child.pid)
+            .with("stopped_by", by)
+            .with_opt("status", status.map(pty::status_text))
+            .with("rx_bytes", self.rx_bytes)
+            .with("tx_bytes", self.tx_bytes)
+            .with_duration(self.started.elapsed())
+            .emit();
+    }
+
+    /// Expiry or a failed health check (`by`): stop, free the slot, tell the
+    /// server `why`.
+    fn end_by_timer(&mut self, why: &str, by: &str) {
+        let status = match self.child.terminate(STOP_GRACE) {
+            Ok(st) => st,
+            Err(e) => {
+                log::error!("session {}: {e}", self.sid);
+                None
+            }
+        };
         self.inner.release(&self.sid, true);
+        self.audit_close(by, status);
         self.finish(false, Some(why));
     }
 
@@ -503,6 +556,7 @@ impl Shell {
             None => log::info!("session {}: shell exited", self.sid),
         }
         self.inner.release(&self.sid, true);
+        self.audit_close("exit", status);
         self.finish(false, Some(EXIT_TEXT));
     }
 }
