@@ -756,3 +756,26 @@ fn rest_upload(mgmt: &Management, path: &str, data: &[u8]) -> (u16, String) {
         .to_string();
     (status, body)
 }
+
+#[test]
+fn a_rate_limited_download_ends_in_the_device_error_before_20s_of_silence() {
+    let c = connected(|cfg| {
+        cfg["Limits"] = serde_json::json!({
+            "Enabled": true,
+            "FileTransfer": {"Counters": {"MaxBytesTxPerMinute": 16384}},
+        });
+    });
+    let dm = Demux::start(&c.conn);
+    let dir = TempDir::new("abuse-rate-down");
+    let file = dir.join("f");
+    std::fs::write(&file, common::random_bytes(64 << 10, 5)).expect("write");
+    let s = dm.session();
+    let t = Instant::now();
+    // the 4 KiB burst passes; the next chunk would need 20 s of refill
+    let e = s
+        .download(file.as_os_str().as_bytes(), Duration::from_secs(30))
+        .expect_err("throttled out");
+    eprintln!("rate-limited download: {e:?} after {:?}", t.elapsed());
+    assert_eq!(e, "transmitted bytes limit exhausted");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
