@@ -293,7 +293,7 @@ fn pump(
         // cannot spin poll(); queued frames are picked up once unblocked.
         out.wake.drain();
         if !write_blocked {
-            while let Ok(frame) = out.rx.try_recv() {
+            while let Some(frame) = out.pop() {
                 match ws.write(Message::Binary(frame.into())) {
                     Ok(()) => {}
                     // the frame is buffered; the flush below finds the socket

@@ -355,7 +355,8 @@ pub fn sid8(sid: &str) -> String {
 fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, depth: &Depth) {
     let ctx = SessionCtx {
         sid: sid.to_string(),
-        out: inner.out.clone(),
+        // its own lane: a session streaming at full speed must not starve the others
+        out: inner.out.lane(),
     };
     let mut handlers: HashMap<u16, Box<dyn Handler>> = HashMap::new();
     let idle = inner.timing.session_idle;

@@ -6,8 +6,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Longest single throttling pause before a transfer is aborted instead:
-/// well below the 48 s idle ping and deviceconnect's 60 s timeout.
+/// Longest a throttled transfer may keep the server without news (an ack
+/// for uploads, a chunk for downloads), summed over the waits since the last
+/// one; beyond it the transfer ends with the limit error. Well below the 48 s
+/// idle ping and deviceconnect's 60 s file-transfer timeout.
 pub const MAX_WAIT: Duration = Duration::from_secs(20);
 
 /// The smallest bucket capacity: one full transfer chunk, so a chunk never

@@ -31,7 +31,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
 use mender_connect::conn::control::{Accept, ControlError, Open, decode_map, encode_map};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// deviceconnect's deadline for every expected device message.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
@@ -81,7 +81,12 @@ impl<'a> Session<'a> {
     }
 
     fn next(&self) -> Next {
-        match self.rx.recv_timeout(self.timeout) {
+        self.next_before(Instant::now() + self.timeout)
+    }
+
+    /// The next message if it comes before `deadline`.
+    fn next_before(&self, deadline: Instant) -> Next {
+        match self.rx.recv_deadline(deadline) {
             Ok(m) => Next::Msg(m),
             Err(RecvTimeoutError::Timeout) => Next::TimedOut,
             Err(RecvTimeoutError::Disconnected) => Next::Gone,
@@ -534,13 +539,23 @@ fn run_upload(sess: &Session, form: &UploadForm) -> Result<(), Failure> {
     let data = form.file.as_deref().unwrap_or_default();
     let mut acked: i64 = 0;
     let mut offset: i64 = 0;
+    // The deadline runs from the device's last file-transfer message: its
+    // control pings keep the session, not the transfer, alive.
+    let mut deadline = Instant::now() + sess.timeout;
+    let next = |deadline: &mut Instant| {
+        let m = sess.next_before(*deadline);
+        if matches!(&m, Next::Msg(m) if m.hdr.proto != PROTO_CONTROL) {
+            *deadline = Instant::now() + sess.timeout;
+        }
+        m
+    };
     for chunk in data.chunks(CHUNK) {
         sess.send_ft("file_chunk", Some(chunk.to_vec()), Some(offset));
         offset += chunk.len() as i64;
         if offset > acked + CHUNK as i64 * WINDOW {
             // Window full: wait for an ack (or an error).
             while offset > acked + CHUNK as i64 * WINDOW {
-                match sess.next() {
+                match next(&mut deadline) {
                     Next::Msg(m) => upload_inbound(sess, m, &mut acked)?,
                     Next::TimedOut => return Err(timed_out()),
                     Next::Gone => return Err((500, "device disconnected".into())),
@@ -554,7 +569,7 @@ fn run_upload(sess: &Session, form: &UploadForm) -> Result<(), Failure> {
     }
     sess.send_ft("file_chunk", None, Some(offset));
     while offset > acked {
-        match sess.next() {
+        match next(&mut deadline) {
             Next::Msg(m) => upload_inbound(sess, m, &mut acked)?,
             Next::TimedOut => return Err(timed_out()),
             Next::Gone => return Err((500, "device disconnected".into())),

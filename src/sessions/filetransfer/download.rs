@@ -5,9 +5,9 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::conn::codec::{ProtoHdr, ProtoMsg};
-use crate::limits::bucket::{LimitError, MAX_WAIT};
 use crate::limits::path::os_text;
 
 use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
@@ -20,7 +20,7 @@ impl FileTransfer {
     pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), DownloadRefusal> {
         let req = wire::Request::decode(msg.body.as_deref())?;
         let path = req.path()?.to_vec();
-        let shown = String::from_utf8_lossy(&path).into_owned();
+        let shown = wire::shown(&path);
         // O_NONBLOCK: opening a FIFO without a writer must not hang the session.
         let (fd, st) = self
             .svc
@@ -116,10 +116,16 @@ impl Download {
         let mut offset: u64 = 0;
         let mut acked: u64 = 0;
         let mut eof_sent = false;
+        // when the server last heard from this transfer
+        let mut heard = Instant::now();
         // Errors inside the transfer are reported against the last ack (or the request).
         let mut last = (self.req.clone(), "get_file".to_string());
         loop {
             while !eof_sent && offset < acked + WINDOW_CHUNKS * CHUNK as u64 {
+                // a window of sends never blocks on the peer: look for a cancel
+                if !link.alive() {
+                    return Err(Fail::Quiet);
+                }
                 let n = self.fill(&mut buf, link).map_err(|e| match e {
                     None => Fail::Quiet,
                     Some(e) => Fail::Reply(
@@ -145,14 +151,17 @@ impl Download {
                     return Err(Fail::Reply(Box::new(last.0.clone()), last.1.clone(), err));
                 }
                 if let Some(b) = bucket {
-                    match b.reserve(n as u64, MAX_WAIT) {
+                    // The server hears from a download only through chunks:
+                    // the throttling since the last one counts, not each wait.
+                    let budget = super::throttle_budget(heard);
+                    match b.reserve(n as u64, budget) {
                         Ok(wait) if wait.is_zero() => {}
                         Ok(wait) => {
                             if !link.pause(wait) {
                                 return Err(Fail::Quiet);
                             }
                         }
-                        Err(e @ LimitError::Exhausted) | Err(e @ LimitError::WaitTooLong(_)) => {
+                        Err(e) => {
                             return Err(Fail::Reply(
                                 Box::new(last.0.clone()),
                                 last.1.clone(),
@@ -166,6 +175,7 @@ impl Download {
                 if !link.send(&chunk) {
                     return Err(Fail::Quiet);
                 }
+                heard = Instant::now();
                 offset += n as u64;
             }
             if eof_sent && acked >= offset {
@@ -178,8 +188,20 @@ impl Download {
             match msg.hdr.typ.as_str() {
                 "ack" => match offset_of(&msg) {
                     Some(Ok(o)) => {
-                        // Upstream takes any value; a negative one only holds the window shut.
-                        acked = u64::try_from(o).unwrap_or(0);
+                        // Only bytes that were sent can be acknowledged, and
+                        // never fewer than before: any other ack would move
+                        // the window where the peer cannot have read (a huge
+                        // one switches flow control off).
+                        let o = match u64::try_from(o) {
+                            Ok(o) if o >= acked && o <= offset => o,
+                            _ => {
+                                let err = format!(
+                                    "invalid ack offset {o}: {offset} bytes sent, {acked} acknowledged"
+                                );
+                                return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
+                            }
+                        };
+                        acked = o;
                         last = (msg.hdr, "ack".to_string());
                     }
                     Some(Err(())) => {

@@ -15,9 +15,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select
 
 use crate::audit::{self, Event, Outcome};
 use crate::config::LimitsConfig;
-use crate::conn::codec::{ProtoHdr, ProtoMsg};
-use crate::conn::outbound::Outbound;
+use crate::conn::codec::{self, ProtoHdr, ProtoMsg};
+use crate::conn::outbound::{Outbound, SendError};
 use crate::conn::router::sid8;
+use crate::limits::bucket::MAX_WAIT;
 use crate::limits::path::{PathError, fstat, os_text};
 use crate::limits::policy::Policy;
 use crate::sessions::{Handler, SessionCtx};
@@ -30,8 +31,22 @@ const QUEUE: usize = 64;
 const MAX_MESSAGE_BODY: usize = 64 * 1024;
 /// How often a waiting transfer checks that the websocket is still up.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a message may wait for room in the outbound queue (as `Outbound::send`).
+const SEND_WAIT: Duration = Duration::from_secs(30);
 /// How long `close` waits for a transfer thread to clean up.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
+/// Part of `MAX_WAIT` kept for queueing and sending the message that ends
+/// a throttled wait, so the server hears from the transfer in time even on
+/// a busy device, and a limit whose refill needs the whole `MAX_WAIT` for
+/// one chunk is refused rather than decided by microseconds.
+const SEND_SLACK: Duration = Duration::from_secs(1);
+
+/// How long a transfer may still wait for the bucket when the server last
+/// heard from it at `heard`.
+fn throttle_budget(heard: std::time::Instant) -> Duration {
+    MAX_WAIT.saturating_sub(heard.elapsed() + SEND_SLACK)
+}
+
 /// Transfer threads only stream through heap buffers.
 const STACK: usize = 128 * 1024;
 
@@ -130,12 +145,24 @@ impl Link {
         ) && self.out.is_connected()
     }
 
+    /// Queues `msg`, waiting for room in the session's lane while the
+    /// transfer is alive: a cancel is noticed within `POLL` even when the
+    /// uplink is stalled.
     fn send(&self, msg: &ProtoMsg) -> bool {
-        match self.out.send(msg) {
-            Ok(()) => true,
-            Err(e) => {
-                log::debug!("file transfer {}: not sent: {e}", self.sid);
-                false
+        let mut frame = codec::encode(msg);
+        let give_up = std::time::Instant::now() + SEND_WAIT;
+        loop {
+            match self.out.offer(frame, POLL) {
+                Ok(()) => return true,
+                Err((SendError::Full, f))
+                    if self.alive() && std::time::Instant::now() < give_up =>
+                {
+                    frame = f;
+                }
+                Err((e, _)) => {
+                    log::debug!("file transfer {}: not sent: {e}", self.sid);
+                    return false;
+                }
             }
         }
     }
@@ -227,7 +254,7 @@ impl FileTransfer {
         let result = Request::decode(msg.body.as_deref()).and_then(|req| {
             let path = req.path()?.to_vec();
             let st = stat_path(&path).map_err(|e| {
-                let p = String::from_utf8_lossy(&path);
+                let p = wire::shown(&path);
                 format!(
                     "failed to get file info from path '{p}': stat {p}: {}",
                     os_text(&e)

@@ -9,9 +9,9 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crate::conn::codec::{ProtoHdr, ProtoMsg};
-use crate::limits::bucket::MAX_WAIT;
 use crate::limits::path::{PathError, openat, os_text};
 
 use super::wire::{self, ACK_EVERY, GO_SETUID, Request, offset_of};
@@ -125,8 +125,9 @@ fn basename(p: &[u8]) -> Option<&[u8]> {
     (!b.is_empty() && b != b"." && b != b"..").then_some(b)
 }
 
+/// A path (part) as error texts and logs show it.
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    wire::shown(b)
 }
 
 impl FileTransfer {
@@ -358,6 +359,8 @@ impl Upload {
         if !link.send(&wire::with_offset("ack", &link.sid, 0)) {
             return Err(Fail::Quiet);
         }
+        // when the server last heard from this transfer
+        let mut heard = Instant::now();
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
         let bucket = p.rx.as_ref();
@@ -420,13 +423,17 @@ impl Upload {
                 && fresh > 0
             {
                 // Delaying the ack throttles the sender: it stops at its window.
-                // Reserved a chunk at a time, like downloads: a whole batch at
-                // once could exceed MAX_WAIT at low limits and abort.
+                // Reserved a chunk at a time, like downloads. The server hears
+                // from an upload only through acks, so the waits since the
+                // last one add up against MAX_WAIT: when the bucket cannot
+                // pass the batch within it, the transfer ends with an error
+                // the user sees instead of the server's time-out.
                 let mut left = fresh;
                 while left > 0 {
                     let n = left.min(super::wire::CHUNK as u64);
+                    let budget = super::throttle_budget(heard);
                     let wait = b
-                        .reserve(n, MAX_WAIT)
+                        .reserve(n, budget)
                         .map_err(|e| Fail::Reply(format!("failed to write file chunk: {e}")))?;
                     if !wait.is_zero() && !link.pause(wait) {
                         return Err(Fail::Quiet);
@@ -445,6 +452,7 @@ impl Upload {
             if !link.send(&ack) {
                 return Err(Fail::Quiet);
             }
+            heard = Instant::now();
             if eof {
                 return Ok(());
             }

@@ -2,8 +2,8 @@
 //! `file_info` reply, error replies that echo the request header, Go's
 //! FileMode bit layout and msgpack timestamps.
 
-use crate::conn::codec::{PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Value};
-use crate::conn::control::{decode_map, encode_map};
+use crate::conn::codec::{Kind, PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Reader, Value};
+use crate::conn::control::encode_map;
 
 /// Bytes per `file_chunk` (upstream `FileTransferBufSize`).
 pub const CHUNK: usize = 4096;
@@ -30,30 +30,58 @@ pub struct Request {
 }
 
 impl Request {
-    /// Decodes a body; the error is the full reply text.
+    /// Decodes a body; the error is the full reply text. `path` and
+    /// `src_path` keep their bytes exactly as sent (str or bin): Linux paths
+    /// are bytes and so are Go strings, so a str that is not UTF-8 still
+    /// names one file, never a U+FFFD look-alike.
     pub fn decode(body: Option<&[u8]>) -> Result<Request, String> {
         let malformed = |e: String| format!("malformed request parameters: {e}");
-        let entries = decode_map(body.unwrap_or_default()).map_err(|e| malformed(e.to_string()))?;
+        let mut rd = Reader::new(body.unwrap_or_default());
+        let n = rd
+            .go_map_len()
+            .map_err(|e| malformed(e.to_string()))?
+            .unwrap_or(0);
         let mut r = Request::default();
-        for (k, v) in entries {
-            match k.as_str() {
-                "path" => r.path = bytes(&v, "path").map_err(malformed)?,
-                "src_path" => r.src_path = bytes(&v, "src_path").map_err(malformed)?,
-                "size" => r.size = int(&v, "size").map_err(malformed)?.map(|n| n as i64),
+        for _ in 0..n {
+            let key = rd.key().map_err(|e| malformed(e.to_string()))?;
+            let raw_path = matches!(key, b"path" | b"src_path")
+                && matches!(rd.peek_kind(), Ok(Kind::Str | Kind::Bin | Kind::Nil));
+            if raw_path {
+                let v = rd
+                    .go_bytes()
+                    .map_err(|e| malformed(e.to_string()))?
+                    .map(<[u8]>::to_vec);
+                if key == b"path" {
+                    r.path = v;
+                } else {
+                    r.src_path = v;
+                }
+                continue;
+            }
+            let v = rd.any().map_err(|e| malformed(e.to_string()))?;
+            match key {
+                b"path" => r.path = bytes(&v, "path").map_err(malformed)?,
+                b"src_path" => r.src_path = bytes(&v, "src_path").map_err(malformed)?,
+                b"size" => r.size = int(&v, "size").map_err(malformed)?.map(|n| n as i64),
                 // Go decodes into uint32 by truncation (−1 → 4294967295).
-                "uid" => r.uid = int(&v, "uid").map_err(malformed)?.map(|n| n as u32),
-                "gid" => r.gid = int(&v, "gid").map_err(malformed)?.map(|n| n as u32),
-                "mode" => r.mode = int(&v, "mode").map_err(malformed)?.map(|n| n as u32),
+                b"uid" => r.uid = int(&v, "uid").map_err(malformed)?.map(|n| n as u32),
+                b"gid" => r.gid = int(&v, "gid").map_err(malformed)?.map(|n| n as u32),
+                b"mode" => r.mode = int(&v, "mode").map_err(malformed)?.map(|n| n as u32),
                 _ => {}
             }
+        }
+        if r.src_path.as_deref().is_some_and(|p| p.contains(&0)) {
+            return Err(NUL_PATH.replace("path", "src_path"));
         }
         Ok(r)
     }
 
-    /// The path, unless absent, empty or relative (the daemon never
-    /// resolves a request against its own working directory).
+    /// The path, unless absent, empty, relative (the daemon never resolves
+    /// a request against its own working directory) or holding a NUL byte
+    /// (no file can have that name; the kernel would see a shorter one).
     pub fn path(&self) -> Result<&[u8], String> {
         match self.path.as_deref() {
+            Some(p) if p.contains(&0) => Err(NUL_PATH.to_string()),
             Some(p) if p.starts_with(b"/") => Ok(p),
             Some(p) if !p.is_empty() => {
                 Err("invalid request parameters: path: must be absolute".to_string())
@@ -61,6 +89,29 @@ impl Request {
             _ => Err("invalid request parameters: path: cannot be blank.".to_string()),
         }
     }
+}
+
+/// The refusal of a path with a NUL byte.
+pub const NUL_PATH: &str = "invalid request parameters: path: must not contain a NUL byte.";
+
+/// A path for error texts and logs: UTF-8 as it is, every byte that is not
+/// part of valid UTF-8 as `\xNN` and control characters escaped, so the text
+/// shows which name was meant and cannot forge log lines.
+pub fn shown(path: &[u8]) -> String {
+    let mut out = String::with_capacity(path.len());
+    for chunk in path.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 fn bytes(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
@@ -177,11 +228,14 @@ pub fn timestamp(secs: i64, nsec: u32) -> Value {
 // off_t/time_t are i32 on armel (the libc crate has no _FILE_OFFSET_BITS=64)
 #[allow(clippy::unnecessary_cast)]
 pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
-    let body = encode_map(&[
-        (
-            "path",
-            Value::Str(String::from_utf8_lossy(path).into_owned()),
-        ),
+    // the path as a str holding exactly the requested bytes, as Go writes
+    // a string (Value::Str only holds UTF-8)
+    let mut body = Vec::with_capacity(64 + path.len());
+    let _ = rmp::encode::write_map_len(&mut body, 6);
+    let _ = rmp::encode::write_str(&mut body, "path");
+    let _ = rmp::encode::write_str_len(&mut body, u32::try_from(path.len()).unwrap_or(u32::MAX));
+    body.extend_from_slice(path);
+    let rest = encode_map(&[
         ("size", Value::I64(st.st_size as i64)),
         ("uid", Value::U32(st.st_uid)),
         ("gid", Value::U32(st.st_gid)),
@@ -194,6 +248,8 @@ pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
             ),
         ),
     ]);
+    // encode_map's own 5-entry header is replaced by the 6-entry one above
+    body.extend_from_slice(&rest[1..]);
     ProtoMsg::new(PROTO_FILETRANSFER, "file_info", sid).with_body(body)
 }
 
@@ -201,6 +257,7 @@ pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
 mod tests {
     use super::*;
     use crate::conn::codec::encode_value;
+    use crate::conn::control::decode_map;
 
     #[test]
     fn go_modes_match_observed_values() {
@@ -267,5 +324,62 @@ mod tests {
         );
         let plain = body(error_reply(&req, "put_file", "x"));
         assert!(plain.iter().all(|(k, _)| k != "code"), "{plain:?}");
+    }
+
+    #[test]
+    fn paths_keep_their_bytes_whether_str_or_bin() {
+        // fixstr holding "/\xfa\xfb" (not UTF-8), then src_path as bin
+        let mut body = vec![0x82, 0xa4];
+        body.extend_from_slice(b"path");
+        body.extend_from_slice(&[0xa3, b'/', 0xfa, 0xfb]);
+        body.push(0xa8);
+        body.extend_from_slice(b"src_path");
+        body.extend_from_slice(&[0xc4, 2, 0xfc, b'x']);
+        let r = Request::decode(Some(&body)).expect("decodes");
+        assert_eq!(r.path(), Ok(&b"/\xfa\xfb"[..]));
+        assert_eq!(r.src_path.as_deref(), Some(&b"\xfcx"[..]));
+        let e = Request::decode(Some(&encode_map(&[("path", Value::U8(1))])))
+            .expect_err("not a string");
+        assert_eq!(
+            e,
+            "malformed request parameters: msgpack: invalid type for string field path"
+        );
+    }
+
+    #[test]
+    fn a_path_with_a_nul_byte_is_refused() {
+        let r = Request::decode(Some(&encode_map(&[("path", Value::Str("/a\0b".into()))])))
+            .expect("decodes");
+        assert_eq!(r.path(), Err(NUL_PATH.to_string()));
+        let e = Request::decode(Some(&encode_map(&[
+            ("path", Value::Str("/a".into())),
+            ("src_path", Value::Bin(b"x\0".to_vec())),
+        ])))
+        .expect_err("src_path");
+        assert!(e.contains("src_path: must not contain a NUL byte"), "{e}");
+    }
+
+    #[test]
+    fn shown_paths_escape_what_is_not_printable_utf8() {
+        assert_eq!(shown("/tmp/ä b".as_bytes()), "/tmp/ä b");
+        assert_eq!(shown(b"/t/\xfa\xfb-up"), "/t/\\xfa\\xfb-up");
+        assert_eq!(shown(b"a\nb\x1b"), "a\\nb\\u{1b}");
+    }
+
+    #[test]
+    fn file_info_echoes_the_path_bytes_as_a_str() {
+        // SAFETY: stat is plain old data.
+        let st: libc::stat = unsafe { std::mem::zeroed() };
+        let m = file_info("s", b"/\xfa", &st);
+        let body = m.body.expect("body");
+        assert_eq!(
+            &body[..8],
+            &[0x86, 0xa4, b'p', b'a', b't', b'h', 0xa2, b'/']
+        );
+        assert_eq!(body[8], 0xfa);
+        assert_eq!(&body[9..14], &[0xa4, b's', b'i', b'z', b'e']);
+        let utf8 = file_info("s", b"/ok", &st).body.expect("body");
+        let plain = encode_map(&[("path", Value::Str("/ok".into()))]);
+        assert_eq!(&utf8[1..plain.len()], &plain[1..]);
     }
 }

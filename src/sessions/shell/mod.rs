@@ -224,7 +224,8 @@ impl Shells {
         Ok(Shells {
             inner: Arc::new(Inner {
                 settings,
-                out,
+                // one lane for every shell, apart from the router sessions
+                out: out.lane(),
                 epoch: Instant::now(),
                 table: Mutex::new(Table::default()),
                 emptied: Condvar::new(),
