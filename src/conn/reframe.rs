@@ -51,7 +51,10 @@ pub struct Reframer {
 fn clear_over(mut clear: u64, data: &[u8], piece: u64) -> u64 {
     while let Some(rest) = usize::try_from(clear).ok().and_then(|c| data.get(c..)) {
         match header(rest, piece) {
-            Some(h) if !h.split => clear = clear.saturating_add(h.len as u64 + h.payload),
+            // a peer may claim a 2^64-1 byte payload: saturate, never wrap
+            Some(h) if !h.split => {
+                clear = clear.saturating_add(h.payload.saturating_add(h.len as u64))
+            }
             _ => break,
         }
     }
@@ -484,5 +487,14 @@ mod tests {
             }
             crate::fuzzing::reframe(&data);
         }
+    }
+
+    #[test]
+    fn a_frame_claiming_the_largest_payload_passes_to_tungstenite_without_overflow() {
+        // found by the reframe fuzz target: two frames claiming 2^64-1 bytes
+        crate::fuzzing::reframe(&[
+            0x82, 0x23, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x00, 0x23, 0x00, 0x23, 0x00, 0x82,
+        ]);
     }
 }
