@@ -245,6 +245,13 @@ fn parse_host(h: &str) -> Result<Host, &'static str> {
     if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
         return Err("host must be *, an IP address, a CIDR or a host name");
     }
+    // `1.2.3.4.`, `127.1` or `0x7f.1` would be a name entry that matches
+    // only that exact request text while the resolver reads it as an
+    // address (RFC 1123: a top label is never numeric)
+    let top = name.rsplit('.').next().unwrap_or_default();
+    if top.bytes().all(|b| b.is_ascii_digit()) || top.starts_with("0x") {
+        return Err("looks like an IP address but is not one: write it as a.b.c.d or in brackets");
+    }
     Ok(Host::Name(name))
 }
 
@@ -417,6 +424,10 @@ mod tests {
             ("10.0.0.300/8:22", "not a valid IP"),
             ("udp/:1", "host must be"),
             ("UDP/h:1", "not a valid IP"),
+            ("1.2.3.4.:1", "looks like an IP address"),
+            ("127.1:22", "looks like an IP address"),
+            ("2130706433:22", "looks like an IP address"),
+            ("0x7f.1:22", "looks like an IP address"),
         ] {
             let e = AllowList::parse(&["ok:1", bad]).expect_err(bad);
             assert_eq!(e.entry, bad);
