@@ -58,6 +58,22 @@ impl Request {
                 }
                 continue;
             }
+            // Unknown keys and containers (which no field takes) are skipped
+            // without building them: a 16 MiB body of nested nils would
+            // otherwise become half a GiB of values.
+            let string_field = matches!(key, b"path" | b"src_path");
+            let known = string_field || matches!(key, b"size" | b"uid" | b"gid" | b"mode");
+            if !known || matches!(rd.peek_kind(), Ok(Kind::Array | Kind::Map)) {
+                rd.skip().map_err(|e| malformed(e.to_string()))?;
+                if known {
+                    let kind = if string_field { "string" } else { "integer" };
+                    let field = String::from_utf8_lossy(key);
+                    return Err(malformed(format!(
+                        "msgpack: invalid type for {kind} field {field}"
+                    )));
+                }
+                continue;
+            }
             let v = rd.any().map_err(|e| malformed(e.to_string()))?;
             match key {
                 b"path" => r.path = bytes(&v, "path").map_err(malformed)?,
@@ -343,6 +359,30 @@ mod tests {
         assert_eq!(
             e,
             "malformed request parameters: msgpack: invalid type for string field path"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_containers_are_skipped_without_building_them() {
+        // "x": [nil x 1M] (a built tree would be ~32 MiB of values)
+        let mut nils = vec![0xa1, b'x', 0xdd];
+        nils.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        nils.extend(std::iter::repeat_n(0xc0, 1 << 20));
+        let only_unknown = [&[0x81][..], &nils].concat();
+        assert_eq!(Request::decode(Some(&only_unknown)), Ok(Request::default()));
+        // then "size": [1], which no field takes
+        let size_array = [
+            &[0x82][..],
+            &nils,
+            &[0xa4, b's', b'i', b'z', b'e', 0x91, 0x01],
+        ]
+        .concat();
+        assert_eq!(
+            Request::decode(Some(&size_array)),
+            Err(
+                "malformed request parameters: msgpack: invalid type for integer field size"
+                    .to_string()
+            )
         );
     }
 
