@@ -532,8 +532,9 @@ impl Shell {
                 None
             }
         };
-        self.inner.release(&self.sid, true);
+        // logged before the slot is freed: shutdown waits only for that
         self.audit_close(by, status);
+        self.inner.release(&self.sid, true);
         self.finish(false, Some(why));
     }
 
@@ -555,8 +556,9 @@ impl Shell {
             ),
             None => log::info!("session {}: shell exited", self.sid),
         }
-        self.inner.release(&self.sid, true);
+        // logged before the slot is freed: shutdown waits only for that
         self.audit_close("exit", status);
+        self.inner.release(&self.sid, true);
         self.finish(false, Some(EXIT_TEXT));
     }
 }
