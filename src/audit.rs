@@ -228,9 +228,23 @@ pub fn transfer_rule(err: &str, upload: bool) -> Option<&'static str> {
     if upload && err == "failed to write file chunk: transmitted bytes limit exhausted" {
         return Some("Limits.FileTransfer.MaxFileSize");
     }
+    // Exact texts only (after the fixed prefixes the refusals carry): many
+    // error texts quote the requested path, and a path must not be able to
+    // name a rule.
+    let mut reason = err;
+    while let Some(rest) = [
+        "access denied: ",
+        "failed to create target file: ",
+        "failed to write file chunk: ",
+    ]
+    .iter()
+    .find_map(|p| reason.strip_prefix(p))
+    {
+        reason = rest;
+    }
     rules
         .iter()
-        .find(|(text, _)| err.contains(text))
+        .find(|(text, _)| reason == *text)
         .map(|(_, rule)| *rule)
 }
 
@@ -318,6 +332,14 @@ mod tests {
         assert_eq!(
             t(
                 "failed to open file for reading: open /x: no such file",
+                false
+            ),
+            None
+        );
+        // a requested path that quotes a rule's text names no rule
+        assert_eq!(
+            t(
+                "failed to open file for reading: open /tmp/the file owner does not match: no such file or directory",
                 false
             ),
             None
