@@ -22,9 +22,13 @@ use crate::sessions::{Registry, ShellRouter};
 /// While not authorized, ask the auth daemon again this often in case it
 /// never signals (behavior.md §3.3 SHOULD).
 const UNAUTHORIZED_POLL: Duration = Duration::from_secs(30);
-/// Network changes retry at once at most this often (route churn on a busy
-/// device must not turn into a connection storm).
-const NET_RETRY_MIN_GAP: Duration = Duration::from_secs(1);
+/// Network changes retry at once at most this often: route churn, Wi-Fi
+/// scans and IPv6 address refreshes come every few seconds on a busy device
+/// and must not turn a fleet's back-off into a connection storm.
+const NET_RETRY_MIN_GAP: Duration = Duration::from_secs(10);
+/// A dial older than this when the network changes is presumed stuck on the
+/// dead path and replaced (younger ones are left to finish).
+const DIAL_STUCK: Duration = Duration::from_secs(10);
 /// Everything on SIGTERM must be done well within the 2 s systemd expects.
 const SHUTDOWN_SESSIONS: Duration = Duration::from_millis(1000);
 const SHUTDOWN_LINK: Duration = Duration::from_millis(600);
@@ -169,7 +173,8 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         link_url: String::new(),
         last_net_retry: None,
     };
-    let (net_tx, net_rx) = crossbeam_channel::unbounded();
+    // one pending "network gained" is as good as many
+    let (net_tx, net_rx) = crossbeam_channel::bounded(1);
     if let Err(e) = crate::conn::netwatch::start(net_tx) {
         log::warn!("cannot watch network changes (rtnetlink): {e}; relying on the back-off");
     }
@@ -289,7 +294,7 @@ impl Supervisor {
         if let Some(n) = &self.notify
             && text != self.status
         {
-            n.send(&format!("STATUS={text}"));
+            n.send(&crate::sdnotify::status(&text));
             self.status = text;
         }
     }
@@ -395,9 +400,11 @@ impl Supervisor {
     fn on_link(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Connected { id } => {
-                if self.link.as_ref().map(Link::id) == Some(id)
-                    && let Some((_, url)) = &self.creds
-                {
+                // a replaced link may still report its late success
+                if self.link.as_ref().map(Link::id) != Some(id) {
+                    return;
+                }
+                if let Some((_, url)) = &self.creds {
                     // Go's wording with the URL as D-Bus gave it (meta-mender greps it).
                     log::info!("eventLoop: Connection established with {url}");
                 }
@@ -461,7 +468,7 @@ impl Supervisor {
             // a dial begun before the change may be stuck on the dead path
             Some(l)
                 if l.dialing_since()
-                    .is_some_and(|t| now.duration_since(t) >= NET_RETRY_MIN_GAP) =>
+                    .is_some_and(|t| now.duration_since(t) >= DIAL_STUCK) =>
             {
                 if let Some(old) = self.link.take() {
                     old.stop_and_join(SHUTDOWN_LINK);

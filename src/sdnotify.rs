@@ -17,6 +17,13 @@ pub enum Target {
     Abstract(Vec<u8>),
 }
 
+/// `STATUS=<text>` as one assignment: error texts quote peers (a close
+/// reason, a proxy's status line), and a newline there would be a second
+/// assignment to systemd (`WATCHDOG=trigger`, `MAINPID=`…).
+pub fn status(text: &str) -> String {
+    format!("STATUS={}", text.replace(|c: char| c.is_control(), " "))
+}
+
 /// Parses `NOTIFY_SOCKET`; `None` for empty or unsupported values (e.g.
 /// `vsock:`, which a device does not use).
 pub fn parse_target(value: &str) -> Option<Target> {
@@ -108,6 +115,14 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_text_cannot_smuggle_a_second_assignment() {
+        assert_eq!(
+            status("reconnecting in 8 s: closed by the server: 1000 x\nWATCHDOG=trigger\r"),
+            "STATUS=reconnecting in 8 s: closed by the server: 1000 x WATCHDOG=trigger "
+        );
+    }
 
     #[test]
     fn notify_socket_values_parse_as_path_or_abstract_name() {

@@ -119,7 +119,7 @@ fn watch(sock: &OwnedFd, events: &Sender<()>) {
                 Some(libc::EINTR) => continue,
                 // the kernel dropped notifications: something changed
                 Some(libc::ENOBUFS) => {
-                    if events.send(()).is_err() {
+                    if !notify(events) {
                         return;
                     }
                     continue;
@@ -130,10 +130,19 @@ fn watch(sock: &OwnedFd, events: &Sender<()>) {
                 }
             }
         }
-        if gained(&buf[..n as usize]) && events.send(()).is_err() {
+        if gained(&buf[..n as usize]) && !notify(events) {
             return;
         }
     }
+}
+
+/// Tells the supervisor without waiting (one pending event is as good as
+/// many); false once it is gone.
+fn notify(events: &Sender<()>) -> bool {
+    !matches!(
+        events.try_send(()),
+        Err(crossbeam_channel::TrySendError::Disconnected(_))
+    )
 }
 
 #[cfg(test)]

@@ -181,7 +181,9 @@ pub fn parse_proxy(value: &str) -> Result<Proxy, String> {
         Some((u, h)) => (Some(u), h),
         None => (None, authority),
     };
-    let bad = || format!("{value:?} has no valid host[:port]");
+    // names the host part only: the userinfo may hold a password, and this
+    // text reaches the journal and `systemctl status`
+    let bad = || format!("{hostport:?} is not a valid proxy host[:port]");
     let (host, port) = split_host_port(hostport).ok_or_else(bad)?;
     if host.is_empty() {
         return Err(bad());
@@ -414,7 +416,17 @@ fn target(ep: &Endpoint) -> String {
 /// Asks the proxy on `tcp` for a tunnel to `ep`; on success the stream is
 /// the tunnel. Reads byte by byte so nothing after the response head is
 /// consumed (a proxy may send the server's first bytes right after it).
-pub fn tunnel(proxy: &Proxy, ep: &Endpoint, tcp: &mut TcpStream) -> Result<(), ProxyError> {
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "no complete response in time")
+}
+
+/// The whole exchange ends by `deadline`, however slowly the proxy drips.
+pub fn tunnel(
+    proxy: &Proxy,
+    ep: &Endpoint,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> Result<(), ProxyError> {
     let name = proxy.name();
     let io_err = |e| ProxyError::Io(name.clone(), e);
     tcp.write_all(connect_request(proxy, ep).as_bytes())
@@ -428,6 +440,11 @@ pub fn tunnel(proxy: &Proxy, ep: &Endpoint, tcp: &mut TcpStream) -> Result<(), P
                 format!("response head over {MAX_RESPONSE_HEAD} bytes"),
             ));
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io_err(timed_out()));
+        }
+        tcp.set_read_timeout(Some(left)).map_err(io_err)?;
         match tcp.read(&mut byte) {
             Ok(0) => {
                 return Err(ProxyError::BadResponse(
@@ -437,6 +454,15 @@ pub fn tunnel(proxy: &Proxy, ep: &Endpoint, tcp: &mut TcpStream) -> Result<(), P
             }
             Ok(_) => head.push(byte[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // the read timeout is the time left
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(io_err(timed_out()));
+            }
             Err(e) => return Err(io_err(e)),
         }
     }
@@ -523,7 +549,7 @@ pub fn open(proxy: &Proxy, ep: &Endpoint, deadline: Instant) -> Result<TcpStream
     tcp.set_read_timeout(Some(left))
         .and_then(|_| tcp.set_write_timeout(Some(left)))
         .map_err(|e| ProxyError::Io(proxy.name(), e))?;
-    tunnel(proxy, ep, &mut tcp)?;
+    tunnel(proxy, ep, &mut tcp, deadline)?;
     Ok(tcp)
 }
 
@@ -777,5 +803,37 @@ mod tests {
         let e = open(&p, &ep("http://m.example.com"), deadline).expect_err("closed");
         j.join().expect("proxy");
         assert!(e.to_string().contains("connection closed"), "{e}");
+    }
+
+    #[test]
+    fn a_proxy_dripping_its_answer_is_cut_off_at_the_dial_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let j = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            // one byte of a status line every 100 ms, each well within a
+            // per-read timeout, never a complete head
+            while stop_rx
+                .recv_timeout(std::time::Duration::from_millis(100))
+                .is_err()
+            {
+                if s.write_all(b"H").is_err() {
+                    break;
+                }
+            }
+        });
+        let p = parse_proxy(&format!("http://127.0.0.1:{port}")).expect("proxy");
+        let started = Instant::now();
+        let deadline = started + std::time::Duration::from_secs(1);
+        let e = open(&p, &ep("http://m.example.com"), deadline).expect_err("cut off");
+        let took = started.elapsed();
+        drop(stop_tx);
+        j.join().expect("proxy");
+        assert!(
+            e.to_string().contains("no complete response in time"),
+            "{e}"
+        );
+        assert!(took < std::time::Duration::from_secs(3), "{took:?}");
     }
 }
