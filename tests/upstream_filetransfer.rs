@@ -7,9 +7,9 @@
 //! is a daemon started with those limits.
 //!
 //! `test_upload_limits_err_max_bytes_per_minute_exceeded` waits two minutes
-//! like upstream; it runs only with `UPSTREAM_RATE_LIMIT_TEST=1`. (Until a
-//! rate-limited upload ends in 400 instead of being throttled — issue 13 —
-//! its last upload is still refused.)
+//! like upstream; it runs only with `UPSTREAM_RATE_LIMIT_TEST=1` (it passes:
+//! a transfer cut by the limit spends a minute's budget, so the third upload
+//! is refused at its start and the last one, two minutes on, is allowed).
 
 mod common;
 

@@ -173,6 +173,18 @@ impl Bucket {
         Ok(wait)
     }
 
+    /// Spends a full minute's budget (the configured limit) as debt: called
+    /// when the limit ends a transfer, so new transfers are refused at
+    /// start until it is repaid, as the Go daemon's moving average refuses
+    /// them for a while after an overrun (Mender's rate test expects the
+    /// refusal text a minute later, and a small upload two minutes later
+    /// to pass).
+    pub fn exhaust(&self) {
+        let mut s = self.refilled();
+        let limit = self.capacity + 60.0 * self.rate;
+        s.tokens = s.tokens.min(-limit);
+    }
+
     /// Tokens currently available (negative = debt), for status output and tests.
     pub fn available(&self) -> f64 {
         self.refilled().tokens
@@ -348,6 +360,21 @@ mod tests {
         );
         let w = b.reserve(600, MAX_WAIT).expect("a shorter wait is fine");
         assert!(w > Duration::from_secs(18) && w <= MAX_WAIT, "{w:?}");
+    }
+
+    #[test]
+    fn an_exhausted_bucket_refuses_new_transfers_until_a_minute_is_repaid() {
+        // Mender's rate test: 16 KiB/min, a cut upload, a new one refused a
+        // minute later, a small one allowed two minutes later
+        let (clock, b) = bucket(16 * 1024);
+        b.exhaust();
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(b.check_start(), Err(LimitError::Exhausted));
+        clock.advance(Duration::from_secs(19));
+        assert_eq!(b.check_start(), Err(LimitError::Exhausted));
+        clock.advance(Duration::from_secs(2));
+        assert!(b.check_start().is_ok());
+        assert_eq!(b.reserve(128, MAX_WAIT), Ok(Duration::ZERO));
     }
 
     #[test]

@@ -162,6 +162,7 @@ impl Download {
                             }
                         }
                         Err(e) => {
+                            b.exhaust();
                             return Err(Fail::Reply(
                                 Box::new(last.0.clone()),
                                 last.1.clone(),

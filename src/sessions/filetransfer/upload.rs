@@ -432,9 +432,10 @@ impl Upload {
                 while left > 0 {
                     let n = left.min(super::wire::CHUNK as u64);
                     let budget = super::throttle_budget(heard);
-                    let wait = b
-                        .reserve(n, budget)
-                        .map_err(|e| Fail::Reply(format!("failed to write file chunk: {e}")))?;
+                    let wait = b.reserve(n, budget).map_err(|e| {
+                        b.exhaust();
+                        Fail::Reply(format!("failed to write file chunk: {e}"))
+                    })?;
                     if !wait.is_zero() && !link.pause(wait) {
                         return Err(Fail::Quiet);
                     }
