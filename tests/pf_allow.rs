@@ -246,37 +246,9 @@ fn allowed_tcp_and_udp_targets_connect_and_others_are_refused_untouched() {
     }
 }
 
-/// A wrapper running the daemon in its own mount namespace with `hosts`
-/// bind-mounted over `/etc/hosts` (how this test bed fakes resolution).
-fn hosts_wrapper(dir: &TempDir, hosts: &str) -> std::path::PathBuf {
-    let file = dir.join("hosts");
-    std::fs::write(&file, hosts).expect("hosts");
-    let wrapper = dir.join("daemon.sh");
-    let bin = common::daemon::BINARY.expect("integration test");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare -m sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' {} {} \"$@\"\n",
-            file.display(),
-            bin
-        ),
-    )
-    .expect("wrapper");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    wrapper
-}
-
-fn can_unshare_mounts() -> bool {
-    std::process::Command::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside() {
-    if !can_unshare_mounts() {
+    if !common::hosts::can_unshare_mounts() {
         eprintln!("SKIPPED: needs root and unshare -m");
         return;
     }
@@ -290,7 +262,7 @@ fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside
     let alias = Recorder::on("127.0.0.2");
     let pa = alias.port();
     let dir = TempDir::new("allow-hosts");
-    let wrapper = hosts_wrapper(
+    let wrapper = common::hosts::daemon_wrapper(
         &dir,
         "127.0.0.1 good.test\n127.0.0.1 mixed.test\n127.0.0.2 mixed.test\n127.0.0.2 alias.test\n",
     );

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod drive;
 pub mod env;
+pub mod hosts;
 pub mod http;
 pub mod management;
 pub mod netlab;
