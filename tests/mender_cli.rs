@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    AuthService, Daemon, DbusDaemon, Management, Server, TIMEOUT, TempDir, default_config,
+    AuthService, Daemon, DbusDaemon, Managed, Management, Server, TIMEOUT, TempDir, default_config,
 };
 use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
 
@@ -71,15 +71,13 @@ fn bed(cli: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) -> Bed {
         cfg["ShellArguments"] = serde_json::json!(["-i"]);
     }
     edit(&mut cfg);
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let mgmt = Management::start(&server);
-    let auth = AuthService::start(bus.address(), TOKEN, &server.url());
-    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), &[]);
-    if !mgmt.wait_device(TIMEOUT) {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    }
+    let Managed {
+        daemon,
+        mgmt,
+        server,
+        auth,
+        bus,
+    } = Managed::start(&cfg.to_string(), TOKEN);
     Bed {
         daemon,
         mgmt,

@@ -34,7 +34,7 @@ pub use self::daemon::{Daemon, default_config};
 #[allow(unused_imports)]
 pub use self::dbus::DbusDaemon;
 #[allow(unused_imports)]
-pub use self::management::Management;
+pub use self::management::{Managed, Management};
 #[allow(unused_imports)]
 pub use self::server::{ConnHandle, Event, Frame, Server};
 #[allow(unused_imports)]
