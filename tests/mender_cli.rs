@@ -745,6 +745,41 @@ impl Drop for Services {
     }
 }
 
+/// A running `mender-cli port-forward`; drop kills and reaps it.
+struct PortForward(Child);
+
+impl Bed {
+    /// Starts `mender-cli port-forward <device> <mappings…>`, output discarded.
+    fn port_forward(&self, mappings: &[&str]) -> PortForward {
+        let mut args = vec!["port-forward", self.mgmt.device_id()];
+        args.extend_from_slice(mappings);
+        let child = self
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mender-cli port-forward");
+        PortForward(child)
+    }
+}
+
+impl PortForward {
+    /// Asserts mender-cli is still forwarding (it exits when it gives up).
+    fn assert_running(&mut self) {
+        assert!(
+            self.0.try_wait().expect("try_wait").is_none(),
+            "mender-cli port-forward exited early"
+        );
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Connects to a local port mender-cli is about to listen on.
 fn connect_when_listening(port: u16) -> TcpStream {
     let mut conn = None;
@@ -762,25 +797,10 @@ fn port_forward_http_get_and_10_mib_echo() {
     let b = bed(cli, |_| {});
     let svc = Services::start();
     let (l_http, l_echo) = (free_port(), free_port());
-    let child = b
-        .command(&[
-            "port-forward",
-            b.mgmt.device_id(),
-            &format!("tcp/{l_http}:{}", svc.http_port),
-            &format!("{l_echo}:127.0.0.1:{}", svc.echo_port),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mender-cli port-forward");
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut forward = b.port_forward(&[
+        &format!("tcp/{l_http}:{}", svc.http_port),
+        &format!("{l_echo}:127.0.0.1:{}", svc.echo_port),
+    ]);
 
     // HTTP GET through the forward. (mender-cli keeps the local side open
     // after the device's stop, so read by Content-Length, not to EOF.)
@@ -839,10 +859,7 @@ fn port_forward_http_get_and_10_mib_echo() {
     assert_same(&back, &data, "10 MiB echo");
     drop(s);
 
-    assert!(
-        child.0.try_wait().expect("try_wait").is_none(),
-        "mender-cli port-forward exited early"
-    );
+    forward.assert_running();
 }
 
 /// A private OpenSSH server on 127.0.0.1 that lets root in with one
@@ -1090,25 +1107,10 @@ fn test_portforward() {
     let dns = DnsStub::start();
     let b = bed(cli, |_| {});
     let (tcp_port, udp_port) = (free_port(), free_port());
-    let child = b
-        .command(&[
-            "port-forward",
-            b.mgmt.device_id(),
-            &format!("{tcp_port}:{}", sshd.port),
-            &format!("udp/{udp_port}:127.0.0.1:{}", dns.port),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mender-cli port-forward");
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut forward = b.port_forward(&[
+        &format!("{tcp_port}:{}", sshd.port),
+        &format!("udp/{udp_port}:127.0.0.1:{}", dns.port),
+    ]);
 
     let a = dns_request(udp_port, 0x4d31, "mender.io", 1);
     assert_eq!(&a[a.len() - 4..], &[192, 0, 2, 1], "A record");
@@ -1145,10 +1147,7 @@ fn test_portforward() {
         &data,
         "scp round trip",
     );
-    assert!(
-        child.0.try_wait().expect("try_wait").is_none(),
-        "mender-cli port-forward exited early"
-    );
+    forward.assert_running();
 }
 
 // ---------------------------------------------------------------------------
