@@ -113,6 +113,12 @@ impl Bed {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mender-cli");
+        self.finish(child, args)
+    }
+
+    /// Waits for mender-cli `args` (`child`) to exit and collects its output;
+    /// after CLI_TIMEOUT kills it and fails with what it printed.
+    fn finish(&self, child: Child, args: &[&str]) -> Output {
         let pid = child.id();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let waiter = std::thread::Builder::new()
@@ -250,8 +256,9 @@ fn test_remote_terminal() {
     let b = bed(cli, |_| {});
     let dir = TempDir::new("mcli-term-pipe");
     std::fs::write(dir.join("mender.conf"), b"{}").expect("write");
+    let args = ["terminal", b.mgmt.device_id()];
     let mut child = b
-        .command(&["terminal", b.mgmt.device_id()])
+        .command(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -264,25 +271,7 @@ fn test_remote_terminal() {
         .expect("stdin")
         .write_all(input.as_bytes())
         .expect("write commands");
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let pid = child.id();
-    let waiter = std::thread::Builder::new()
-        .name("cli-wait".into())
-        .spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        })
-        .expect("spawn cli-wait");
-    let out = match rx.recv_timeout(CLI_TIMEOUT) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            // SAFETY: our own child, not yet reaped.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            let _ = rx.recv();
-            b.daemon.dump_log();
-            panic!("mender-cli terminal did not exit in {CLI_TIMEOUT:?}");
-        }
-    };
-    let _ = waiter.join();
+    let out = b.finish(child, &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
