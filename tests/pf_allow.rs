@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::target::TcpTarget;
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, drive};
 use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
-use mender_connect::conn::control::{decode_map, encode_map};
 
 const USER: &str = "allow-list-user";
 
@@ -33,26 +32,15 @@ fn pf(typ: &str, sid: &str, cid: &str) -> ProtoMsg {
 
 /// Sends `new` and returns the device's answer: Ok on `new`, the error text otherwise.
 fn open(conn: &ConnHandle, sid: &str, host: &str, port: u16, proto: &str) -> Result<(), String> {
-    let body = encode_map(&[
-        ("remote_host", Value::Str(host.into())),
-        ("remote_port", Value::U16(port)),
-        ("protocol", Value::Str(proto.into())),
-    ]);
+    let body = drive::pf_new_body(host, port, proto);
     conn.send_msg(&pf("new", sid, "c").with_body(body));
     let m = drive::recv_for(conn, sid, TIMEOUT).expect("an answer to new");
     match m.hdr.typ.as_str() {
         "new" => Ok(()),
         "error" => {
-            let body = decode_map(m.body.as_deref().unwrap_or_default()).expect("error body");
-            let get = |k: &str| {
-                body.iter()
-                    .find(|(key, _)| key == k)
-                    .and_then(|(_, v)| v.as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            assert_eq!(get("msgtype"), "new");
-            Err(get("err"))
+            let body = drive::error_body(&m);
+            assert_eq!(drive::str_field(&body, "msgtype"), "new");
+            Err(drive::str_field(&body, "err"))
         }
         other => panic!("unexpected {other}: {m:?}"),
     }
