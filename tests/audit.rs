@@ -342,11 +342,7 @@ fn every_limits_refusal_names_the_rule() {
 // ----------------------------------------------------------- port forward
 
 fn pf_new(conn: &common::ConnHandle, sid: &str, cid: &str, host: &str, port: u16) {
-    let body = encode_map(&[
-        ("remote_host", Value::Str(host.into())),
-        ("remote_port", Value::U16(port)),
-        ("protocol", Value::Str("tcp".into())),
-    ]);
+    let body = drive::pf_new_body(host, port, "tcp");
     conn.send_msg(
         &ProtoMsg::new(PROTO_PORTFORWARD, "new", sid)
             .with_prop("connection_id", Value::Str(cid.into()))

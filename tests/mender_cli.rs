@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    AuthService, Daemon, DbusDaemon, Management, Server, TIMEOUT, TempDir, default_config,
+    AuthService, Daemon, DbusDaemon, Managed, Management, Server, TIMEOUT, TempDir, default_config,
 };
 use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
 
@@ -71,15 +71,13 @@ fn bed(cli: PathBuf, edit: impl FnOnce(&mut serde_json::Value)) -> Bed {
         cfg["ShellArguments"] = serde_json::json!(["-i"]);
     }
     edit(&mut cfg);
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let mgmt = Management::start(&server);
-    let auth = AuthService::start(bus.address(), TOKEN, &server.url());
-    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), &[]);
-    if !mgmt.wait_device(TIMEOUT) {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    }
+    let Managed {
+        daemon,
+        mgmt,
+        server,
+        auth,
+        bus,
+    } = Managed::start(&cfg.to_string(), TOKEN);
     Bed {
         daemon,
         mgmt,
@@ -115,6 +113,12 @@ impl Bed {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mender-cli");
+        self.finish(child, args)
+    }
+
+    /// Waits for mender-cli `args` (`child`) to exit and collects its output;
+    /// after CLI_TIMEOUT kills it and fails with what it printed.
+    fn finish(&self, child: Child, args: &[&str]) -> Output {
         let pid = child.id();
         let (tx, rx) = crossbeam_channel::bounded(1);
         let waiter = std::thread::Builder::new()
@@ -252,8 +256,9 @@ fn test_remote_terminal() {
     let b = bed(cli, |_| {});
     let dir = TempDir::new("mcli-term-pipe");
     std::fs::write(dir.join("mender.conf"), b"{}").expect("write");
+    let args = ["terminal", b.mgmt.device_id()];
     let mut child = b
-        .command(&["terminal", b.mgmt.device_id()])
+        .command(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -266,25 +271,7 @@ fn test_remote_terminal() {
         .expect("stdin")
         .write_all(input.as_bytes())
         .expect("write commands");
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let pid = child.id();
-    let waiter = std::thread::Builder::new()
-        .name("cli-wait".into())
-        .spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        })
-        .expect("spawn cli-wait");
-    let out = match rx.recv_timeout(CLI_TIMEOUT) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            // SAFETY: our own child, not yet reaped.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            let _ = rx.recv();
-            b.daemon.dump_log();
-            panic!("mender-cli terminal did not exit in {CLI_TIMEOUT:?}");
-        }
-    };
-    let _ = waiter.join();
+    let out = b.finish(child, &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -747,6 +734,41 @@ impl Drop for Services {
     }
 }
 
+/// A running `mender-cli port-forward`; drop kills and reaps it.
+struct PortForward(Child);
+
+impl Bed {
+    /// Starts `mender-cli port-forward <device> <mappings…>`, output discarded.
+    fn port_forward(&self, mappings: &[&str]) -> PortForward {
+        let mut args = vec!["port-forward", self.mgmt.device_id()];
+        args.extend_from_slice(mappings);
+        let child = self
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mender-cli port-forward");
+        PortForward(child)
+    }
+}
+
+impl PortForward {
+    /// Asserts mender-cli is still forwarding (it exits when it gives up).
+    fn assert_running(&mut self) {
+        assert!(
+            self.0.try_wait().expect("try_wait").is_none(),
+            "mender-cli port-forward exited early"
+        );
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Connects to a local port mender-cli is about to listen on.
 fn connect_when_listening(port: u16) -> TcpStream {
     let mut conn = None;
@@ -764,25 +786,10 @@ fn port_forward_http_get_and_10_mib_echo() {
     let b = bed(cli, |_| {});
     let svc = Services::start();
     let (l_http, l_echo) = (free_port(), free_port());
-    let child = b
-        .command(&[
-            "port-forward",
-            b.mgmt.device_id(),
-            &format!("tcp/{l_http}:{}", svc.http_port),
-            &format!("{l_echo}:127.0.0.1:{}", svc.echo_port),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mender-cli port-forward");
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut forward = b.port_forward(&[
+        &format!("tcp/{l_http}:{}", svc.http_port),
+        &format!("{l_echo}:127.0.0.1:{}", svc.echo_port),
+    ]);
 
     // HTTP GET through the forward. (mender-cli keeps the local side open
     // after the device's stop, so read by Content-Length, not to EOF.)
@@ -841,10 +848,7 @@ fn port_forward_http_get_and_10_mib_echo() {
     assert_same(&back, &data, "10 MiB echo");
     drop(s);
 
-    assert!(
-        child.0.try_wait().expect("try_wait").is_none(),
-        "mender-cli port-forward exited early"
-    );
+    forward.assert_running();
 }
 
 /// A private OpenSSH server on 127.0.0.1 that lets root in with one
@@ -1092,25 +1096,10 @@ fn test_portforward() {
     let dns = DnsStub::start();
     let b = bed(cli, |_| {});
     let (tcp_port, udp_port) = (free_port(), free_port());
-    let child = b
-        .command(&[
-            "port-forward",
-            b.mgmt.device_id(),
-            &format!("{tcp_port}:{}", sshd.port),
-            &format!("udp/{udp_port}:127.0.0.1:{}", dns.port),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mender-cli port-forward");
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut forward = b.port_forward(&[
+        &format!("{tcp_port}:{}", sshd.port),
+        &format!("udp/{udp_port}:127.0.0.1:{}", dns.port),
+    ]);
 
     let a = dns_request(udp_port, 0x4d31, "mender.io", 1);
     assert_eq!(&a[a.len() - 4..], &[192, 0, 2, 1], "A record");
@@ -1147,10 +1136,7 @@ fn test_portforward() {
         &data,
         "scp round trip",
     );
-    assert!(
-        child.0.try_wait().expect("try_wait").is_none(),
-        "mender-cli port-forward exited early"
-    );
+    forward.assert_running();
 }
 
 // ---------------------------------------------------------------------------

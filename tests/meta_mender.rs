@@ -123,42 +123,15 @@ fn unauthorizing_with_a_shell_open_reports_it_terminated() {
     );
 }
 
-/// A wrapper that runs the daemon in its own mount namespace with
-/// `/etc/hosts` naming `::1` first and `127.0.0.1` second for localhost.
-fn dual_stack_wrapper(dir: &TempDir) -> std::path::PathBuf {
-    let hosts = dir.join("hosts");
-    std::fs::write(&hosts, "::1 localhost\n127.0.0.1 localhost\n").expect("hosts");
-    let wrapper = dir.join("daemon.sh");
-    let bin = common::daemon::BINARY.expect("integration test");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare -m sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' {} {} \"$@\"\n",
-            hosts.display(),
-            bin
-        ),
-    )
-    .expect("wrapper");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    wrapper
-}
-
-fn can_unshare_mounts() -> bool {
-    std::process::Command::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn localhost_connects_when_it_resolves_to_v6_first_and_the_server_listens_on_v4_only() {
-    if !can_unshare_mounts() {
+    if !common::hosts::can_unshare_mounts() {
         eprintln!("SKIPPED: needs root and unshare -m");
         return;
     }
     let dir = TempDir::new("dualstack");
-    let wrapper = dual_stack_wrapper(&dir);
+    // localhost names ::1 first and 127.0.0.1 second
+    let wrapper = common::hosts::daemon_wrapper(&dir, "::1 localhost\n127.0.0.1 localhost\n");
     let bus = DbusDaemon::start();
     let server = Server::start_plain(); // 127.0.0.1 only
     let url = localhost(&server);

@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::target::TcpTarget;
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, drive};
 use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
-use mender_connect::conn::control::{decode_map, encode_map};
 
 const USER: &str = "allow-list-user";
 
@@ -33,26 +32,15 @@ fn pf(typ: &str, sid: &str, cid: &str) -> ProtoMsg {
 
 /// Sends `new` and returns the device's answer: Ok on `new`, the error text otherwise.
 fn open(conn: &ConnHandle, sid: &str, host: &str, port: u16, proto: &str) -> Result<(), String> {
-    let body = encode_map(&[
-        ("remote_host", Value::Str(host.into())),
-        ("remote_port", Value::U16(port)),
-        ("protocol", Value::Str(proto.into())),
-    ]);
+    let body = drive::pf_new_body(host, port, proto);
     conn.send_msg(&pf("new", sid, "c").with_body(body));
     let m = drive::recv_for(conn, sid, TIMEOUT).expect("an answer to new");
     match m.hdr.typ.as_str() {
         "new" => Ok(()),
         "error" => {
-            let body = decode_map(m.body.as_deref().unwrap_or_default()).expect("error body");
-            let get = |k: &str| {
-                body.iter()
-                    .find(|(key, _)| key == k)
-                    .and_then(|(_, v)| v.as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            assert_eq!(get("msgtype"), "new");
-            Err(get("err"))
+            let body = drive::error_body(&m);
+            assert_eq!(drive::str_field(&body, "msgtype"), "new");
+            Err(drive::str_field(&body, "err"))
         }
         other => panic!("unexpected {other}: {m:?}"),
     }
@@ -246,37 +234,9 @@ fn allowed_tcp_and_udp_targets_connect_and_others_are_refused_untouched() {
     }
 }
 
-/// A wrapper running the daemon in its own mount namespace with `hosts`
-/// bind-mounted over `/etc/hosts` (how this test bed fakes resolution).
-fn hosts_wrapper(dir: &TempDir, hosts: &str) -> std::path::PathBuf {
-    let file = dir.join("hosts");
-    std::fs::write(&file, hosts).expect("hosts");
-    let wrapper = dir.join("daemon.sh");
-    let bin = common::daemon::BINARY.expect("integration test");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare -m sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' {} {} \"$@\"\n",
-            file.display(),
-            bin
-        ),
-    )
-    .expect("wrapper");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    wrapper
-}
-
-fn can_unshare_mounts() -> bool {
-    std::process::Command::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[test]
 fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside() {
-    if !can_unshare_mounts() {
+    if !common::hosts::can_unshare_mounts() {
         eprintln!("SKIPPED: needs root and unshare -m");
         return;
     }
@@ -290,7 +250,7 @@ fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside
     let alias = Recorder::on("127.0.0.2");
     let pa = alias.port();
     let dir = TempDir::new("allow-hosts");
-    let wrapper = hosts_wrapper(
+    let wrapper = common::hosts::daemon_wrapper(
         &dir,
         "127.0.0.1 good.test\n127.0.0.1 mixed.test\n127.0.0.2 mixed.test\n127.0.0.2 alias.test\n",
     );

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
+use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive};
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
-use mender_connect::conn::control::{Accept, ControlError, decode_map, encode_map};
+use mender_connect::conn::control::{Accept, ControlError, encode_map};
 use mender_connect::sessions::portforward::CHUNK_MAX;
 
 const USER_ID: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
@@ -139,26 +139,14 @@ fn uuid(n: usize) -> String {
     )
 }
 
-fn new_body(host: &str, port: u16, proto: &str) -> Vec<u8> {
-    encode_map(&[
-        ("remote_host", Value::Str(host.into())),
-        ("remote_port", Value::U16(port)),
-        ("protocol", Value::Str(proto.into())),
-    ])
-}
-
 fn error_text(msg: &ProtoMsg) -> (String, String) {
     assert_eq!(msg.hdr.typ, "error", "not an error: {msg:?}");
-    let body = decode_map(msg.body.as_deref().unwrap_or_default()).expect("error body");
-    let get = |k: &str| {
-        body.iter()
-            .find(|(key, _)| key == k)
-            .and_then(|(_, v)| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let body = drive::error_body(msg);
     assert_eq!(body.len(), 2, "error body is exactly {{err, msgtype}}");
-    (get("err"), get("msgtype"))
+    (
+        drive::str_field(&body, "err"),
+        drive::str_field(&body, "msgtype"),
+    )
 }
 
 /// One forwarded connection as mender-cli drives it.
@@ -180,7 +168,7 @@ impl Link {
     }
 
     fn send_new(&self, host: &str, port: u16, proto: &str) {
-        self.send("new", Some(new_body(host, port, proto)));
+        self.send("new", Some(drive::pf_new_body(host, port, proto)));
     }
 
     fn recv(&mut self, timeout: Duration) -> ProtoMsg {
@@ -629,7 +617,7 @@ fn bad_messages_get_the_reference_errors() {
     link.send("new", Some(b"C".to_vec()));
     assert!(error_text(&link.expect("error")).0.starts_with("msgpack:"));
     // no connection id at all: the error has no props, as in the reference
-    let anon = ProtoMsg::new(PROTO_PORTFORWARD, "new", sid.as_str()).with_body(new_body(
+    let anon = ProtoMsg::new(PROTO_PORTFORWARD, "new", sid.as_str()).with_body(drive::pf_new_body(
         "127.0.0.1",
         echo.addr.port(),
         "tcp",

@@ -9,7 +9,6 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 
 use common::tinyproxy::TinyProxy;
 use common::{
@@ -45,24 +44,6 @@ fn shell_works(conn: &ConnHandle, sid: &str) -> Result<(), String> {
 fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
-}
-
-/// A wrapper that runs `bin` with `/etc/hosts` replaced by one mapping
-/// `name` to 127.0.0.1 (its own mount namespace; `exec`s, so the pid is the
-/// daemon's).
-fn with_private_hosts(dir: &TempDir, bin: &Path, name: &str) -> PathBuf {
-    let hosts = dir.join("hosts");
-    std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.1 {name}\n")).expect("hosts");
-    let p = dir.join("private-hosts.sh");
-    let script = format!(
-        "#!/bin/sh\nexec unshare -m sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' {} {} \"$@\"\n",
-        hosts.display(),
-        bin.display()
-    );
-    std::fs::write(&p, script).expect("write wrapper");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    p
 }
 
 fn is_root() -> bool {
@@ -167,9 +148,11 @@ fn no_proxy_suffix_sends_the_daemon_direct_and_without_it_the_proxy_is_used() {
     if !is_root() {
         return skip("needs root (a mount namespace for the daemon's /etc/hosts)");
     }
-    let bin = Path::new(common::daemon::BINARY.expect("binary under test"));
     let dir = TempDir::new("noproxy");
-    let wrapper = with_private_hosts(&dir, bin, HIDDEN_NAME);
+    let wrapper = common::hosts::daemon_wrapper(
+        &dir,
+        &format!("127.0.0.1 localhost\n127.0.0.1 {HIDDEN_NAME}\n"),
+    );
     let server = Server::start_plain();
     let url = format!("http://{HIDDEN_NAME}:{}", server.port());
     let bus = DbusDaemon::start();

@@ -17,11 +17,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::json;
+
 use common::http::{self, Response};
 use common::management::DEVICES_PATH;
-use common::{
-    AuthService, Daemon, DbusDaemon, Management, Server, TIMEOUT, TempDir, default_config,
-};
+use common::{Managed, TempDir, default_config};
 
 /// Per HTTP request (deviceconnect's own per-message deadline is 60 s).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,14 +29,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// What upstream's /etc/profile has that its tests look for.
 const PROFILE: &[u8] = b"# /etc/profile\nexport PATH\nPS1='\\u@\\h:\\w\\$ '\n";
 
-struct Bed {
-    // field order = drop order: daemon first, then its peers
-    daemon: Daemon,
-    mgmt: Management,
-    _server: Server,
-    _auth: AuthService,
-    _bus: DbusDaemon,
-}
+/// The daemon behind the management stand-in.
+type Bed = Managed;
 
 /// The daemon with `Limits` = `limits` (none when `None`), connected.
 fn bed(limits: Option<serde_json::Value>) -> Bed {
@@ -44,22 +38,15 @@ fn bed(limits: Option<serde_json::Value>) -> Bed {
     if let Some(l) = limits {
         cfg["Limits"] = l;
     }
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let mgmt = Management::start(&server);
-    let auth = AuthService::start(bus.address(), "device-token", &server.url());
-    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), &[]);
-    if !mgmt.wait_device(TIMEOUT) {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    }
-    Bed {
-        daemon,
-        mgmt,
-        _server: server,
-        _auth: auth,
-        _bus: bus,
-    }
+    Managed::start(&cfg.to_string(), "device-token")
+}
+
+/// [`bed`] with `Limits` enabled and `Limits.FileTransfer` = `file_transfer`.
+fn limited(file_transfer: serde_json::Value) -> Bed {
+    bed(Some(json!({
+        "Enabled": true,
+        "FileTransfer": file_transfer,
+    })))
 }
 
 fn encode_query(s: &str) -> String {
@@ -158,6 +145,12 @@ fn assert_forbidden(r: &Response, message: &str) {
     );
 }
 
+/// A 400 whose error text contains `text`.
+fn assert_bad_request(r: &Response, text: &str) {
+    assert_eq!(r.status, 400, "{}", r.error());
+    assert!(r.error().contains(text), "{}", r.error());
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
@@ -219,12 +212,7 @@ fn test_download_ok() {
 fn test_download_error_relative_path() {
     let b = bed(None);
     let r = b.download("relative/path");
-    assert_eq!(r.status, 400);
-    assert!(
-        r.error().contains("path: must be absolute"),
-        "{}",
-        r.error()
-    );
+    assert_bad_request(&r, "path: must be absolute");
 }
 
 #[test]
@@ -232,13 +220,7 @@ fn test_upload_error_no_such_file_or_directory() {
     assert!(!Path::new("/does/not/exist").exists());
     let b = bed(None);
     let r = b.download("/does/not/exist");
-    assert_eq!(r.status, 400, "{}", r.error());
-    assert!(
-        r.error()
-            .contains("/does/not/exist: no such file or directory"),
-        "{}",
-        r.error()
-    );
+    assert_bad_request(&r, "/does/not/exist: no such file or directory");
 }
 
 #[test]
@@ -269,12 +251,7 @@ fn test_upload_and_download_ok() {
 fn test_upload_error_path_is_relative() {
     let b = bed(None);
     let r = b.upload_default("relative/path/dummy.txt", b"dummy");
-    assert_eq!(r.status, 400);
-    assert!(
-        r.error().contains("path: must be absolute"),
-        "{}",
-        r.error()
-    );
+    assert_bad_request(&r, "path: must be absolute");
 }
 
 #[test]
@@ -282,12 +259,7 @@ fn test_upload_error_file_does_not_exist() {
     assert!(!Path::new("/does/not/exist").exists());
     let b = bed(None);
     let r = b.upload_default("/does/not/exist/dummy.txt", b"dummy");
-    assert_eq!(r.status, 400);
-    assert!(
-        r.error().contains("failed to create target file"),
-        "{}",
-        r.error()
-    );
+    assert_bad_request(&r, "failed to create target file");
     assert!(!Path::new("/does/not/exist").exists());
 }
 
@@ -299,10 +271,7 @@ fn test_upload_limits_err_file_outside_chroot() {
     let base = TempDir::new("up-ft-chroot-out");
     // upstream starts the daemon, then creates the chroot
     let chroot = s(&base.join("var/lib/mender/filetransfer"));
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"Chroot": chroot},
-    })));
+    let b = limited(json!({"Chroot": chroot}));
     std::fs::create_dir_all(&chroot).expect("mkdir chroot");
     std::fs::create_dir_all(base.join("usr")).expect("mkdir usr");
     let target = base.join("usr/vbnmqwer");
@@ -319,10 +288,7 @@ fn test_upload_limits_err_file_outside_chroot() {
 fn test_upload_limits_ok() {
     let base = TempDir::new("up-ft-chroot-ok");
     let chroot = var_lib_mender_filetransfer(&base, false);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"Chroot": chroot, "FollowSymLinks": true},
-    })));
+    let b = limited(json!({"Chroot": chroot, "FollowSymLinks": true}));
     // created after the daemon started, as upstream does
     std::fs::create_dir_all(&chroot).expect("mkdir chroot");
     let r = b.upload_default(&format!("{chroot}/plokijuh"), &random_bytes(16, 4));
@@ -338,10 +304,7 @@ fn test_upload_limits_ok() {
 #[test]
 fn test_upload_limits_err_file_too_big() {
     let dir = TempDir::new("up-ft-big");
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"MaxFileSize": 15 * 1024, "FollowSymLinks": true},
-    })));
+    let b = limited(json!({"MaxFileSize": 15 * 1024, "FollowSymLinks": true}));
     let data = b"ok".repeat(128 * 1024);
     let target = dir.join("asdfghjk");
     let r = b.upload_default(&s(&target), &data);
@@ -360,13 +323,10 @@ fn test_upload_limits_err_max_bytes_per_minute_exceeded() {
         return;
     }
     let dir = TempDir::new("up-ft-rate");
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {
-            "FollowSymLinks": true,
-            "Counters": {"MaxBytesRxPerMinute": 16 * 1024},
-        },
-    })));
+    let b = limited(json!({
+        "FollowSymLinks": true,
+        "Counters": {"MaxBytesRxPerMinute": 16 * 1024},
+    }));
     let data = b"ok".repeat(256 * 1024);
     // upstream ignores the outcome of the first two
     for name in ["f-0.bin", "f-1.bin"] {
@@ -386,10 +346,7 @@ fn test_upload_limits_err_max_bytes_per_minute_exceeded() {
 fn test_upload_limits_err_preserve_modes() {
     let base = TempDir::new("up-ft-suid");
     let chroot = var_lib_mender_filetransfer(&base, true);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"Chroot": chroot, "FollowSymLinks": true, "PreserveMode": true},
-    })));
+    let b = limited(json!({"Chroot": chroot, "FollowSymLinks": true, "PreserveMode": true}));
     let target = format!("{chroot}/zxcvbnml.bin");
     let r = b.upload(&target, &random_bytes(16, 5), "4711", "0", "0");
     let ls = std::process::Command::new("ls")
@@ -405,10 +362,7 @@ fn test_upload_limits_err_preserve_modes() {
 fn test_upload_limits_preserve_owner_and_group() {
     let base = TempDir::new("up-ft-owner");
     let chroot = var_lib_mender_filetransfer(&base, true);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"Chroot": chroot, "FollowSymLinks": true, "PreserveOwner": true},
-    })));
+    let b = limited(json!({"Chroot": chroot, "FollowSymLinks": true, "PreserveOwner": true}));
     let last_id = |file: &str| -> u32 {
         let text = std::fs::read_to_string(file).expect("read");
         let line = text.lines().rfind(|l| !l.is_empty()).expect("line");
@@ -432,10 +386,7 @@ fn test_upload_limits_preserve_owner_and_group() {
 fn test_filetransfer_limits_download_err_outside_chroot() {
     let base = TempDir::new("up-ft-dl-chroot");
     let path = profile(&base);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"Chroot": s(&base.join("var/lib/mender/filetransfer"))},
-    })));
+    let b = limited(json!({"Chroot": s(&base.join("var/lib/mender/filetransfer"))}));
     let r = b.download(&path);
     assert_forbidden(&r, "access denied: the target file path is outside chroot");
 }
@@ -444,10 +395,7 @@ fn test_filetransfer_limits_download_err_outside_chroot() {
 fn test_filetransfer_limits_download_err_max_file_size() {
     let base = TempDir::new("up-ft-dl-size");
     let path = profile(&base);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"MaxFileSize": 2},
-    })));
+    let b = limited(json!({"MaxFileSize": 2}));
     let r = b.download(&path);
     assert_forbidden(&r, "access denied: the file size is over the limit");
 }
@@ -458,10 +406,7 @@ fn test_filetransfer_limits_download_err_not_allowed_to_follow_link() {
     let target = profile(&base);
     let link = base.join("tmp-profile-link");
     symlink(&target, &link).expect("ln");
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"FollowSymLinks": false},
-    })));
+    let b = limited(json!({"FollowSymLinks": false}));
     let r = b.download(&s(&link));
     assert_forbidden(&r, "access denied: forbidden to follow the link");
 }
@@ -473,10 +418,7 @@ fn test_filetransfer_limits_download_err_not_allowed_to_follow_link_on_path_part
     std::fs::create_dir_all(base.join("tmp/qwertyui")).expect("mkdir");
     // a link to the etc directory: <tmp>/qwertyui/etc -> <base>/etc
     symlink(base.join("etc"), base.join("tmp/qwertyui/etc")).expect("ln");
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"FollowSymLinks": false},
-    })));
+    let b = limited(json!({"FollowSymLinks": false}));
     let r = b.download(&s(&base.join("tmp/qwertyui/etc/profile")));
     assert_forbidden(&r, "access denied: forbidden to follow the link");
 }
@@ -487,10 +429,7 @@ fn test_filetransfer_limits_download_ok_allowed_to_follow_symlink() {
     let target = profile(&base);
     let link = base.join("asdfqwer.symlink");
     symlink(&target, &link).expect("ln");
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"FollowSymLinks": true},
-    })));
+    let b = limited(json!({"FollowSymLinks": true}));
     let r = b.download(&s(&link));
     assert_eq!(r.status, 200, "{}", r.error());
     assert!(String::from_utf8_lossy(&r.body).contains("PS1="));
@@ -500,10 +439,7 @@ fn test_filetransfer_limits_download_ok_allowed_to_follow_symlink() {
 fn test_filetransfer_limits_download_err_owner_mismatch() {
     let base = TempDir::new("up-ft-dl-owner");
     let path = profile(&base);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"OwnerGet": ["someotheruser"]},
-    })));
+    let b = limited(json!({"OwnerGet": ["someotheruser"]}));
     let r = b.download(&path);
     assert_forbidden(&r, "access denied: the file owner does not match");
 }
@@ -512,10 +448,7 @@ fn test_filetransfer_limits_download_err_owner_mismatch() {
 fn test_filetransfer_limits_download_err_group_mismatch() {
     let base = TempDir::new("up-ft-dl-group");
     let path = profile(&base);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"GroupGet": ["someothergroup"]},
-    })));
+    let b = limited(json!({"GroupGet": ["someothergroup"]}));
     let r = b.download(&path);
     assert_forbidden(&r, "access denied: the file group does not match");
 }
@@ -527,10 +460,7 @@ fn test_filetransfer_limits_download_err_not_a_regular_file() {
     let c = std::ffi::CString::new(s(&fifo)).expect("cstr");
     // SAFETY: plain syscall with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"RegularFilesOnly": true},
-    })));
+    let b = limited(json!({"RegularFilesOnly": true}));
     let r = b.download(&s(&fifo));
     assert_eq!(r.status, 400, "{}", r.error());
     assert!(
@@ -544,10 +474,7 @@ fn test_filetransfer_limits_download_err_not_a_regular_file() {
 fn test_filetransfer_limits_download_ok_file_owner_match() {
     let base = TempDir::new("up-ft-dl-ownerok");
     let path = profile(&base);
-    let b = bed(Some(serde_json::json!({
-        "Enabled": true,
-        "FileTransfer": {"OwnerGet": ["someotheruser", "root"]},
-    })));
+    let b = limited(json!({"OwnerGet": ["someotheruser", "root"]}));
     let r = b.download(&path);
     assert_eq!(r.status, 200, "{}", r.error());
     assert!(String::from_utf8_lossy(&r.body).contains("PS1="));

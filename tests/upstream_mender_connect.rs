@@ -11,41 +11,20 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::operator::{Operator, STATUS_ERROR, STATUS_NORMAL, prompt, status};
-use common::{AuthService, Daemon, DbusDaemon, Management, Server, TIMEOUT, default_config};
+use common::{Managed, Management, Server, default_config};
 use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg};
 
 /// Upstream's `receive_timeout_s`.
 const RECEIVE: Duration = Duration::from_secs(16);
 
-struct Bed {
-    // field order = drop order: daemon first, then its peers
-    daemon: Daemon,
-    mgmt: Management,
-    server: Server,
-    _auth: AuthService,
-    _bus: DbusDaemon,
-}
+/// The daemon behind the management stand-in.
+type Bed = Managed;
 
 fn bed() -> Bed {
     let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
     // an interactive shell prints its prompt, as on upstream's device
     cfg["ShellArguments"] = serde_json::json!(["-i"]);
-    let bus = DbusDaemon::start();
-    let server = Server::start_plain();
-    let mgmt = Management::start(&server);
-    let auth = AuthService::start(bus.address(), "device-token", &server.url());
-    let daemon = Daemon::spawn(&cfg.to_string(), bus.address(), &[]);
-    if !mgmt.wait_device(TIMEOUT) {
-        daemon.dump_log();
-        panic!("daemon never connected");
-    }
-    Bed {
-        daemon,
-        mgmt,
-        server,
-        _auth: auth,
-        _bus: bus,
-    }
+    Managed::start(&cfg.to_string(), "device-token")
 }
 
 /// Upstream's `devconnect.get_websocket()`.

@@ -428,14 +428,19 @@ mod tests {
         (port, join)
     }
 
-    fn device_reads_until_failure(port: u16) {
+    /// The device's websocket to the test server on loopback `port`.
+    fn dial_local(port: u16) -> tungstenite::WebSocket<dial::Stream> {
         let ep = Endpoint {
             tls: false,
             host: "127.0.0.1".to_string(),
             port,
             url: format!("ws://127.0.0.1:{port}/connect"),
         };
-        let mut ws = dial::dial(&ep, "token").expect("dial");
+        dial::dial(&ep, "token").expect("dial")
+    }
+
+    fn device_reads_until_failure(port: u16) {
+        let mut ws = dial_local(port);
         let err = loop {
             match ws.read() {
                 Ok(_) => {}
@@ -490,13 +495,7 @@ mod tests {
     #[test]
     fn the_websocket_socket_has_tcp_keepalive_30s_idle_10s_interval_3_probes() {
         let (port, server) = server_seeing_close(Vec::new());
-        let ep = Endpoint {
-            tls: false,
-            host: "127.0.0.1".to_string(),
-            port,
-            url: format!("ws://127.0.0.1:{port}/connect"),
-        };
-        let mut ws = dial::dial(&ep, "token").expect("dial");
+        let mut ws = dial_local(port);
         let fd = ws.get_ref().as_raw_fd();
         assert_eq!(sockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
         assert_eq!(sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);

@@ -15,7 +15,7 @@ use super::ConnHandle;
 use mender_connect::conn::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
-use mender_connect::conn::control::{Open, encode_map};
+use mender_connect::conn::control::{Open, decode_map, encode_map};
 
 /// deviceconnect's file chunk and mender-cli's forward size (and the Go
 /// daemon's 8 KiB inbound limit leaves no room for more).
@@ -176,6 +176,30 @@ fn pf_msg(typ: &str, sid: &str, cid: &str) -> ProtoMsg {
         .with_prop("user_id", Value::Str("bench-user".into()))
 }
 
+/// The body of a port-forward `new`: `host`:`port` over `proto` ("tcp"/"udp").
+pub fn pf_new_body(host: &str, port: u16, proto: &str) -> Vec<u8> {
+    encode_map(&[
+        ("remote_host", Value::Str(host.into())),
+        ("remote_port", Value::U16(port)),
+        ("protocol", Value::Str(proto.into())),
+    ])
+}
+
+/// The decoded map body of an `error` message (panics if it does not decode).
+pub fn error_body(msg: &ProtoMsg) -> Vec<(String, Value)> {
+    decode_map(msg.body.as_deref().unwrap_or_default()).expect("error body")
+}
+
+/// The string value of `key` in a decoded map body ("" when absent or not a
+/// string).
+pub fn str_field(body: &[(String, Value)], key: &str) -> String {
+    body.iter()
+        .find(|(k, _)| k == key)
+        .and_then(|(_, v)| v.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Port-forward `new` for connection `cid` to `addr` (tcp); waits for the echo.
 pub fn pf_new(
     conn: &ConnHandle,
@@ -184,11 +208,7 @@ pub fn pf_new(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
-    let body = encode_map(&[
-        ("remote_host", Value::Str(addr.ip().to_string())),
-        ("remote_port", Value::U16(addr.port())),
-        ("protocol", Value::Str("tcp".into())),
-    ]);
+    let body = pf_new_body(&addr.ip().to_string(), addr.port(), "tcp");
     conn.send_msg(&pf_msg("new", sid, cid).with_body(body));
     loop {
         match recv_for(conn, sid, timeout) {

@@ -23,7 +23,7 @@
 
 use super::rest_ft;
 use super::server::{Connections, Event, HttpHook, HttpRequest, HttpStream, Server};
-use super::{ConnHandle, http};
+use super::{AuthService, ConnHandle, Daemon, DbusDaemon, TIMEOUT, http};
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::conn::codec::{self, PROTO_SHELL, ProtoMsg, Value};
 use std::collections::{HashMap, HashSet};
@@ -232,6 +232,47 @@ impl Drop for Management {
         self.stop.take();
         if let Some(t) = self.router.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// A daemon on a private bus, connected to a stand-in server with the
+/// management stand-in in front: where tests that act as an operator (REST,
+/// operator websocket, mender-cli) start. Fields drop in order: the daemon
+/// first, then its peers.
+pub struct Managed {
+    /// The daemon under test.
+    pub daemon: Daemon,
+    /// The management stand-in on `server`.
+    pub mgmt: Management,
+    /// The deviceconnect stand-in the daemon is connected to.
+    pub server: Server,
+    /// The D-Bus auth stand-in handing out the device token.
+    pub auth: AuthService,
+    /// The private bus.
+    pub bus: DbusDaemon,
+}
+
+impl Managed {
+    /// Starts everything, the daemon with `config` and device token `token`,
+    /// and waits until the device is connected (panics with the daemon's log
+    /// after [`TIMEOUT`]).
+    pub fn start(config: &str, token: &str) -> Managed {
+        let bus = DbusDaemon::start();
+        let server = Server::start_plain();
+        let mgmt = Management::start(&server);
+        let auth = AuthService::start(bus.address(), token, &server.url());
+        let daemon = Daemon::spawn(config, bus.address(), &[]);
+        if !mgmt.wait_device(TIMEOUT) {
+            daemon.dump_log();
+            panic!("daemon never connected");
+        }
+        Managed {
+            daemon,
+            mgmt,
+            server,
+            auth,
+            bus,
         }
     }
 }

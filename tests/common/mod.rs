@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod drive;
 pub mod env;
+pub mod hosts;
 pub mod http;
 pub mod management;
 pub mod netlab;
@@ -33,7 +34,7 @@ pub use self::daemon::{Daemon, default_config};
 #[allow(unused_imports)]
 pub use self::dbus::DbusDaemon;
 #[allow(unused_imports)]
-pub use self::management::Management;
+pub use self::management::{Managed, Management};
 #[allow(unused_imports)]
 pub use self::server::{ConnHandle, Event, Frame, Server};
 #[allow(unused_imports)]

@@ -64,17 +64,8 @@ impl TinyProxy {
             }
             let hosts_file = dir.join("hosts");
             std::fs::write(&hosts_file, text).map_err(|e| e.to_string())?;
-            let mut c = Command::new("unshare");
-            c.args([
-                "-m",
-                "sh",
-                "-c",
-                "mount --bind \"$1\" /etc/hosts && exec \"$2\" -d -c \"$3\"",
-                "sh",
-            ])
-            .arg(&hosts_file)
-            .arg(bin)
-            .arg(&conf_file);
+            let mut c = super::hosts::command(&hosts_file, Path::new(bin));
+            c.arg("-d").arg("-c").arg(&conf_file);
             c
         };
         let child = cmd
