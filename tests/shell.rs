@@ -428,7 +428,9 @@ fn idle_shell_expires_on_time() {
 
 #[test]
 fn missing_pong_ends_the_shell_and_late_pongs_are_harmless() {
-    let mut b = bed(|_| {}, &[("MENDER_CONNECT_SHELL_PING_MS", "600")]);
+    // 1 s (pong wait 1.08 s): the test thread must answer within it even on a
+    // loaded 2-core machine
+    let mut b = bed(|_| {}, &[("MENDER_CONNECT_SHELL_PING_MS", "1000")]);
     let l = &mut b.link;
     let (alive, dying) = (sid(1), sid(2));
     l.open_ok(&alive, "a");
