@@ -49,7 +49,7 @@ use crate::conn::router::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
 
 use conn::ConnCtx;
-use inbox::{Ack, Inbox, Item, Push};
+use inbox::{Ack, Fwd, Inbox, Item, Push};
 
 /// Stack of a connection thread; its buffers live on the heap.
 const THREAD_STACK: usize = 128 * 1024;
@@ -294,13 +294,29 @@ impl PortForward {
         Ok(())
     }
 
+    fn forward(&mut self, cid: &str, data: Vec<u8>) {
+        let Some(inbox) = self.conns.get(cid) else {
+            self.reply_error(cid, &PfError::UnknownConnection, "forward");
+            return;
+        };
+        match inbox.forward(data) {
+            Fwd::AckNow => self.send(&pf_msg("ack", &self.ctx.sid, cid)),
+            Fwd::Push(p) => self.pushed(cid, p, "forward"),
+        }
+    }
+
     fn queue(&mut self, cid: &str, item: Item) {
         let typ = item.typ();
         let Some(inbox) = self.conns.get(cid) else {
             self.reply_error(cid, &PfError::UnknownConnection, typ);
             return;
         };
-        match inbox.push(item) {
+        let p = inbox.push(item);
+        self.pushed(cid, p, typ);
+    }
+
+    fn pushed(&mut self, cid: &str, p: Push, typ: &str) {
+        match p {
             Push::Queued => {}
             Push::Closed => {
                 self.conns.remove(cid);
@@ -349,7 +365,7 @@ impl Handler for PortForward {
                     self.reply_error(&cid, &e, "new");
                 }
             }
-            "forward" => self.queue(&cid, Item::Forward(msg.body.unwrap_or_default())),
+            "forward" => self.forward(&cid, msg.body.unwrap_or_default()),
             "stop" => self.queue(&cid, Item::Stop),
             "ack" => self.ack(&cid),
             "error" => {
