@@ -8,7 +8,9 @@
 //! encoding and decoding a 4 KiB frame costs the stand-in). Prints p50/p99
 //! of each and the daemon's CPU per forward (utime+stime from /proc).
 //!
-//! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N]` (PATH defaults
+//! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
+//! (`--restart`: restart the stand-in server first, as the compare bench
+//! does, so the forwards go over the daemon's second websocket) (PATH defaults
 //! to this crate's release daemon; the Go daemon works too, it connects
 //! after about 10 s).
 
@@ -26,6 +28,19 @@ use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 const WAIT: Duration = Duration::from_secs(60);
 const SID: &str = "cccccccc-0000-4000-8000-000000000001";
 
+/// Minor page faults of the process so far (field 10 of /proc/PID/stat).
+fn minflt(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .unwrap_or("");
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -34,24 +49,57 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 fn main() {
     let mut bin = common::daemon::BINARY.map(PathBuf::from);
     let mut n = 20_000usize;
+    let mut restart = false;
+    let mut shell_first = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bin" => bin = it.next().map(PathBuf::from),
             "--n" => n = it.next().and_then(|v| v.parse().ok()).unwrap_or(n),
+            "--restart" => restart = true,
+            "--shell-first" => shell_first = true,
             _ => {}
         }
     }
     let bin = bin.expect("--bin PATH");
     let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
     cfg["ShellArguments"] = serde_json::json!([]);
+    cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 32 });
     let bus = DbusDaemon::start();
-    let server = Server::start_plain();
+    let mut server = Server::start_plain();
     let _auth = AuthService::start(bus.address(), "bench-token", &server.url());
     let daemon = Daemon::spawn_with_binary(&bin, &cfg.to_string(), bus.address(), &[], false);
-    let conn = server.wait_connection(WAIT).expect("daemon connected");
+    let mut conn = server.wait_connection(WAIT).expect("daemon connected");
+    if restart {
+        // as the compare bench does before its transfers
+        let port = server.port();
+        server.stop();
+        server = Server::start_plain_on(port);
+        conn = server.wait_connection(WAIT).expect("daemon reconnected");
+    }
     let pid = daemon.pid();
 
+    if shell_first {
+        // as the compare bench does before its port forward: bulk terminal
+        // output, then ten shells open at once
+        let sid = |i: u32| format!("dddddddd-0000-4000-8000-{i:012}");
+        drive::open_session(&conn, &sid(0), WAIT).expect("open");
+        drive::shell_open(&conn, &sid(0), WAIT).expect("shell");
+        let line = "head -c 15000000 /dev/urandom | base64; echo '@@'$((2+3))'@@'\n";
+        drive::shell_run_until(&conn, &sid(0), line, b"@@5@@", WAIT).expect("bulk");
+        drive::shell_stop(&conn, &sid(0), WAIT).expect("stop");
+        drive::close_session(&conn, &sid(0));
+        for i in 1..=10 {
+            drive::open_session(&conn, &sid(i), WAIT).expect("open");
+            drive::shell_open(&conn, &sid(i), WAIT).expect("shell");
+            drive::shell_run_until(&conn, &sid(i), "echo R$((1+1))R\n", b"R2R", WAIT)
+                .expect("shell");
+        }
+        for i in 1..=10 {
+            drive::shell_stop(&conn, &sid(i), WAIT).expect("stop");
+            drive::close_session(&conn, &sid(i));
+        }
+    }
     drive::open_session(&conn, SID, WAIT).expect("open");
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -75,6 +123,7 @@ fn main() {
     let mut ping = Vec::with_capacity(n / 16);
     let mut pongs = 0;
     let cpu0 = cpu_ms(pid);
+    let flt0 = minflt(pid);
     let t0 = Instant::now();
     for i in warm..n {
         // frames are built before the clock starts
@@ -94,6 +143,7 @@ fn main() {
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_ms(pid) - cpu0;
+    let faults = minflt(pid) - flt0;
     let (got, intact, sock) = sink.join().expect("sink");
     assert!(got == total && intact, "{got} bytes, intact {intact}");
     drive::pf_stop(&conn, SID, "lat", WAIT).expect("stop");
@@ -117,5 +167,9 @@ fn main() {
         "  daemon CPU: {:.1} us per forward = {:.1} ms/MiB",
         cpu * 1000.0 / fwds,
         cpu / (fwds * CHUNK as f64 / (1 << 20) as f64)
+    );
+    println!(
+        "  daemon minor page faults: {:.2} per forward",
+        faults as f64 / fwds
     );
 }
