@@ -815,3 +815,60 @@ fn a_stalled_target_stops_the_acks_after_a_bounded_buffer_stalls_no_other_sessio
     slow.send("stop", None);
     slow.expect("stop");
 }
+
+#[test]
+fn a_target_reset_with_acked_data_still_buffered_ends_the_connection_with_a_stop() {
+    let bed = bed();
+    let (held_tx, held_rx) = crossbeam_channel::unbounded::<TcpStream>();
+    let stalled = TcpTarget::start(move |s| {
+        let _ = held_tx.send(s);
+    });
+    let mut link = bed.mux.link(&uuid(1), &uuid(2));
+    link.open(stalled.addr, "tcp");
+    let target = held_rx.recv_timeout(TIMEOUT).expect("target connected");
+    // fill the socket buffers and the early-ack buffer
+    let mut sent = 0;
+    loop {
+        link.send("forward", Some(vec![0x42; 4096]));
+        sent += 4096;
+        match link.rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(m) => assert_eq!(m.hdr.typ, "ack", "{m:?}"),
+            Err(_) => break,
+        }
+        assert!(sent < 64 << 20, "still acked after {sent} bytes");
+    }
+    // reset (linger 0): the bytes acked but not yet written cannot arrive
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a valid linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            target.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(target);
+    // the client hears of it: a device stop (errors, the last ack, may
+    // come first), and the connection is gone
+    loop {
+        let m = link.recv(TIMEOUT);
+        match m.hdr.typ.as_str() {
+            "stop" => break,
+            "error" | "ack" => {}
+            other => panic!("unexpected {other}: {m:?}"),
+        }
+    }
+    link.send("forward", Some(b"late".to_vec()));
+    loop {
+        let m = link.recv(TIMEOUT);
+        if m.hdr.typ == "error" && error_text(&m).0 == "unknown connection" {
+            break;
+        }
+    }
+}
