@@ -13,6 +13,10 @@
 //! - reads up to 64 KiB per `forward` (see `conn::CHUNK_MAX`), still one
 //!   unacked `forward` per connection; a duplicate or unsolicited `ack` is
 //!   ignored (the reference crashes);
+//! - a client `forward` is acked once accepted, not once written: written
+//!   at once by the session thread when the socket takes it, or buffered up
+//!   to 256 KiB per connection (see `inbox`); a later write error ends the
+//!   connection with the error and a `stop`;
 //! - UDP datagrams are never truncated: reads use a 65535-byte buffer, larger
 //!   than any UDP payload; should the kernel still report a truncated
 //!   datagram, it is dropped with an error (`datagram of N bytes exceeds …`)
