@@ -26,6 +26,9 @@ const BULK: usize = 50 * MIB;
 const SHELL_RAW: usize = 15 * MIB;
 const SHELLS_FOR_RSS: usize = 10;
 const IDLE: Duration = Duration::from_secs(10);
+/// Window, right after the idle memory sample, over which idle context
+/// switches are counted.
+const IDLE_WAKEUPS: Duration = Duration::from_secs(20);
 /// Generous: the Go daemon waits about 10 s before its first connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(60);
@@ -61,6 +64,11 @@ const FIGURES: &[Figure] = &[
     Figure {
         label: "idle Pss after 10 s",
         unit: "KiB",
+        lower_better: true,
+    },
+    Figure {
+        label: "idle wakeups (context switches)",
+        unit: "/min",
         lower_better: true,
     },
     Figure {
@@ -185,6 +193,25 @@ fn timed(pid: u32, bytes: usize, f: impl FnOnce() -> Result<(), String>) -> (f64
     let secs = t.elapsed().as_secs_f64();
     let mib = bytes as f64 / MIB as f64;
     (mib / secs, (cpu_ms(pid) - cpu0) / mib)
+}
+
+/// Context switches (voluntary + nonvoluntary) of every thread of `pid`,
+/// from /proc/PID/task/*/status: each is a wakeup of the daemon.
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 fn sid(n: u32) -> String {
@@ -320,6 +347,12 @@ fn run(bin: &Path) -> Vec<f64> {
     let hwm_idle = proc_kib(pid, "status", "VmHWM:").unwrap_or(0) as f64;
     let anon_idle = proc_kib(pid, "status", "RssAnon:").unwrap_or(0) as f64;
     let pss_idle = proc_kib(pid, "smaps_rollup", "Pss:").unwrap_or(0) as f64;
+    // threads that exit in the window take their counts with them; none
+    // should come or go while idle
+    let cs0 = ctx_switches(pid);
+    park(IDLE_WAKEUPS);
+    let wakeups =
+        (ctx_switches(pid).saturating_sub(cs0)) as f64 * 60.0 / IDLE_WAKEUPS.as_secs_f64();
 
     // server restart: cut every connection, listen again on the same port
     server.stop();
@@ -343,6 +376,7 @@ fn run(bin: &Path) -> Vec<f64> {
         hwm_idle,
         anon_idle,
         pss_idle,
+        wakeups,
         rss_per_shell,
         pf_down.0,
         pf_down.1,

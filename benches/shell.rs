@@ -1,8 +1,11 @@
 //! Remote-terminal numbers (printed, not asserted): bulk output throughput
 //! through the stand-in server, and daemon memory per open shell.
 //!
-//! `cargo bench --bench shell` (release profile; the daemon binary under test
-//! is the bench build's `mender-connect`).
+//! `cargo bench --bench shell [-- --bin PATH]` (release profile; the daemon
+//! binary under test is the bench build's `mender-connect` unless given). Each
+//! shell gets its own session (control `open` first, as deviceconnect does);
+//! the memory line is followed by where that memory lives (new thread
+//! stacks, grown mappings).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -16,6 +19,8 @@ const RAW_BYTES: usize = 15 * 1024 * 1024;
 const SHELLS_FOR_RSS: usize = 10;
 
 fn open(conn: &ConnHandle, sid: &str) {
+    // as deviceconnect does (and the compare bench): control open first
+    drive::open_session(conn, sid, TIMEOUT).expect("session opened");
     drive::shell_open(conn, sid, TIMEOUT).expect("shell opened");
 }
 
@@ -28,21 +33,74 @@ fn rollup(pid: u32) -> (u64, u64, u64) {
     (field("Rss:"), field("Pss:"), field("Anonymous:"))
 }
 
+/// (start address, size KiB, Rss KiB, name) of every mapping.
+fn maps(pid: u32) -> Vec<(String, u64, u64, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out: Vec<(String, u64, u64, String)> = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first()
+            .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+        {
+            let start = f[0].split('-').next().unwrap_or("").to_string();
+            out.push((start, 0, 0, f.get(5).unwrap_or(&"").to_string()));
+        } else if let (Some(last), Some(&k), Some(v)) = (out.last_mut(), f.first(), f.get(1)) {
+            let v = v.parse().unwrap_or(0);
+            match k {
+                "Size:" => last.1 = v,
+                "Rss:" => last.2 = v,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// Where the Rss that came with the shells lives: new anonymous mappings
+/// (thread stacks) by size, and growth of the mappings that were there.
+fn breakdown(before: &[(String, u64, u64, String)], after: &[(String, u64, u64, String)]) {
+    use std::collections::BTreeMap;
+    let old: BTreeMap<&str, u64> = before.iter().map(|m| (m.0.as_str(), m.2)).collect();
+    let mut new_by_size: BTreeMap<(u64, String), (u64, u64)> = BTreeMap::new();
+    let mut grown: BTreeMap<String, i64> = BTreeMap::new();
+    for m in after {
+        match old.get(m.0.as_str()) {
+            None => {
+                let e = new_by_size.entry((m.1, m.3.clone())).or_default();
+                e.0 += 1;
+                e.1 += m.2;
+            }
+            Some(&r) if r != m.2 => {
+                *grown.entry(format!("{} ({} KiB)", m.3, m.1)).or_default() += m.2 as i64 - r as i64
+            }
+            _ => {}
+        }
+    }
+    for ((size, name), (n, rss)) in new_by_size {
+        println!("  new mappings of {size} KiB {name:?}: {n}, Rss {rss} KiB");
+    }
+    for (name, d) in grown {
+        println!("  grown: {name:?} {d:+} KiB");
+    }
+}
+
 fn main() {
-    // cargo passes `--bench`; nothing to filter
+    // `--bin PATH` runs another daemon binary; cargo's `--bench` is ignored
+    let mut bin = common::daemon::BINARY.map(std::path::PathBuf::from);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--bin" {
+            bin = args.next().map(std::path::PathBuf::from);
+        }
+    }
+    let bin = bin.expect("bench binary");
     let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
     cfg["ShellArguments"] = serde_json::json!([]);
     cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 16 });
     let bus = DbusDaemon::start();
     let server = Server::start_plain();
     let _auth = AuthService::start(bus.address(), "bench", &server.url());
-    let daemon = Daemon::spawn_with_binary(
-        std::path::Path::new(common::daemon::BINARY.expect("bench binary")),
-        &cfg.to_string(),
-        bus.address(),
-        &[],
-        false,
-    );
+    let daemon = Daemon::spawn_with_binary(&bin, &cfg.to_string(), bus.address(), &[], false);
     let conn = server.wait_connection(TIMEOUT).expect("daemon connected");
     let pid = daemon.pid();
 
@@ -70,7 +128,9 @@ fn main() {
     // one shell opened and closed first, so lazily built state is in the baseline
     open(&conn, "bench-warm");
     run_until(&conn, "bench-warm", "echo R$((1+1))R\n", b"R2R");
-    let _ = drive::shell_stop(&conn, "bench-warm", TIMEOUT);
+    if std::env::var_os("SHELL_BENCH_STOP_WARM").is_some() {
+        let _ = drive::shell_stop(&conn, "bench-warm", TIMEOUT);
+    }
     let threads = || drive::thread_count(pid);
     let base_threads = {
         let mut last = threads();
@@ -92,12 +152,14 @@ fn main() {
         last
     };
     let (rss0, pss0, anon0) = rollup(pid);
+    let maps0 = maps(pid);
     for i in 0..SHELLS_FOR_RSS {
         let sid = format!("bench-rss-{i:04}");
         open(&conn, &sid);
         run_until(&conn, &sid, "echo R$((1+1))R\n", b"R2R");
     }
     let (rss1, pss1, anon1) = rollup(pid);
+    let maps1 = maps(pid);
     let n = SHELLS_FOR_RSS as u64;
     println!(
         "daemon memory with {SHELLS_FOR_RSS} shells open (shell processes excluded): \
@@ -113,6 +175,7 @@ fn main() {
         threads()
     );
     println!("daemon totals: Rss {rss1} KiB, Pss {pss1} KiB, Anonymous {anon1} KiB");
+    breakdown(&maps0, &maps1);
     for i in 0..SHELLS_FOR_RSS {
         let _ = drive::shell_stop(&conn, &format!("bench-rss-{i:04}"), TIMEOUT);
     }

@@ -743,3 +743,120 @@ fn a_client_ignoring_flow_control_gets_an_error_and_a_stop() {
         }
     }
 }
+
+#[test]
+fn a_stalled_target_stops_the_acks_after_a_bounded_buffer_stalls_no_other_session_and_gets_every_byte()
+ {
+    let bed = bed();
+    // the target holds its socket unread until released
+    let (held_tx, held_rx) = crossbeam_channel::unbounded::<TcpStream>();
+    let stalled = TcpTarget::start(move |s| {
+        let _ = held_tx.send(s);
+    });
+    let mut slow = bed.mux.link(&uuid(1), &uuid(2));
+    slow.open(stalled.addr, "tcp");
+    let mut target = held_rx.recv_timeout(TIMEOUT).expect("target connected");
+    // 4 KiB forwards, one in flight, until one is not acked: acks early
+    // (into the per-connection buffer) must end once the socket buffers and
+    // that buffer are full.
+    let chunk = 4096;
+    let mut sent = 0;
+    loop {
+        slow.send("forward", Some(common::drive::pattern(sent, chunk)));
+        sent += chunk;
+        match slow.rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(m) => assert_eq!(m.hdr.typ, "ack", "{m:?}"),
+            Err(_) => break,
+        }
+        assert!(
+            sent < 64 << 20,
+            "still acked after {sent} bytes to a stalled target"
+        );
+    }
+    // another session moves data while that forward waits
+    let echo = TcpTarget::echo();
+    let mut other = bed.mux.link(&uuid(3), &uuid(4));
+    other.open(echo.addr, "tcp");
+    let data = common::random_bytes(1 << 20, 3);
+    assert!(other.transfer(&data, data.len(), 4096).0 == data);
+    // released, the target gets every byte sent, in order, and the last
+    // forward is acked
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0; 64 * 1024];
+        let mut got = 0;
+        let mut intact = true;
+        while got < sent {
+            match target.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    intact &= common::drive::is_pattern(got, &buf[..n]);
+                    got += n;
+                }
+            }
+        }
+        (got, intact, target)
+    });
+    slow.expect("ack");
+    let (got, intact, _target) = reader.join().expect("reader");
+    assert_eq!(got, sent);
+    assert!(intact, "bytes at the target differ");
+    slow.send("stop", None);
+    slow.expect("stop");
+}
+
+#[test]
+fn a_target_reset_with_acked_data_still_buffered_ends_the_connection_with_a_stop() {
+    let bed = bed();
+    let (held_tx, held_rx) = crossbeam_channel::unbounded::<TcpStream>();
+    let stalled = TcpTarget::start(move |s| {
+        let _ = held_tx.send(s);
+    });
+    let mut link = bed.mux.link(&uuid(1), &uuid(2));
+    link.open(stalled.addr, "tcp");
+    let target = held_rx.recv_timeout(TIMEOUT).expect("target connected");
+    // fill the socket buffers and the early-ack buffer
+    let mut sent = 0;
+    loop {
+        link.send("forward", Some(vec![0x42; 4096]));
+        sent += 4096;
+        match link.rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(m) => assert_eq!(m.hdr.typ, "ack", "{m:?}"),
+            Err(_) => break,
+        }
+        assert!(sent < 64 << 20, "still acked after {sent} bytes");
+    }
+    // reset (linger 0): the bytes acked but not yet written cannot arrive
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on our own socket with a valid linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            target.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(target);
+    // the client hears of it: a device stop (errors, the last ack, may
+    // come first), and the connection is gone
+    loop {
+        let m = link.recv(TIMEOUT);
+        match m.hdr.typ.as_str() {
+            "stop" => break,
+            "error" | "ack" => {}
+            other => panic!("unexpected {other}: {m:?}"),
+        }
+    }
+    link.send("forward", Some(b"late".to_vec()));
+    loop {
+        let m = link.recv(TIMEOUT);
+        if m.hdr.typ == "error" && error_text(&m).0 == "unknown connection" {
+            break;
+        }
+    }
+}

@@ -123,6 +123,11 @@ pub fn run(ctx: ConnCtx, target: Target) {
     // The reply goes out before anything read from the target (protocol.md
     // §3.3 SHOULD): this thread sends both, in this order.
     ctx.send(&pf_msg("new", &ctx.sid, &ctx.cid));
+    // Only now may `forward`s be acked before this thread has written them
+    // (an ack must not overtake the `new` reply).
+    if let Sock::Tcp(s) = &sock {
+        inbox.lend(s.try_clone().ok());
+    }
     let buf = match target.net {
         Net::Tcp => TCP_CHUNK_MIN,
         Net::Udp => UDP_BUF,
@@ -137,9 +142,11 @@ pub fn run(ctx: ConnCtx, target: Target) {
         forward_sent: None,
         rx_bytes: 0,
         tx_bytes: 0,
+        failed: None,
     };
     let end = pump.run();
-    let (rx, tx) = (pump.rx_bytes, pump.tx_bytes);
+    inbox.lend(None);
+    let (rx, tx) = (pump.rx_bytes + inbox.direct_bytes(), pump.tx_bytes);
     drop(pump.sock);
     let stopped_by = match &end {
         End::Quiet => "session".to_string(),
@@ -187,8 +194,11 @@ struct Pump<'a> {
     inbox: &'a Inbox,
     sock: Sock,
     buf: Vec<u8>,
-    /// A server `forward` being written: data and how much is done.
-    writing: Option<(Vec<u8>, usize)>,
+    /// A server `forward` being written: data, how much is done, and
+    /// whether it was acked already.
+    writing: Option<(Vec<u8>, usize, bool)>,
+    /// A write error on data acked already: the connection ends.
+    failed: Option<String>,
     last_activity: Instant,
     /// When the `forward` in flight was sent.
     forward_sent: Option<Instant>,
@@ -205,7 +215,8 @@ impl Pump<'_> {
                 Next::Go { item, awaiting_ack } => {
                     match item {
                         Some(Item::Stop) => return End::StopRequested,
-                        Some(Item::Forward(data)) => self.writing = Some((data, 0)),
+                        Some(Item::Forward(data)) => self.writing = Some((data, 0, false)),
+                        Some(Item::Acked(data)) => self.writing = Some((data, 0, true)),
                         None => {}
                     }
                     awaiting_ack
@@ -215,11 +226,21 @@ impl Pump<'_> {
                 self.forward_sent = None;
             }
             if self.writing.is_some() && !self.write_target() {
+                if let Some(why) = self.failed.take() {
+                    return End::Target(why);
+                }
                 // progress made or done: look at the inbox again first
                 continue;
             }
             let now = Instant::now();
-            let idle_at = self.last_activity + self.ctx.settings.idle_timeout;
+            let mut idle_at = self.last_activity + self.ctx.settings.idle_timeout;
+            if now >= idle_at {
+                // the session thread may have been writing for us
+                if let Some(t) = self.inbox.last_direct().filter(|t| *t > self.last_activity) {
+                    self.last_activity = t;
+                    idle_at = t + self.ctx.settings.idle_timeout;
+                }
+            }
             if now >= idle_at {
                 return End::Target("idle timeout".to_string());
             }
@@ -265,7 +286,7 @@ impl Pump<'_> {
     /// Tries to finish the current write. Returns true when it would block
     /// (poll for POLLOUT), false when it progressed or completed.
     fn write_target(&mut self) -> bool {
-        let Some((data, done)) = self.writing.as_mut() else {
+        let Some((data, done, acked)) = self.writing.as_mut() else {
             return false;
         };
         let result = if data.is_empty() {
@@ -282,10 +303,13 @@ impl Pump<'_> {
                 *done += n;
                 self.rx_bytes += n as u64;
                 if matches!(self.sock, Sock::Udp(_)) || *done >= data.len() {
+                    let acked = *acked;
                     self.writing = None;
                     self.inbox.written();
                     self.last_activity = Instant::now();
-                    self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
+                    if !acked {
+                        self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
+                    }
                 }
                 false
             }
@@ -293,7 +317,9 @@ impl Pump<'_> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
             Err(e) => {
                 // transfer.md §4.3: ack even so, then report; the read side
-                // notices a dead target and stops the connection.
+                // notices a dead target and stops the connection. Data acked
+                // already is lost: report it and stop at once.
+                let acked = *acked;
                 self.writing = None;
                 self.inbox.written();
                 let net = match self.sock {
@@ -306,8 +332,13 @@ impl Pump<'_> {
                     dial::os_text(&e)
                 );
                 log::info!("port forward {}/{}: {text}", self.ctx.sid, self.ctx.cid);
-                self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
+                if !acked {
+                    self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
+                }
                 self.ctx.send_error(&text, "forward");
+                if acked {
+                    self.failed = Some(text);
+                }
                 false
             }
         }

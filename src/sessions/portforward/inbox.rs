@@ -3,10 +3,21 @@
 //! One mutex guards all of it, so "closed" and "queued" can never disagree
 //! (a message is either handled by the connection or answered by the
 //! handler with `unknown connection`, never silently lost).
+//!
+//! Client → device fast path: once connected, a TCP connection lends the
+//! inbox a duplicate of its socket. A small `forward` that finds nothing
+//! ahead of it is written right away from the session thread with one
+//! non-blocking write, and acked at once; otherwise, while the bytes waiting
+//! for the target stay within `EARLY_BYTES`, it is queued already acked (a
+//! bigger socket buffer, in effect). The connection thread is then only
+//! woken for what the socket did not take at once.
 
 use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use crate::conn::wake::Wake;
 
@@ -19,12 +30,21 @@ pub const QUEUE_LIMIT: usize = 8;
 /// client ignoring flow control, and must not pin up to 8 inbound messages
 /// of 16 MiB each, nor a second while one is written.
 pub const QUEUE_BYTES: usize = 1 << 20;
+/// Bytes of client `forward`s acked before they reached the target: one
+/// such bounded buffer per connection, no ack while it is full.
+pub const EARLY_BYTES: usize = 256 * 1024;
+/// Items acked early that may wait at once (so 4 KiB forwards fill
+/// `EARLY_BYTES`); they do not count against `QUEUE_LIMIT`.
+pub const EARLY_ITEMS: usize = 64;
 
 /// One server message for the connection's thread, in arrival order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Item {
     /// Bytes to write to the target, then ack.
     Forward(Vec<u8>),
+    /// Bytes to write to the target, already acked (a write error then ends
+    /// the connection with an error and a `stop`).
+    Acked(Vec<u8>),
     /// Close the target and echo `stop`.
     Stop,
 }
@@ -33,7 +53,7 @@ impl Item {
     /// Data bytes it carries.
     pub fn len(&self) -> usize {
         match self {
-            Item::Forward(d) => d.len(),
+            Item::Forward(d) | Item::Acked(d) => d.len(),
             Item::Stop => 0,
         }
     }
@@ -41,7 +61,7 @@ impl Item {
     /// The message type this item came from (for error replies).
     pub fn typ(&self) -> &'static str {
         match self {
-            Item::Forward(_) => "forward",
+            Item::Forward(_) | Item::Acked(_) => "forward",
             Item::Stop => "stop",
         }
     }
@@ -56,6 +76,15 @@ pub enum Push {
     Closed,
     /// The queue is full: the client broke flow control.
     Full,
+}
+
+/// Result of handing a client `forward` to the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fwd {
+    /// Written to the target or buffered within `EARLY_BYTES`: ack it now.
+    AckNow,
+    /// As `Push`: the connection thread acks it once written.
+    Push(Push),
 }
 
 /// Result of a server `ack`.
@@ -91,6 +120,14 @@ struct State {
     awaiting_ack: bool,
     /// Bytes of the server `forward` the thread is writing.
     writing: usize,
+    /// The thread holds a `forward` it has not finished writing.
+    busy: bool,
+    /// The target socket, lent once the `new` reply is out (TCP only).
+    direct: Option<TcpStream>,
+    /// Last direct write, for the connection's idle timer.
+    last_direct: Option<Instant>,
+    /// Bytes the fast path wrote (the audit line counts them with the thread's).
+    direct_bytes: u64,
 }
 
 /// Shared between a connection's handler entry and its thread.
@@ -133,17 +170,111 @@ impl Inbox {
         if st.closed {
             return Push::Closed;
         }
-        let queued: usize = st.queue.iter().map(Item::len).sum();
-        if st.queue.len() >= QUEUE_LIMIT
-            || (!st.queue.is_empty() && queued + item.len() > QUEUE_BYTES)
-            || (item.len() > 0 && st.writing > 0 && st.writing + queued + item.len() > QUEUE_BYTES)
-        {
-            return Push::Full;
+        if let Err(full) = Self::admit(&st, &item) {
+            return full;
         }
         st.queue.push_back(item);
         drop(st);
         self.wake.wake();
         Push::Queued
+    }
+
+    fn admit(st: &State, item: &Item) -> Result<(), Push> {
+        let queued: usize = st.queue.iter().map(Item::len).sum();
+        let unacked = st
+            .queue
+            .iter()
+            .filter(|i| !matches!(i, Item::Acked(_)))
+            .count();
+        if unacked >= QUEUE_LIMIT
+            || (!st.queue.is_empty() && queued + item.len() > QUEUE_BYTES)
+            || (item.len() > 0 && st.writing > 0 && st.writing + queued + item.len() > QUEUE_BYTES)
+        {
+            return Err(Push::Full);
+        }
+        Ok(())
+    }
+
+    /// Handler side: a client `forward`. Written at once when the socket is
+    /// lent, nothing is ahead of it and the socket takes it all; else queued,
+    /// acked early while the bytes waiting stay within `EARLY_BYTES`.
+    pub fn forward(&self, mut data: Vec<u8>) -> Fwd {
+        let mut st = self.lock();
+        if st.closed {
+            return Fwd::Push(Push::Closed);
+        }
+        let Some(sock) = st.direct.as_ref() else {
+            drop(st);
+            return Fwd::Push(self.push(Item::Forward(data)));
+        };
+        if data.len() > EARLY_BYTES {
+            drop(st);
+            return Fwd::Push(self.push(Item::Forward(data)));
+        }
+        if st.queue.is_empty() && !st.busy && !data.is_empty() {
+            // Non-blocking (the socket's flag is shared with the dup): a
+            // full socket costs one EAGAIN, never a wait.
+            let mut w = sock;
+            match w.write(&data) {
+                Ok(n) if n == data.len() => {
+                    st.last_direct = Some(Instant::now());
+                    st.direct_bytes += n as u64;
+                    return Fwd::AckNow;
+                }
+                Ok(n) => {
+                    st.last_direct = Some(Instant::now());
+                    st.direct_bytes += n as u64;
+                    data.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // the connection's thread meets the error again and reports
+                // it the usual way (ack, then error)
+                Err(_) => {
+                    drop(st);
+                    return Fwd::Push(self.push(Item::Forward(data)));
+                }
+            }
+        }
+        let queued: usize = st.queue.iter().map(Item::len).sum();
+        let early = st
+            .queue
+            .iter()
+            .filter(|i| matches!(i, Item::Acked(_)))
+            .count();
+        let fits = early < EARLY_ITEMS && st.writing + queued + data.len() <= EARLY_BYTES;
+        let item = if fits {
+            Item::Acked(data)
+        } else {
+            Item::Forward(data)
+        };
+        if let Err(full) = Self::admit(&st, &item) {
+            return Fwd::Push(full);
+        }
+        st.queue.push_back(item);
+        drop(st);
+        self.wake.wake();
+        if fits {
+            Fwd::AckNow
+        } else {
+            Fwd::Push(Push::Queued)
+        }
+    }
+
+    /// Thread side: lends the connected TCP socket to the fast path (`None`
+    /// takes it back, before the socket is closed).
+    pub fn lend(&self, sock: Option<TcpStream>) {
+        self.lock().direct = sock;
+    }
+
+    /// Thread side: bytes the fast path wrote to the target.
+    pub fn direct_bytes(&self) -> u64 {
+        self.lock().direct_bytes
+    }
+
+    /// Thread side: when the fast path last wrote to the target.
+    pub fn last_direct(&self) -> Option<Instant> {
+        self.lock().last_direct
     }
 
     /// Handler side: a server `ack` arrived.
@@ -168,6 +299,7 @@ impl Inbox {
         st.quiet = true;
         self.mark_closed(&mut st);
         st.queue.clear();
+        st.direct = None;
         drop(st);
         self.wake.wake();
     }
@@ -194,8 +326,9 @@ impl Inbox {
         } else {
             None
         };
-        if let Some(Item::Forward(data)) = &item {
+        if let Some(Item::Forward(data) | Item::Acked(data)) = &item {
             st.writing = data.len();
+            st.busy = true;
         }
         Next::Go {
             item,
@@ -206,7 +339,9 @@ impl Inbox {
     /// Thread side: the server `forward` taken last is written (called
     /// before its `ack` goes out, so the client's next one finds room).
     pub fn written(&self) {
-        self.lock().writing = 0;
+        let mut st = self.lock();
+        st.writing = 0;
+        st.busy = false;
     }
 
     /// Thread side: a `forward` is about to be sent. False when the
@@ -229,6 +364,7 @@ impl Inbox {
             return None;
         }
         self.mark_closed(&mut st);
+        st.direct = None;
         Some(st.queue.drain(..).collect())
     }
 }
@@ -293,6 +429,56 @@ mod tests {
         assert_eq!(ib.ack(), Ack::Closed);
         ib.close_quietly();
         assert_eq!(slots.load(Ordering::Acquire), 0);
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        a.set_nonblocking(true).expect("nonblocking");
+        (a, b)
+    }
+
+    #[test]
+    fn forwards_are_acked_early_only_once_the_socket_is_lent_and_within_the_buffer() {
+        let (ib, _) = inbox();
+        // not connected yet: queued, acked by the thread once written
+        assert_eq!(ib.forward(b"a".to_vec()), Fwd::Push(Push::Queued));
+        let (dev, mut target) = pair();
+        ib.lend(Some(dev));
+        // something is ahead of it: queued, but acked now
+        assert_eq!(ib.forward(b"b".to_vec()), Fwd::AckNow);
+        assert_eq!(
+            ib.next(true),
+            Next::Go {
+                item: Some(Item::Forward(b"a".to_vec())),
+                awaiting_ack: false
+            }
+        );
+        ib.written();
+        assert!(matches!(
+            ib.next(true),
+            Next::Go {
+                item: Some(Item::Acked(_)),
+                ..
+            }
+        ));
+        ib.written();
+        // nothing ahead: written at once by the caller
+        assert_eq!(ib.forward(b"c".to_vec()), Fwd::AckNow);
+        let mut got = [0u8; 1];
+        std::io::Read::read_exact(&mut target, &mut got).expect("read");
+        assert_eq!(&got, b"c");
+        // the buffer is bounded: once the target stops reading, acks stop
+        let chunk = vec![7u8; 4096];
+        let mut acked = 0usize;
+        while ib.forward(chunk.clone()) == Fwd::AckNow {
+            acked += chunk.len();
+            assert!(acked < 64 << 20, "acks never stopped");
+        }
+        assert!(ib.last_direct().is_some());
+        ib.lend(None);
+        assert_eq!(ib.forward(b"d".to_vec()), Fwd::Push(Push::Queued));
     }
 
     #[test]

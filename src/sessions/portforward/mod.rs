@@ -13,6 +13,10 @@
 //! - reads up to 64 KiB per `forward` (see `conn::CHUNK_MAX`), still one
 //!   unacked `forward` per connection; a duplicate or unsolicited `ack` is
 //!   ignored (the reference crashes);
+//! - a client `forward` is acked once accepted, not once written: written
+//!   at once by the session thread when the socket takes it, or buffered up
+//!   to 256 KiB per connection (see `inbox`); a later write error ends the
+//!   connection with the error and a `stop`;
 //! - UDP datagrams are never truncated: reads use a 65535-byte buffer, larger
 //!   than any UDP payload; should the kernel still report a truncated
 //!   datagram, it is dropped with an error (`datagram of N bytes exceeds …`)
@@ -55,7 +59,7 @@ use crate::conn::router::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
 
 use conn::ConnCtx;
-use inbox::{Ack, Inbox, Item, Push};
+use inbox::{Ack, Fwd, Inbox, Item, Push};
 
 /// Stack of a connection thread; its buffers live on the heap.
 const THREAD_STACK: usize = 128 * 1024;
@@ -320,13 +324,29 @@ impl PortForward {
         Ok(())
     }
 
+    fn forward(&mut self, cid: &str, data: Vec<u8>) {
+        let Some(inbox) = self.conns.get(cid) else {
+            self.reply_error(cid, &PfError::UnknownConnection, "forward");
+            return;
+        };
+        match inbox.forward(data) {
+            Fwd::AckNow => self.send(&pf_msg("ack", &self.ctx.sid, cid)),
+            Fwd::Push(p) => self.pushed(cid, p, "forward"),
+        }
+    }
+
     fn queue(&mut self, cid: &str, item: Item) {
         let typ = item.typ();
         let Some(inbox) = self.conns.get(cid) else {
             self.reply_error(cid, &PfError::UnknownConnection, typ);
             return;
         };
-        match inbox.push(item) {
+        let p = inbox.push(item);
+        self.pushed(cid, p, typ);
+    }
+
+    fn pushed(&mut self, cid: &str, p: Push, typ: &str) {
+        match p {
             Push::Queued => {}
             Push::Closed => {
                 self.conns.remove(cid);
@@ -383,7 +403,7 @@ impl Handler for PortForward {
                     self.reply_error(&cid, &e, "new");
                 }
             }
-            "forward" => self.queue(&cid, Item::Forward(msg.body.unwrap_or_default())),
+            "forward" => self.forward(&cid, msg.body.unwrap_or_default()),
             "stop" => self.queue(&cid, Item::Stop),
             "ack" => self.ack(&cid),
             "error" => {

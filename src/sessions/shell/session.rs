@@ -103,7 +103,6 @@ fn run(
         written: 0,
         backlog: Vec::new(),
         dropped: 0,
-        buf: vec![0; CHUNK],
     };
     sh.main_loop();
 }
@@ -151,7 +150,6 @@ struct Shell {
     /// Output not yet queued for the server.
     backlog: Vec<u8>,
     dropped: usize,
-    buf: Vec<u8>,
     start_ms: u64,
     next_ping: Instant,
     last_input: Instant,
@@ -286,10 +284,12 @@ impl Shell {
                     self.last_input = Instant::now();
                     self.rx_bytes += bytes.len() as u64;
                     if self.written == self.pending.len() {
-                        self.pending.clear();
+                        // nothing pending: the message's own buffer will do
+                        self.pending = bytes;
                         self.written = 0;
+                    } else {
+                        self.pending.extend_from_slice(&bytes);
                     }
-                    self.pending.extend_from_slice(&bytes);
                 }
             }
         }
@@ -350,28 +350,33 @@ impl Shell {
                 }
             }
         }
-        if self.pending.capacity() > 64 * 1024 {
-            self.pending = Vec::new();
-            self.written = 0;
-        }
+        // all written: hold no input memory while idle
+        self.pending = Vec::new();
+        self.written = 0;
     }
 
     /// Reads what the PTY has (up to `limit` bytes) into the backlog.
     fn read_output(&mut self, limit: usize) -> Read {
         let mut total = 0;
         while total < limit {
-            // SAFETY: reads into our own buffer of the given length.
+            // Read straight into the backlog's spare room: no read buffer
+            // is kept per shell, and an idle shell holds no output memory.
+            self.backlog.reserve(CHUNK);
+            let spare = self.backlog.spare_capacity_mut();
+            // SAFETY: reads into the backlog's own spare capacity, of the
+            // given length.
             let n = unsafe {
                 libc::read(
                     self.child.master.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
                 )
             };
             if n > 0 {
                 let n = n as usize;
                 self.tx_bytes += n as u64;
-                self.backlog.extend_from_slice(&self.buf[..n]);
+                // SAFETY: the kernel initialised these n bytes of spare room.
+                unsafe { self.backlog.set_len(self.backlog.len() + n) };
                 total += n;
                 self.trim();
                 if self.backlog.len() >= CHUNK {
@@ -436,9 +441,8 @@ impl Shell {
             );
             self.dropped = 0;
         }
-        if self.backlog.capacity() > 2 * CHUNK {
-            self.backlog = Vec::new();
-        }
+        // nothing in flight: hold no memory for it
+        self.backlog = Vec::new();
         Flush::Done
     }
 

@@ -1,0 +1,175 @@
+//! Port-forward ack latency, client → device, the way mender-cli drives it:
+//! 4096-byte `forward`s, one in flight. For each `forward` it records the
+//! round trip as the client (the stand-in server's side of the websocket)
+//! sees it, from the frame queued to the `ack` received; and, interleaved,
+//! the round trip of a websocket ping, which the daemon's connection thread
+//! answers by itself. The difference of the two is the daemon's share: from
+//! the `forward` read off the websocket to its `ack` written (plus what
+//! encoding and decoding a 4 KiB frame costs the stand-in). Prints p50/p99
+//! of each and the daemon's CPU per forward (utime+stime from /proc).
+//!
+//! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
+//! (`--restart`: restart the stand-in server first, as the compare bench
+//! does, so the forwards go over the daemon's second websocket) (PATH defaults
+//! to this crate's release daemon; the Go daemon works too, it connects
+//! after about 10 s).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::drive::{self, CHUNK, cpu_ms};
+use common::{AuthService, Daemon, DbusDaemon, Server, default_config};
+use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+const SID: &str = "cccccccc-0000-4000-8000-000000000001";
+
+/// Minor page faults of the process so far (field 10 of /proc/PID/stat).
+fn minflt(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .unwrap_or("");
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let mut bin = common::daemon::BINARY.map(PathBuf::from);
+    let mut n = 20_000usize;
+    let mut restart = false;
+    let mut shell_first = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bin" => bin = it.next().map(PathBuf::from),
+            "--n" => n = it.next().and_then(|v| v.parse().ok()).unwrap_or(n),
+            "--restart" => restart = true,
+            "--shell-first" => shell_first = true,
+            _ => {}
+        }
+    }
+    let bin = bin.expect("--bin PATH");
+    let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
+    cfg["ShellArguments"] = serde_json::json!([]);
+    cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 32 });
+    let bus = DbusDaemon::start();
+    let mut server = Server::start_plain();
+    let _auth = AuthService::start(bus.address(), "bench-token", &server.url());
+    let daemon = Daemon::spawn_with_binary(&bin, &cfg.to_string(), bus.address(), &[], false);
+    let mut conn = server.wait_connection(WAIT).expect("daemon connected");
+    if restart {
+        // as the compare bench does before its transfers
+        let port = server.port();
+        server.stop();
+        server = Server::start_plain_on(port);
+        conn = server.wait_connection(WAIT).expect("daemon reconnected");
+    }
+    let pid = daemon.pid();
+
+    if shell_first {
+        // as the compare bench does before its port forward: bulk terminal
+        // output, then ten shells open at once
+        let sid = |i: u32| format!("dddddddd-0000-4000-8000-{i:012}");
+        drive::open_session(&conn, &sid(0), WAIT).expect("open");
+        drive::shell_open(&conn, &sid(0), WAIT).expect("shell");
+        let line = "head -c 15000000 /dev/urandom | base64; echo '@@'$((2+3))'@@'\n";
+        drive::shell_run_until(&conn, &sid(0), line, b"@@5@@", WAIT).expect("bulk");
+        drive::shell_stop(&conn, &sid(0), WAIT).expect("stop");
+        drive::close_session(&conn, &sid(0));
+        for i in 1..=10 {
+            drive::open_session(&conn, &sid(i), WAIT).expect("open");
+            drive::shell_open(&conn, &sid(i), WAIT).expect("shell");
+            drive::shell_run_until(&conn, &sid(i), "echo R$((1+1))R\n", b"R2R", WAIT)
+                .expect("shell");
+        }
+        for i in 1..=10 {
+            drive::shell_stop(&conn, &sid(i), WAIT).expect("stop");
+            drive::close_session(&conn, &sid(i));
+        }
+    }
+    drive::open_session(&conn, SID, WAIT).expect("open");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let total = n * CHUNK;
+    let sink = drive::pf_sink(l, total);
+    drive::pf_new(&conn, SID, "lat", addr, WAIT).expect("new");
+    let fwd = |off: usize| {
+        ProtoMsg::new(PROTO_PORTFORWARD, "forward", SID)
+            .with_prop("connection_id", Value::Str("lat".into()))
+            .with_prop("user_id", Value::Str("bench-user".into()))
+            .with_body(drive::pattern(off, CHUNK))
+    };
+    // warm-up: 256 forwards (1 MiB), not counted
+    let warm = 256;
+    for i in 0..warm {
+        conn.send_msg(&fwd(i * CHUNK));
+        let m = drive::recv_for(&conn, SID, WAIT).expect("ack");
+        assert_eq!(m.hdr.typ, "ack", "{m:?}");
+    }
+    let mut rtt = Vec::with_capacity(n);
+    let mut ping = Vec::with_capacity(n / 16);
+    let mut pongs = 0;
+    let cpu0 = cpu_ms(pid);
+    let flt0 = minflt(pid);
+    let t0 = Instant::now();
+    for i in warm..n {
+        // frames are built before the clock starts
+        let m = fwd(i * CHUNK);
+        let t = Instant::now();
+        conn.send_msg(&m);
+        let a = drive::recv_for(&conn, SID, WAIT).expect("ack");
+        rtt.push(t.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(a.hdr.typ, "ack", "{a:?}");
+        if i % 16 == 0 {
+            let t = Instant::now();
+            conn.send_ping(b"lat");
+            pongs += 1;
+            assert!(conn.wait_pongs(pongs, WAIT), "no pong");
+            ping.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_ms(pid) - cpu0;
+    let faults = minflt(pid) - flt0;
+    let (got, intact, sock) = sink.join().expect("sink");
+    assert!(got == total && intact, "{got} bytes, intact {intact}");
+    drive::pf_stop(&conn, SID, "lat", WAIT).expect("stop");
+    drop(sock);
+    let fwds = (n - warm) as f64;
+    let (r50, r99) = (pct(&mut rtt, 0.5), pct(&mut rtt, 0.99));
+    let (p50, p99) = (pct(&mut ping, 0.5), pct(&mut ping, 0.99));
+    println!("{}", bin.display());
+    println!(
+        "  forward->ack round trip (client): p50 {r50:.1} us, p99 {r99:.1} us ({} forwards, {:.1} MiB/s incl. pings)",
+        n - warm,
+        fwds * CHUNK as f64 / (1 << 20) as f64 / secs
+    );
+    println!("  ws ping->pong round trip:         p50 {p50:.1} us, p99 {p99:.1} us");
+    println!(
+        "  daemon share (forward - ping):    p50 {:.1} us, p99 {:.1} us",
+        r50 - p50,
+        r99 - p99
+    );
+    println!(
+        "  daemon CPU: {:.1} us per forward = {:.1} ms/MiB",
+        cpu * 1000.0 / fwds,
+        cpu / (fwds * CHUNK as f64 / (1 << 20) as f64)
+    );
+    println!(
+        "  daemon minor page faults: {:.2} per forward",
+        faults as f64 / fwds
+    );
+}
