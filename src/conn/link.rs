@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,10 @@ const DIAL_SLACK: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Liveness {
     epoch: Instant,
-    beat_ms: AtomicU64,
+    /// Milliseconds since `epoch`, modulo 2^32: ARMv5 has no 64-bit
+    /// atomics, and a gap is read with wrapping arithmetic (exact below 49
+    /// days, far beyond any bound here).
+    beat_ms: AtomicU32,
     dialing: AtomicBool,
 }
 
@@ -66,27 +69,33 @@ impl Liveness {
     fn new() -> Liveness {
         Liveness {
             epoch: Instant::now(),
-            beat_ms: AtomicU64::new(0),
+            beat_ms: AtomicU32::new(0),
             dialing: AtomicBool::new(true),
         }
     }
 
+    fn now_ms(&self) -> u32 {
+        // truncation intended: see `beat_ms`
+        self.epoch.elapsed().as_millis() as u32
+    }
+
     fn beat(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.beat_ms.store(ms, Ordering::Release);
+        self.beat_ms.store(self.now_ms(), Ordering::Release);
     }
 
     /// Whether the thread came round in time: within the dial's deadline
     /// (plus resolver slack) while dialing, within two ping periods after
     /// (the poll wakes at least once per ping period).
     pub fn is_alive(&self, timing: Timing) -> bool {
-        let beat = self.epoch + Duration::from_millis(self.beat_ms.load(Ordering::Acquire));
+        let since = self
+            .now_ms()
+            .wrapping_sub(self.beat_ms.load(Ordering::Acquire));
         let bound = if self.dialing.load(Ordering::Acquire) {
             dial::HANDSHAKE_TIMEOUT + DIAL_SLACK
         } else {
             timing.ping_period * 2
         };
-        beat.elapsed() <= bound
+        Duration::from_millis(u64::from(since)) <= bound
     }
 }
 
@@ -475,7 +484,7 @@ mod tests {
         };
         let live = Liveness {
             epoch: long_ago,
-            beat_ms: AtomicU64::new(0),
+            beat_ms: AtomicU32::new(0),
             dialing: AtomicBool::new(true),
         };
         // dialing since 100 s: past 45 s + 30 s slack

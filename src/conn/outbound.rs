@@ -5,7 +5,7 @@
 //! busy lane instead of a whole queue.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,8 @@ struct Lanes {
     turn: VecDeque<u64>,
     /// Producers blocked in `send_frame`.
     waiting: usize,
+    /// The last lane handed out (under the lock: ARMv5 has no 64-bit atomics).
+    last_lane: u64,
 }
 
 impl Lanes {
@@ -97,7 +99,6 @@ struct Shared {
     room: Condvar,
     wake: Arc<Wake>,
     connected: AtomicUsize,
-    next_lane: AtomicU64,
 }
 
 impl Shared {
@@ -130,7 +131,6 @@ pub fn queue(wake: Arc<Wake>) -> (Outbound, OutboundRx) {
         room: Condvar::new(),
         wake: wake.clone(),
         connected: AtomicUsize::new(0),
-        next_lane: AtomicU64::new(1),
     });
     (
         Outbound {
@@ -146,7 +146,11 @@ impl Outbound {
     pub fn lane(&self) -> Outbound {
         Outbound {
             shared: Arc::clone(&self.shared),
-            lane: self.shared.next_lane.fetch_add(1, Ordering::Relaxed),
+            lane: {
+                let mut g = self.shared.lock();
+                g.last_lane += 1;
+                g.last_lane
+            },
         }
     }
 
