@@ -497,4 +497,11 @@ mod tests {
             0x00, 0x23, 0x00, 0x23, 0x00, 0x82,
         ]);
     }
+
+    #[test]
+    fn a_frame_cut_off_after_a_close_may_show_as_sent_after_the_close() {
+        // found by the reframe fuzz target: a close, then a continuation
+        // frame claiming 5 bytes of which 3 arrive
+        crate::fuzzing::reframe(&[0x41, 0x88, 0x00, 0x80, 0x05, 0x2c, 0x6c, 0x65]);
+    }
 }
