@@ -202,9 +202,14 @@ impl fmt::Debug for Resolver {
 impl Resolver {
     /// No containment: any path, symlinks followed (limits disabled).
     pub fn unrestricted() -> Resolver {
+        Resolver::unconfined(true)
+    }
+
+    /// No chroot, following symlinks only when `follow`.
+    pub fn unconfined(follow: bool) -> Resolver {
         Resolver {
             root: None,
-            follow: true,
+            follow,
             force_walk: false,
         }
     }
@@ -260,6 +265,15 @@ impl Resolver {
     /// Whether a chroot applies.
     pub fn has_chroot(&self) -> bool {
         self.root.is_some()
+    }
+
+    /// Whether the chroot directory this resolver holds was deleted (a
+    /// directory of that name may have been made anew: files put beneath
+    /// the old one would be lost with it).
+    pub fn root_deleted(&self) -> bool {
+        self.root
+            .as_ref()
+            .is_some_and(|r| fstat(r.fd.as_fd()).is_ok_and(|st| st.st_nlink == 0))
     }
 
     /// Opens `path` with `flags` (O_CLOEXEC is added) under the containment.

@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use crate::config::LimitsConfig;
 use crate::limits::bucket::Bucket;
@@ -19,16 +19,15 @@ pub const FORCE_WALK_ENV: &str = "MENDER_CONNECT_FORCE_PATH_WALK";
 pub struct Policy {
     /// `Limits.Enabled`; when false nothing below restricts anything.
     pub enabled: bool,
-    /// Where paths may resolve.
-    pub resolver: Resolver,
-    /// Set when the configured chroot could not be opened at startup: it is
-    /// tried again per request (it may be created later, as upstream's own
-    /// tests do), and requests are refused until it opens.
-    pub broken_chroot: Option<String>,
+    /// Where paths may resolve when no chroot is configured.
+    resolver: Arc<Resolver>,
     /// The configured `Chroot` ("" = none), to tell "outside" from "broken".
     pub chroot: String,
-    /// The chroot's resolver once a late open succeeded.
-    late_root: OnceLock<Resolver>,
+    /// The chroot's resolver while its directory can be opened. Opened at
+    /// startup; tried again per request while missing (it may be created
+    /// later, as upstream's own tests do) or once deleted (and maybe made
+    /// anew): requests are refused until it opens.
+    chroot_root: Mutex<Result<Arc<Resolver>, String>>,
     /// `FollowSymLinks`, for a late open.
     follow_symlinks: bool,
     /// Force the openat walk, for a late open.
@@ -68,10 +67,9 @@ impl Policy {
     pub fn disabled() -> Policy {
         Policy {
             enabled: false,
-            resolver: Resolver::unrestricted(),
-            broken_chroot: None,
+            resolver: Arc::new(Resolver::unrestricted()),
             chroot: String::new(),
-            late_root: OnceLock::new(),
+            chroot_root: Mutex::new(Err(String::new())),
             follow_symlinks: true,
             force_walk: false,
             owner_get: None,
@@ -99,15 +97,15 @@ impl Policy {
         }
         let ft = &cfg.file_transfer;
         let force_walk = std::env::var_os(FORCE_WALK_ENV).is_some();
-        let chroot = (!ft.chroot.is_empty()).then(|| Path::new(&ft.chroot));
-        let (resolver, broken_chroot) = match Resolver::new(chroot, ft.follow_symlinks) {
-            Ok(r) => (r.force_walk(force_walk), None),
-            Err(e) => {
-                let msg = format!("cannot open the chroot {}: {e}", ft.chroot);
+        let resolver = Arc::new(Resolver::unconfined(ft.follow_symlinks).force_walk(force_walk));
+        // unused without a chroot (resolver_for takes `resolver` then)
+        let mut chroot_root = Err(String::new());
+        if !ft.chroot.is_empty() {
+            chroot_root = open_chroot(&ft.chroot, ft.follow_symlinks, force_walk);
+            if let Err(msg) = &chroot_root {
                 log::error!("file transfer: {msg}; transfers are refused until it opens");
-                (Resolver::unrestricted(), Some(msg))
             }
-        };
+        }
         let umask = if ft.umask.is_empty() {
             Ok(None)
         } else {
@@ -128,9 +126,8 @@ impl Policy {
         Policy {
             enabled: true,
             resolver,
-            broken_chroot,
             chroot: ft.chroot.clone(),
-            late_root: OnceLock::new(),
+            chroot_root: Mutex::new(chroot_root),
             follow_symlinks: ft.follow_symlinks,
             force_walk,
             owner_get: id_list(&ft.owner_get, user_id, "OwnerGet"),
@@ -153,39 +150,58 @@ impl Policy {
 
 impl Policy {
     /// The resolver for `path`, or the reason to refuse it (without the
-    /// `access denied: ` prefix) while the chroot still cannot be opened.
-    pub fn resolver_for(&self, path: &[u8]) -> Result<&Resolver, String> {
-        if self.broken_chroot.is_none() {
-            return Ok(&self.resolver);
+    /// `access denied: ` prefix) while the chroot cannot be opened.
+    pub fn resolver_for(&self, path: &[u8]) -> Result<Arc<Resolver>, String> {
+        if self.chroot.is_empty() {
+            return Ok(Arc::clone(&self.resolver));
         }
-        if self.late_root.get().is_none()
-            && let Ok(r) = Resolver::new(Some(Path::new(&self.chroot)), self.follow_symlinks)
+        let current = self.lock_root().clone();
+        if let Ok(r) = &current
+            && !r.root_deleted()
         {
-            log::info!("file transfer: the chroot {} opens now", self.chroot);
-            let _ = self.late_root.set(r.force_walk(self.force_walk));
+            return Ok(Arc::clone(r));
         }
-        match self.late_root.get() {
-            Some(r) => Ok(r),
-            None => Err(self
-                .broken_chroot_refusal(path)
-                .unwrap_or_else(|| "the chroot cannot be opened".to_string())),
+        // opened outside the lock: a slow file system must not hold up others
+        let fresh = open_chroot(&self.chroot, self.follow_symlinks, self.force_walk);
+        match (&current, &fresh) {
+            (Err(_), Ok(_)) => log::info!("file transfer: the chroot {} opens now", self.chroot),
+            (Ok(_), Ok(_)) => log::info!(
+                "file transfer: the chroot {} was deleted; using the directory now at that path",
+                self.chroot
+            ),
+            (Ok(_), Err(e)) => log::error!("file transfer: the chroot was deleted and {e}"),
+            (Err(_), Err(_)) => {}
         }
+        *self.lock_root() = fresh.clone();
+        fresh.map_err(|msg| self.broken_chroot_refusal(path, msg))
     }
 
-    /// The refusal of every request while the chroot cannot be opened: a
-    /// path that is not even lexically beneath it is "outside chroot" (as
+    fn lock_root(&self) -> std::sync::MutexGuard<'_, Result<Arc<Resolver>, String>> {
+        // only a handle is swapped under the lock: still consistent if poisoned
+        self.chroot_root.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The refusal of a request while the chroot cannot be opened: a path
+    /// that is not even lexically beneath it is "outside chroot" (as
     /// upstream says for it), anything else names the broken chroot.
-    fn broken_chroot_refusal(&self, path: &[u8]) -> Option<String> {
-        let msg = self.broken_chroot.as_ref()?;
+    fn broken_chroot_refusal(&self, path: &[u8], msg: String) -> String {
         let root = self.chroot.trim_end_matches('/').as_bytes();
         let beneath = path.starts_with(root)
             && (path.len() == root.len() || path.get(root.len()) == Some(&b'/'));
-        Some(if beneath {
-            msg.clone()
+        if beneath {
+            msg
         } else {
             PathError::Outside.to_string()
-        })
+        }
     }
+}
+
+/// The resolver for a configured (non-empty) `Chroot`, or why it cannot be
+/// opened.
+fn open_chroot(chroot: &str, follow: bool, force_walk: bool) -> Result<Arc<Resolver>, String> {
+    Resolver::new(Some(Path::new(chroot)), follow)
+        .map(|r| Arc::new(r.force_walk(force_walk)))
+        .map_err(|e| format!("cannot open the chroot {chroot}: {e}"))
 }
 
 /// Octal digits with an optional leading 0 (no `0o` prefix), as upstream.
@@ -299,6 +315,33 @@ mod tests {
             r.open(b"/etc/passwd", libc::O_PATH),
             Err(PathError::Outside)
         ));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_chroot_deleted_and_made_anew_is_followed_to_the_new_directory() {
+        let base = std::env::temp_dir().join(format!("mc-new-chroot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let chroot = base.join("ft");
+        std::fs::create_dir_all(&chroot).expect("mkdir");
+        let mut cfg = crate::config::Config::default().limits;
+        cfg.enabled = true;
+        cfg.file_transfer.chroot = chroot.display().to_string();
+        let p = Policy::from_config(&cfg);
+        let file = format!("{}/x", chroot.display()).into_bytes();
+        assert!(p.resolver_for(&file).expect("open").has_chroot());
+        // rm -rf and mkdir again, as test set-ups and admins do: files put
+        // beneath the deleted directory would be lost with it
+        std::fs::remove_dir_all(&chroot).expect("rm");
+        assert!(
+            p.resolver_for(&file)
+                .expect_err("gone")
+                .starts_with("cannot open the chroot")
+        );
+        std::fs::create_dir_all(&chroot).expect("mkdir again");
+        std::fs::write(chroot.join("x"), b"new").expect("file");
+        let r = p.resolver_for(&file).expect("the new directory");
+        assert!(r.open(&file, libc::O_RDONLY).is_ok());
         let _ = std::fs::remove_dir_all(&base);
     }
 
