@@ -74,11 +74,20 @@ impl Operator {
     /// reply, which must be a shell message of that type.
     pub fn request(&mut self, typ: &str, timeout: Duration) -> Result<ProtoMsg, String> {
         self.send(typ, b"")?;
-        let m = self.recv(Instant::now() + timeout)?;
-        if m.hdr.proto != PROTO_SHELL || m.hdr.typ != typ {
-            return Err(format!("expected a {typ} reply, got {m:?}"));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.recv(deadline)?;
+            // output the shell wrote before the request (a prompt after the
+            // last command) may still be on its way
+            let output = m.hdr.typ == "shell" && status(&m) == Some(STATUS_NORMAL);
+            if output && typ != "shell" {
+                continue;
+            }
+            if m.hdr.proto != PROTO_SHELL || m.hdr.typ != typ {
+                return Err(format!("expected a {typ} reply, got {m:?}"));
+            }
+            return Ok(m);
         }
-        Ok(m)
     }
 
     /// Shell output (all with status normal) until `done(output so far)`.
