@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
 };
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
-use mender_connect::conn::control::{Open, encode_map};
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
+use mender_connect::wire::control::{Open, encode_map};
 
 const SIZE: usize = 50 << 20;
 const CHUNK: usize = 4096;

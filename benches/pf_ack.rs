@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::drive::{self, CHUNK, cpu_ms};
 use common::{AuthService, Daemon, DbusDaemon, Server, default_config};
-use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SID: &str = "cccccccc-0000-4000-8000-000000000001";

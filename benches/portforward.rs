@@ -12,8 +12,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
-use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
-use mender_connect::conn::control::encode_map;
+use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::control::encode_map;
 
 const TOTAL: usize = 50 << 20;
 const SID: &str = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";

@@ -20,8 +20,8 @@
 mod common;
 
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TlsCert};
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
-use mender_connect::conn::control::Open;
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
+use mender_connect::wire::control::Open;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

@@ -174,7 +174,7 @@ fn stdin_eof_channel() -> crossbeam_channel::Receiver<()> {
 }
 
 fn describe_frame(data: &[u8]) -> String {
-    match mender_connect::conn::codec::decode(data) {
+    match mender_connect::wire::codec::decode(data) {
         Ok(m) => format!(
             "proto={:#x} typ={:?} sid={:?} props={:?} body={}",
             m.hdr.proto,
@@ -192,8 +192,8 @@ fn describe_frame(data: &[u8]) -> String {
 
 /// Control bodies are nested msgpack documents; show them decoded.
 fn describe_body(proto: u16, b: &[u8]) -> String {
-    if proto == mender_connect::conn::codec::PROTO_CONTROL
-        && let Ok(fields) = mender_connect::conn::control::decode_map(b)
+    if proto == mender_connect::wire::codec::PROTO_CONTROL
+        && let Ok(fields) = mender_connect::wire::control::decode_map(b)
     {
         return format!("{fields:?}");
     }
@@ -206,8 +206,8 @@ fn describe_body(proto: u16, b: &[u8]) -> String {
 /// Does what deviceconnect and mender-cli do first on a session: the
 /// handshake, so the demo shows which protocols the device offers.
 fn send_handshake(server: &Server, conn: usize) {
-    use mender_connect::conn::codec::{PROTO_CONTROL, ProtoMsg};
-    use mender_connect::conn::control::Open;
+    use mender_connect::wire::codec::{PROTO_CONTROL, ProtoMsg};
+    use mender_connect::wire::control::Open;
     if let Some(c) = server.connection(conn) {
         let open = ProtoMsg::new(PROTO_CONTROL, "open", "demo-session")
             .with_body(Open { versions: vec![1] }.encode());

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use mender_connect::conn::dial::{self, Stream};
 use mender_connect::conn::link;
 use mender_connect::conn::url::{self, Endpoint};
-use mender_connect::conn::wake::poll_fds;
+use mender_connect::sys::poll::poll_one;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::{Bytes, Message, WebSocket};
@@ -118,7 +118,7 @@ fn echo(ws: &mut WebSocket<Stream>) -> Result<String, String> {
                 if progress.elapsed() > STALL {
                     return Err("stalled".to_string());
                 }
-                let _ = poll_fds(&[(sock, libc::POLLIN)], 1000);
+                let _ = poll_one(sock, libc::POLLIN, 1000);
                 continue;
             }
             other => Some(other),
@@ -180,6 +180,6 @@ fn flush_blocking(ws: &mut WebSocket<Stream>) -> Result<(), String> {
         if Instant::now() > deadline {
             return Err("flush stalled".to_string());
         }
-        let _ = poll_fds(&[(sock, libc::POLLOUT)], 1000);
+        let _ = poll_one(sock, libc::POLLOUT, 1000);
     }
 }

@@ -286,7 +286,7 @@ impl fmt::Display for ConfigError {
                 "{LOADING} {} ({op} {}: {})",
                 file.display(),
                 file.display(),
-                go_errno_text(error)
+                crate::sys::errno::go_text(error)
             ),
             ConfigError::Syntax { file, detail } => write!(
                 f,
@@ -308,7 +308,11 @@ impl fmt::Display for ConfigError {
             ConfigError::NoUser => f.write_str("please provide a user to run the shell as"),
             ConfigError::UnknownUser { name } => write!(f, "user: unknown user {name}"),
             ConfigError::UserLookup { name, error } => {
-                write!(f, "user: lookup username {name}: {}", go_errno_text(error))
+                write!(
+                    f,
+                    "user: lookup username {name}: {}",
+                    crate::sys::errno::go_text(error)
+                )
             }
             ConfigError::ShellNotListed { shell, shells_file } => write!(
                 f,
@@ -324,7 +328,7 @@ impl fmt::Display for ConfigError {
                 "ShellCommand {shell} cannot be checked against {0} (open {0}: {1}); \
                  without that file only {DEFAULT_SHELL} is accepted",
                 shells_file.display(),
-                go_errno_text(error)
+                crate::sys::errno::go_text(error)
             ),
             ConfigError::NegativeReconnectInterval { value } => write!(
                 f,
@@ -343,20 +347,6 @@ impl std::error::Error for ConfigError {
             | ConfigError::ShellsUnreadable { error, .. } => Some(error),
             _ => None,
         }
-    }
-}
-
-/// Go prints errno texts in lower case without Rust's "(os error N)" suffix.
-fn go_errno_text(e: &io::Error) -> String {
-    let s = e.to_string();
-    let s = match s.rfind(" (os error ") {
-        Some(i) if e.raw_os_error().is_some() => s[..i].to_string(),
-        _ => s,
-    };
-    let mut chars = s.chars();
-    match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => s,
     }
 }
 

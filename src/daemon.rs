@@ -12,12 +12,12 @@ use crate::conn::auth::{Auth, AuthError, AuthEvent};
 use crate::conn::backoff::{self, Backoff};
 use crate::conn::link::{Link, LinkEvent};
 use crate::conn::outbound::{self, Outbound, OutboundRx};
-use crate::conn::router::Router;
 use crate::conn::timing::Timing;
 use crate::conn::url;
-use crate::conn::wake::Wake;
+use crate::router::Router;
 use crate::sdnotify::Notifier;
 use crate::sessions::{Registry, ShellRouter};
+use crate::sys::wake::Wake;
 
 /// While not authorized, ask the auth daemon again this often in case it
 /// never signals (behavior.md §3.3 SHOULD).
@@ -58,8 +58,8 @@ impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
 pub fn registry(cfg: &Config) -> Registry {
-    use crate::conn::codec::{PROTO_FILETRANSFER, PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
     use crate::sessions::{filetransfer, menderclient, portforward};
+    use crate::wire::codec::{PROTO_FILETRANSFER, PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
     let mut r = Registry::new();
     if !cfg.file_transfer.disable {
         let ft = Arc::new(filetransfer::Service::new(&cfg.limits));
@@ -362,7 +362,7 @@ impl Supervisor {
             ep,
             token,
             self.out_rx.clone(),
-            Arc::clone(&self.router),
+            Arc::clone(&self.router) as Arc<dyn crate::conn::link::Inbound>,
             self.timing,
             self.links_tx.clone(),
         ) {

@@ -6,13 +6,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::conn::codec::{self, ProtoMsg};
-use crate::conn::control::{self, Accept, ControlError, Open};
 use crate::conn::reframe::Reframer;
-use crate::conn::router;
 use crate::limits::path::Resolver;
 use crate::sessions::filetransfer::wire::{self, Request};
 use crate::sessions::portforward::parse_new;
+use crate::wire::action;
+use crate::wire::codec::{self, ProtoMsg};
+use crate::wire::control::{self, Accept, ControlError, Open};
 
 /// Encodes `msg`, decodes the result and checks it encodes to the same bytes.
 fn assert_stable(msg: &ProtoMsg) {
@@ -58,7 +58,7 @@ pub fn control(data: &[u8]) {
     }
     let _ = control::decode_map(data);
     if let Ok(msg) = codec::decode(data) {
-        let _ = router::control_action(&msg, &[1, 2, 3, 4]);
+        let _ = action::control_action(&msg, &[1, 2, 3, 4]);
     }
 }
 

@@ -20,10 +20,10 @@ use common::env::Connected;
 use common::management::DEVICE_ID;
 use common::{ConnHandle, Management, TIMEOUT, TempDir, default_config};
 use crossbeam_channel::{Receiver, Sender};
-use mender_connect::conn::codec::{
+use mender_connect::wire::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
-use mender_connect::conn::control::{Open, decode_map, encode_map};
+use mender_connect::wire::control::{Open, decode_map, encode_map};
 
 const CHUNK: usize = 4096;
 const USER: &str = "7c1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";

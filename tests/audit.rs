@@ -12,10 +12,10 @@ use std::path::Path;
 
 use common::target::TcpTarget;
 use common::{Daemon, TIMEOUT, TempDir, default_config, drive};
-use mender_connect::conn::codec::{
+use mender_connect::wire::codec::{
     PROTO_MENDERCLIENT, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
-use mender_connect::conn::control::encode_map;
+use mender_connect::wire::control::encode_map;
 
 /// The drivers in `common::drive` send this `user_id`.
 const DRIVER_USER: &str = "bench-user";

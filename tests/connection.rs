@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TlsCert, default_config};
-use mender_connect::conn::codec::{PROTO_CONTROL, ProtoMsg};
-use mender_connect::conn::control::{Accept, ControlError, Open};
+use mender_connect::wire::codec::{PROTO_CONTROL, ProtoMsg};
+use mender_connect::wire::control::{Accept, ControlError, Open};
 
 struct Bed {
     // field order = drop order: daemon first, then its peers
@@ -273,7 +273,7 @@ fn handshake_lists_enabled_protocols_and_unknown_protocols_get_an_error() {
 
     let unknown = ProtoMsg::new(9, "whatever", "h1").with_prop(
         "msgid",
-        mender_connect::conn::codec::Value::Str("m-1".to_string()),
+        mender_connect::wire::codec::Value::Str("m-1".to_string()),
     );
     conn.send_msg(&unknown);
     let reply = conn.recv_msg(TIMEOUT).expect("error reply");

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use common::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
 };
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
-use mender_connect::conn::control::{Accept, ControlError, Open, decode_map, encode_map};
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
+use mender_connect::wire::control::{Accept, ControlError, Open, decode_map, encode_map};
 
 const CHUNK: usize = 4096;
 const USER: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";

@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
-use mender_connect::conn::control::Open;
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
+use mender_connect::wire::control::Open;
 
 /// gdb reads a ~100 MB debug file on a shared 2-core machine: be generous.
 const GDB_TIMEOUT: Duration = Duration::from_secs(180);

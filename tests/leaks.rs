@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use common::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
 };
-use mender_connect::conn::codec::{
+use mender_connect::wire::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
-use mender_connect::conn::control::{Open, encode_map};
+use mender_connect::wire::control::{Open, encode_map};
 
 const USER: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
 const WARMUP: usize = 50;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::drive;
 use common::target::TcpTarget;
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
-use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 
 /// 1 KiB under the 16 MiB inbound message limit, so header and props fit.
 const LARGE: usize = (16 << 20) - 1024;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{
     AuthService, Daemon, DbusDaemon, Managed, Management, Server, TIMEOUT, TempDir, default_config,
 };
-use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
+use mender_connect::wire::codec::{PROTO_SHELL, ProtoMsg, Value};
 
 const TOKEN: &str = "token-mender-cli";
 /// Deadline for one mender-cli command (they finish in well under a second

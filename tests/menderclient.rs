@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
 };
-use mender_connect::conn::codec::{self, PROTO_CONTROL, PROTO_MENDERCLIENT, ProtoMsg, Value};
-use mender_connect::conn::control::{Accept, ControlError, Open};
+use mender_connect::wire::codec::{self, PROTO_CONTROL, PROTO_MENDERCLIENT, ProtoMsg, Value};
+use mender_connect::wire::control::{Accept, ControlError, Open};
 
 const USER_ID: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
 

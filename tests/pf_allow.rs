@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::target::TcpTarget;
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, drive};
-use mender_connect::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 
 const USER: &str = "allow-list-user";
 

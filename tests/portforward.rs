@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive};
 use crossbeam_channel::{Receiver, Sender};
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
-use mender_connect::conn::control::{Accept, ControlError, encode_map};
 use mender_connect::sessions::portforward::CHUNK_MAX;
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::control::{Accept, ControlError, encode_map};
 
 const USER_ID: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
 
@@ -703,7 +703,7 @@ fn port_forward_disable_removes_protocol_3() {
     let bed = bed_with(&cfg.to_string(), &[]);
     let sid = uuid(1);
     let open = ProtoMsg::new(PROTO_CONTROL, "open", sid.as_str())
-        .with_body(mender_connect::conn::control::Open { versions: vec![1] }.encode());
+        .with_body(mender_connect::wire::control::Open { versions: vec![1] }.encode());
     bed.mux.conn.send_msg(&open);
     let accept = bed.mux.recv_other(TIMEOUT);
     assert_eq!(accept.hdr.typ, "accept");

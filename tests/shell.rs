@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 
 const EXIT_TEXT: &str = "read /dev/ptmx: input/output error";
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::operator::{Operator, STATUS_ERROR, STATUS_NORMAL, prompt, status};
 use common::{Managed, Management, Server, default_config};
-use mender_connect::conn::codec::{PROTO_SHELL, ProtoMsg};
+use mender_connect::wire::codec::{PROTO_SHELL, ProtoMsg};
 
 /// Upstream's `receive_timeout_s`.
 const RECEIVE: Duration = Duration::from_secs(16);

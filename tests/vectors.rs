@@ -2,8 +2,8 @@
 //! `vectors.json`) decodes to its `decoded` view with the integer widths its
 //! `wire` list states, and encodes back to exactly its `hex`.
 
-use mender_connect::conn::codec::{ProtoMsg, Value, decode, decode_value, encode, encode_value};
-use mender_connect::conn::control::{Accept, ControlError, Open};
+use mender_connect::wire::codec::{ProtoMsg, Value, decode, decode_value, encode, encode_value};
+use mender_connect::wire::control::{Accept, ControlError, Open};
 use serde_json::Value as J;
 
 fn vectors() -> Vec<J> {

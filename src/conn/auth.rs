@@ -13,7 +13,8 @@ use dbus::blocking::Connection;
 use dbus::channel::{BusType, Channel};
 use dbus::message::MatchRule;
 
-use super::wake::{Wake, poll_fds};
+use crate::sys::poll::{PollFd, poll};
+use crate::sys::wake::Wake;
 
 /// Well-known bus name of the Mender auth daemon.
 pub const BUS_NAME: &str = "io.mender.AuthenticationManager";
@@ -208,9 +209,13 @@ fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<Request>, events: &
         if !requests.is_empty() {
             continue;
         }
-        match poll_fds(&[(fd, libc::POLLIN), (wake.as_raw_fd(), libc::POLLIN)], -1) {
-            Ok(r) => {
-                if r[1] & libc::POLLIN != 0 {
+        let mut fds = [
+            PollFd::new(fd, libc::POLLIN),
+            PollFd::new(wake.as_raw_fd(), libc::POLLIN),
+        ];
+        match poll(&mut fds, -1) {
+            Ok(_) => {
+                if fds[1].revents() & libc::POLLIN != 0 {
                     wake.drain();
                 }
             }

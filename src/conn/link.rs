@@ -16,10 +16,9 @@ use tungstenite::{Message, WebSocket};
 
 use super::dial::{self, Stream};
 use super::outbound::OutboundRx;
-use super::router::Router;
 use super::timing::Timing;
 use super::url::Endpoint;
-use super::wake::poll_fds;
+use crate::sys::poll::{PollFd, poll, poll_one};
 
 /// Inbound messages handled per round before outbound frames get a turn.
 const READ_BURST: usize = 64;
@@ -99,6 +98,13 @@ impl Liveness {
     }
 }
 
+/// Where the connection thread hands inbound data frames (the router). It
+/// runs on that thread, so it must never block.
+pub trait Inbound: Send + Sync {
+    /// One websocket data frame, as read.
+    fn frame(&self, frame: Vec<u8>);
+}
+
 /// The supervisor's handle on one connection thread.
 pub struct Link {
     id: usize,
@@ -115,7 +121,7 @@ impl Link {
         ep: Endpoint,
         token: String,
         out: OutboundRx,
-        router: Arc<Router>,
+        inbound: Arc<dyn Inbound>,
         timing: Timing,
         events: Sender<LinkEvent>,
     ) -> io::Result<Link> {
@@ -133,7 +139,7 @@ impl Link {
                     &ep,
                     &token,
                     &thread_out,
-                    &router,
+                    inbound.as_ref(),
                     timing,
                     &thread_stop,
                     &thread_live,
@@ -197,7 +203,7 @@ fn run(
     ep: &Endpoint,
     token: &str,
     out: &OutboundRx,
-    router: &Router,
+    inbound: &dyn Inbound,
     timing: Timing,
     stop: &AtomicBool,
     live: &Liveness,
@@ -232,7 +238,7 @@ fn run(
     out.set_connected(id, true);
     let _ = events.send(LinkEvent::Connected { id });
     log::debug!("websocket up: {}", ep.url);
-    let result = pump(&mut ws, out, router, timing, stop, live);
+    let result = pump(&mut ws, out, inbound, timing, stop, live);
     out.set_connected(id, false);
     let lived = Some(up.elapsed());
     match result {
@@ -255,7 +261,7 @@ fn is_would_block(e: &tungstenite::Error) -> bool {
 fn pump(
     ws: &mut WebSocket<Stream>,
     out: &OutboundRx,
-    router: &Router,
+    inbound: &dyn Inbound,
     timing: Timing,
     stop: &AtomicBool,
     live: &Liveness,
@@ -277,8 +283,8 @@ fn pump(
         let mut more_to_read = true;
         for _ in 0..READ_BURST {
             match ws.read() {
-                Ok(Message::Binary(b)) => router.dispatch_owned(b.into()),
-                Ok(Message::Text(t)) => router.dispatch_frame(t.as_bytes()),
+                Ok(Message::Binary(b)) => inbound.frame(b.into()),
+                Ok(Message::Text(t)) => inbound.frame(t.as_bytes().to_vec()),
                 Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => last_heard = Instant::now(),
                 Ok(Message::Close(frame)) => {
                     end_after_read(ws, None);
@@ -346,9 +352,12 @@ fn pump(
         if write_blocked {
             sock_events |= libc::POLLOUT;
         }
-        let r = poll_fds(&[(sock, sock_events), (wake, libc::POLLIN)], timeout_ms)
-            .map_err(|e| format!("poll: {e}"))?;
-        if r[0] & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        let mut fds = [
+            PollFd::new(sock, sock_events),
+            PollFd::new(wake, libc::POLLIN),
+        ];
+        poll(&mut fds, timeout_ms).map_err(|e| format!("poll: {e}"))?;
+        if fds[0].revents() & (libc::POLLERR | libc::POLLNVAL) != 0 {
             return Err("socket error".to_string());
         }
     }
@@ -405,7 +414,7 @@ fn close_with(ws: &mut WebSocket<Stream>, code: CloseCode) {
         if left.is_zero() {
             break;
         }
-        let _ = poll_fds(&[(sock, libc::POLLOUT)], left.as_millis().max(1) as i32);
+        let _ = poll_one(sock, libc::POLLOUT, left.as_millis().max(1) as i32);
     }
     ws.get_ref().shutdown();
 }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::codec::{self, ProtoMsg};
-use super::wake::Wake;
+use crate::sys::wake::Wake;
+use crate::wire::codec::{self, ProtoMsg};
 
 /// How many encoded frames may wait for the socket in all lanes together.
 /// Small on purpose: a full queue is the back-pressure that stops a fast

@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fmt;
 use std::io;
+
+use crate::sys::errno::go_text;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -35,35 +37,12 @@ impl fmt::Display for PathError {
         match self {
             PathError::Outside => f.write_str("the target file path is outside chroot"),
             PathError::Link => f.write_str("forbidden to follow the link"),
-            PathError::Os(e) => f.write_str(&os_text(e)),
+            PathError::Os(e) => f.write_str(&go_text(e)),
         }
     }
 }
 
 impl std::error::Error for PathError {}
-
-/// An OS error as Go prints it: lower-case strerror, no "(os error N)"
-/// (`no such file or directory`). The one copy for every module.
-pub fn os_text(e: &io::Error) -> String {
-    let Some(code) = e.raw_os_error() else {
-        let s = e.to_string();
-        let mut chars = s.chars();
-        return chars
-            .next()
-            .map(|c| c.to_lowercase().chain(chars).collect())
-            .unwrap_or_default();
-    };
-    // SAFETY: strerror returns a pointer to a NUL-terminated static or
-    // thread-local string; it is copied out at once.
-    let text = unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) }
-        .to_string_lossy()
-        .into_owned();
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => format!("errno {code}"),
-    }
-}
 
 /// `fstat` on an open descriptor.
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
@@ -660,13 +639,5 @@ mod tests {
             assert_eq!(read(&r, &p(&t.0, "data/../secret")).expect("dotdot"), b"s");
             assert_eq!(read(&r, &p(&t.0, "data/abs")).expect("abs"), b"s");
         }
-    }
-
-    #[test]
-    fn go_style_errno_text() {
-        assert_eq!(
-            os_text(&io::Error::from_raw_os_error(libc::ENOENT)),
-            "no such file or directory"
-        );
     }
 }

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::audit::{Event, Outcome};
-use crate::conn::codec::{PROTO_MENDERCLIENT, ProtoMsg, Value};
-use crate::conn::router::sid8;
+use crate::sessions::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
+use crate::wire::codec::{PROTO_MENDERCLIENT, ProtoMsg, Value};
 
 /// Candidates in order of preference (Mender 4.x+, then 3.x).
 pub const DEFAULT_PATHS: [&str; 2] = ["/usr/bin/mender-update", "/usr/bin/mender"];
@@ -114,13 +114,13 @@ impl fmt::Display for McError {
                 f,
                 "fork/exec {}: {}",
                 p.display(),
-                crate::limits::path::os_text(e)
+                crate::sys::errno::go_text(e)
             ),
             McError::Failed(st) => {
                 write!(f, "{}", crate::sessions::shell::status_text(st.into_raw()))
             }
             McError::TimedOut(d) => write!(f, "timed out after {}s", d.as_secs_f64()),
-            McError::Wait(e) => write!(f, "wait: {}", crate::limits::path::os_text(e)),
+            McError::Wait(e) => write!(f, "wait: {}", crate::sys::errno::go_text(e)),
             McError::UnknownType => write!(f, "unknown message type"),
             McError::Busy => write!(f, "too many pending mender client requests"),
             McError::Thread(e) => write!(f, "cannot start a thread: {e}"),
@@ -191,18 +191,10 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<
     let result = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc > 0 {
-            break child.wait().map(Some);
-        }
-        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            break Err(std::io::Error::last_os_error());
+        match crate::sys::poll::poll_one(fd, libc::POLLIN, ms) {
+            Ok(0) => {}
+            Ok(_) => break child.wait().map(Some),
+            Err(e) => break Err(e),
         }
         if left.is_zero() || Instant::now() >= deadline {
             break child.try_wait();
@@ -359,9 +351,9 @@ mod tests {
 
     #[test]
     fn replies_match_the_vectors() {
-        let ok = crate::conn::codec::encode(&reply("", "check-update", &Ok(())));
+        let ok = crate::wire::codec::encode(&reply("", "check-update", &Ok(())));
         assert_eq!(
-            crate::conn::codec::testhex::hex(&ok),
+            crate::wire::codec::testhex::hex(&ok),
             "81a368647283a570726f746fcd0004a3747970ac636865636b2d757064617465a570726f707381a673746174757301"
         );
         let unknown = reply("", "reboot", &Err(McError::UnknownType));

@@ -8,8 +8,8 @@ pub mod shell;
 
 use std::collections::BTreeMap;
 
-use crate::conn::codec::ProtoMsg;
 use crate::conn::outbound::Outbound;
+use crate::wire::codec::ProtoMsg;
 
 /// What a handler knows about the router session it lives in.
 #[derive(Debug, Clone)]
@@ -72,5 +72,28 @@ pub trait ShellRouter: Send + Sync {
     /// One line per live shell (sid and user) for the SIGUSR1 status dump.
     fn status(&self) -> Vec<String> {
         Vec::new()
+    }
+}
+
+/// First 8 characters of a sid, for thread names and logs.
+pub fn sid8(sid: &str) -> String {
+    // The sid comes from the network: a NUL in a thread name makes
+    // `thread::Builder::spawn` panic, and the release build aborts on panic.
+    sid.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(8)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sid8_keeps_only_thread_name_safe_characters() {
+        assert_eq!(sid8("3c2e6b0a-9f1d-4e8b-b7a4-5d6c7e8f9000"), "3c2e6b0a");
+        assert_eq!(sid8("ab"), "ab");
+        assert_eq!(sid8("ééééééééé"), "");
+        assert_eq!(sid8("a\0b/c d-e"), "abcd-e");
     }
 }

@@ -12,10 +12,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::ConnHandle;
-use mender_connect::conn::codec::{
+use mender_connect::wire::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
-use mender_connect::conn::control::{Open, decode_map, encode_map};
+use mender_connect::wire::control::{Open, decode_map, encode_map};
 
 /// deviceconnect's file chunk and mender-cli's forward size (and the Go
 /// daemon's 8 KiB inbound limit leaves no room for more).

@@ -25,7 +25,7 @@ use super::rest_ft;
 use super::server::{Connections, Event, HttpHook, HttpRequest, HttpStream, Server};
 use super::{AuthService, ConnHandle, Daemon, DbusDaemon, TIMEOUT, http};
 use crossbeam_channel::{Receiver, Sender};
-use mender_connect::conn::codec::{self, PROTO_SHELL, ProtoMsg, Value};
+use mender_connect::wire::codec::{self, PROTO_SHELL, ProtoMsg, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::atomic::{AtomicUsize, Ordering};

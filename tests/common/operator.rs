@@ -4,7 +4,7 @@
 //! tests can retry a whole sequence while the device is away.
 
 use super::management::{DEVICES_PATH, Management};
-use mender_connect::conn::codec::{self, PROTO_SHELL, ProtoMsg, Value};
+use mender_connect::wire::codec::{self, PROTO_SHELL, ProtoMsg, Value};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;

@@ -28,8 +28,8 @@ use super::http::{self, Part};
 use super::management::{Shared, Sink, USER_ID, uuid};
 use super::server::{HttpRequest, HttpStream};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use mender_connect::conn::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
-use mender_connect::conn::control::{Accept, ControlError, Open, decode_map, encode_map};
+use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
+use mender_connect::wire::control::{Accept, ControlError, Open, decode_map, encode_map};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -12,7 +12,7 @@
 use super::CONNECT_PATH;
 use super::tls::TlsCert;
 use crossbeam_channel::{Receiver, Sender};
-use mender_connect::conn::codec::{self, DecodeError, ProtoMsg};
+use mender_connect::wire::codec::{self, DecodeError, ProtoMsg};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

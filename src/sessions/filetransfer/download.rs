@@ -7,8 +7,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::conn::codec::{ProtoHdr, ProtoMsg};
-use crate::limits::path::os_text;
+use crate::sys::errno::go_text;
+use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
 use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
 use super::{DOWNLOAD, DownloadRefusal, FileTransfer, Link, Next, Refusal, Service, audit_event};
@@ -134,7 +134,7 @@ impl Download {
                         format!(
                             "failed to copy file chunk to session: read {}: {}",
                             self.path,
-                            os_text(&e)
+                            go_text(&e)
                         ),
                     ),
                 })?;
@@ -243,13 +243,7 @@ impl Download {
                     if got > 0 {
                         break;
                     }
-                    let mut pfd = libc::pollfd {
-                        fd: self.file.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut pfd, 1, 200) };
+                    let _ = crate::sys::poll::poll_one(self.file.as_raw_fd(), libc::POLLIN, 200);
                     if !link.alive() {
                         return Err(None);
                     }

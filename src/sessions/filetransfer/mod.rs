@@ -15,13 +15,14 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select
 
 use crate::audit::{self, Event, Outcome};
 use crate::config::LimitsConfig;
-use crate::conn::codec::{self, ProtoHdr, ProtoMsg};
 use crate::conn::outbound::{Outbound, SendError};
-use crate::conn::router::sid8;
 use crate::limits::bucket::MAX_WAIT;
-use crate::limits::path::{PathError, fstat, os_text};
+use crate::limits::path::{PathError, fstat};
 use crate::limits::policy::Policy;
+use crate::sessions::sid8;
 use crate::sessions::{Handler, SessionCtx};
+use crate::sys::errno::go_text;
+use crate::wire::codec::{self, ProtoHdr, ProtoMsg};
 
 use self::wire::Request;
 
@@ -257,7 +258,7 @@ impl FileTransfer {
                 let p = wire::shown(&path);
                 format!(
                     "failed to get file info from path '{p}': stat {p}: {}",
-                    os_text(&e)
+                    go_text(&e)
                 )
             })?;
             Ok(wire::file_info(&self.ctx.sid, &path, &st))
@@ -401,7 +402,7 @@ impl Refusal {
     fn text(self, os: impl FnOnce(String) -> String) -> String {
         match self {
             Refusal::Denied(r) => format!("access denied: {r}"),
-            Refusal::Os(e) => os(os_text(&e)),
+            Refusal::Os(e) => os(go_text(&e)),
         }
     }
 }

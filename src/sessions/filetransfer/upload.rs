@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::conn::codec::{ProtoHdr, ProtoMsg};
-use crate::limits::path::{PathError, openat, os_text};
+use crate::limits::path::{PathError, openat};
+use crate::sys::errno::go_text;
+use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
 use super::wire::{self, ACK_EVERY, GO_SETUID, Request, offset_of};
 use super::{FileTransfer, Link, Next, Service, UPLOAD, audit_event};
@@ -156,11 +157,11 @@ impl FileTransfer {
                 // Upstream fails here creating the temp file (asserted prefix).
                 Some(libc::ENOENT) | Some(libc::ENOTDIR) => format!(
                     "failed to create target file: failed to create file: open {shown}: {}",
-                    os_text(&e)
+                    go_text(&e)
                 ),
                 _ => format!(
                     "error checking file location: lstat {shown}: {}",
-                    os_text(&e)
+                    go_text(&e)
                 ),
             },
             other => format!("access denied: {other}"),
@@ -168,7 +169,7 @@ impl FileTransfer {
         let check_err = |shown: &str, e: io::Error| {
             format!(
                 "error checking file location: lstat {shown}: {}",
-                os_text(&e)
+                go_text(&e)
             )
         };
         let mut existing = lstat_at(dir.as_raw_fd(), &leaf).map_err(|e| check_err(&shown, e))?;
@@ -244,7 +245,7 @@ impl FileTransfer {
             match openat(dir.as_raw_fd(), &name, flags, 0o200) {
                 Ok(fd) => return Ok((File::from(fd), name)),
                 Err(e) => {
-                    last = format!("open {shown}.{counter:08x}{attempt:02x}: {}", os_text(&e));
+                    last = format!("open {shown}.{counter:08x}{attempt:02x}: {}", go_text(&e));
                     if e.raw_os_error() != Some(libc::EEXIST) {
                         break;
                     }
@@ -403,7 +404,7 @@ impl Upload {
                             ));
                         }
                         self.file.write_all(data).map_err(|e| {
-                            Fail::Reply(format!("failed to write file chunk: {}", os_text(&e)))
+                            Fail::Reply(format!("failed to write file chunk: {}", go_text(&e)))
                         })?;
                         written += n;
                         fresh += n;
@@ -465,7 +466,7 @@ impl Upload {
         self.file.sync_all().map_err(|e| {
             format!(
                 "failed to commit uploaded file: fsync {tmp_shown}: {}",
-                os_text(&e)
+                go_text(&e)
             )
         })?;
         let fd = self.file.as_raw_fd();
@@ -475,7 +476,7 @@ impl Upload {
             let e = io::Error::last_os_error();
             return Err(format!(
                 "failed to set file owner: chown {tmp_shown}: {}",
-                os_text(&e)
+                go_text(&e)
             ));
         }
         // SAFETY: as above.
@@ -483,7 +484,7 @@ impl Upload {
             let e = io::Error::last_os_error();
             return Err(format!(
                 "failed to set file permissions: chmod {tmp_shown}: {}",
-                os_text(&e)
+                go_text(&e)
             ));
         }
         rename(
@@ -499,7 +500,7 @@ impl Upload {
                 format!(
                     "failed to commit uploaded file: rename {tmp_shown} {}: {}",
                     self.shown,
-                    os_text(&e)
+                    go_text(&e)
                 )
             }
         })?;

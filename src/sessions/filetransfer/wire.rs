@@ -2,8 +2,8 @@
 //! `file_info` reply, error replies that echo the request header, Go's
 //! FileMode bit layout and msgpack timestamps.
 
-use crate::conn::codec::{Kind, PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Reader, Value};
-use crate::conn::control::encode_map;
+use crate::wire::codec::{Kind, PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Reader, Value};
+use crate::wire::control::encode_map;
 
 /// Bytes per `file_chunk` (upstream `FileTransferBufSize`).
 pub const CHUNK: usize = 4096;
@@ -272,8 +272,8 @@ pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::codec::encode_value;
-    use crate::conn::control::decode_map;
+    use crate::wire::codec::encode_value;
+    use crate::wire::control::decode_map;
 
     #[test]
     fn go_modes_match_observed_values() {

@@ -6,16 +6,16 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::allow::{self, AllowList};
 use super::dial::{self, Net, Sock, Target};
 use super::inbox::{Inbox, Item, Next};
 use super::{Settings, error_msg, pf_msg};
 use crate::audit::{Event, Outcome};
-use crate::conn::codec::ProtoMsg;
 use crate::conn::outbound::Outbound;
-use crate::conn::wake::poll_fds;
+use crate::sys::poll::{PollFd, poll, timeout_ms};
+use crate::wire::codec::ProtoMsg;
 
 /// First read size for TCP: what the reference uses, and plenty for
 /// interactive traffic, so idle connections stay small.
@@ -263,17 +263,14 @@ impl Pump<'_> {
             // socket entirely while there is nothing we may do with it.
             let fd = if events == 0 { -1 } else { self.sock.fd() };
             let timeout = timeout_ms(deadline.saturating_duration_since(now));
-            let revents = match poll_fds(
-                &[
-                    (fd, events),
-                    (self.inbox.wake_fd().as_raw_fd(), libc::POLLIN),
-                ],
-                timeout,
-            ) {
-                Ok(r) => r,
-                Err(e) => return End::Target(format!("poll failed: {e}")),
-            };
-            let ready = revents.first().copied().unwrap_or(0);
+            let mut fds = [
+                PollFd::new(fd, events),
+                PollFd::new(self.inbox.wake_fd().as_raw_fd(), libc::POLLIN),
+            ];
+            if let Err(e) = poll(&mut fds, timeout) {
+                return End::Target(format!("poll failed: {e}"));
+            }
+            let ready = fds[0].revents();
             if !awaiting_ack
                 && ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
                 && let Some(end) = self.read_target()
@@ -329,7 +326,7 @@ impl Pump<'_> {
                 let text = format!(
                     "write {net} {}: write: {}",
                     self.sock.endpoints(),
-                    dial::os_text(&e)
+                    crate::sys::errno::go_text(&e)
                 );
                 log::info!("port forward {}/{}: {text}", self.ctx.sid, self.ctx.cid);
                 if !acked {
@@ -389,13 +386,10 @@ impl Pump<'_> {
             {
                 None
             }
-            Err(e) => Some(End::Target(format!("read: {}", dial::os_text(&e)))),
+            Err(e) => Some(End::Target(format!(
+                "read: {}",
+                crate::sys::errno::go_text(&e)
+            ))),
         }
     }
-}
-
-fn timeout_ms(d: Duration) -> i32 {
-    // round up so a deadline is never polled for as 0 ms in a busy loop
-    let ms = d.as_micros().div_ceil(1000);
-    i32::try_from(ms).unwrap_or(i32::MAX)
 }

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::allow::{AllowList, Verdict};
+use crate::sys::errno::go_text;
 
 /// Transport of a forwarded connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,15 +89,6 @@ impl fmt::Display for DialError {
 }
 
 impl std::error::Error for DialError {}
-
-/// An OS error as Go prints it: the lower-case strerror text without Rust's
-/// ` (os error N)` suffix; timeouts are Go's `i/o timeout`.
-pub fn os_text(e: &io::Error) -> String {
-    if e.raw_os_error().is_none() && e.kind() == io::ErrorKind::TimedOut {
-        return "i/o timeout".to_string();
-    }
-    crate::limits::path::os_text(e)
-}
 
 /// The open target socket, non-blocking once `dial` returns.
 #[derive(Debug)]
@@ -183,7 +175,7 @@ pub fn dial(target: &Target, allow: &AllowList, timeout: Duration) -> Result<Soc
             return Err(DialError::Lookup {
                 net: target.net,
                 addr,
-                text: os_text(&e),
+                text: go_text(&e),
             });
         }
     };
@@ -207,7 +199,7 @@ pub fn dial(target: &Target, allow: &AllowList, timeout: Duration) -> Result<Soc
                 first.get_or_insert(DialError::Connect {
                     net: target.net,
                     addr: *a,
-                    text: os_text(&e),
+                    text: go_text(&e),
                 });
             }
         }
@@ -249,9 +241,9 @@ mod tests {
     #[test]
     fn os_errors_read_like_go() {
         let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
-        assert_eq!(os_text(&refused), "connection refused");
+        assert_eq!(go_text(&refused), "connection refused");
         assert_eq!(
-            os_text(&io::Error::from(io::ErrorKind::TimedOut)),
+            go_text(&io::Error::from(io::ErrorKind::TimedOut)),
             "i/o timeout"
         );
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use crate::conn::wake::Wake;
+use crate::sys::wake::Wake;
 
 /// Server messages queued per connection before the client counts as having
 /// broken flow control (transfer.md §4.3 suggests 4: forward + stop + slack).

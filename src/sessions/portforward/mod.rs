@@ -53,10 +53,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::audit::{Event, Outcome};
-use crate::conn::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
-use crate::conn::control::{decode_map, encode_map};
-use crate::conn::router::sid8;
+use crate::sessions::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
+use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use crate::wire::control::{decode_map, encode_map};
 
 use conn::ConnCtx;
 use inbox::{Ack, Fwd, Inbox, Item, Push};

@@ -27,10 +27,10 @@ use crossbeam_channel::Sender;
 
 use crate::audit::{Event, Outcome};
 use crate::config::{Config, ValidatedUser};
-use crate::conn::codec::{PROTO_SHELL, ProtoMsg, Value};
 use crate::conn::outbound::Outbound;
-use crate::conn::wake::Wake;
 use crate::sessions::ShellRouter;
+use crate::sys::wake::Wake;
+use crate::wire::codec::{PROTO_SHELL, ProtoMsg, Value};
 
 pub use pty::SpawnError;
 
@@ -315,7 +315,10 @@ impl Inner {
                     "new",
                     sid,
                     2,
-                    Some(format!("failed to start shell: {}", pty::os_text(&e))),
+                    Some(format!(
+                        "failed to start shell: {}",
+                        crate::sys::errno::go_text(&e)
+                    )),
                 ));
                 return;
             }
@@ -539,7 +542,7 @@ impl ShellRouter for Shells {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::codec::encode;
+    use crate::wire::codec::encode;
 
     fn vector(name: &str) -> String {
         let all: serde_json::Value =
@@ -552,7 +555,7 @@ mod tests {
             .to_string()
     }
 
-    use crate::conn::codec::testhex::hex;
+    use crate::wire::codec::testhex::hex;
 
     const S1: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e01";
     const S2: &str = "8d4f5d62-6c2b-4d5e-9a57-3f1c1b2a7e02";

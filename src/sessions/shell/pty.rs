@@ -2,7 +2,7 @@
 //! session and controlling terminal, credentials, window size, signalling the
 //! whole terminal session and reaping (behavior.md §5.3, §5.7).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -38,17 +38,15 @@ impl fmt::Display for SpawnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SpawnError::Nul(what) => write!(f, "invalid argument: NUL byte in {what}"),
-            SpawnError::Pty(e) => write!(f, "open /dev/ptmx: {}", os_text(e)),
+            SpawnError::Pty(e) => write!(f, "open /dev/ptmx: {}", crate::sys::errno::go_text(e)),
             SpawnError::Fork(p, e) | SpawnError::Exec(p, e) => {
-                write!(f, "fork/exec {p}: {}", os_text(e))
+                write!(f, "fork/exec {p}: {}", crate::sys::errno::go_text(e))
             }
         }
     }
 }
 
 impl std::error::Error for SpawnError {}
-
-pub use crate::limits::path::os_text;
 
 fn cstr(s: &str, what: &str) -> Result<CString, SpawnError> {
     CString::new(s).map_err(|_| SpawnError::Nul(what.to_string()))
@@ -327,15 +325,7 @@ pub fn status_text(status: libc::c_int) -> String {
         format!("exit status {}", libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
         let sig = libc::WTERMSIG(status);
-        // SAFETY: strsignal returns a static or thread-local string.
-        let name = unsafe {
-            let p = libc::strsignal(sig);
-            if p.is_null() {
-                format!("signal {sig}")
-            } else {
-                CStr::from_ptr(p).to_string_lossy().to_lowercase()
-            }
-        };
+        let name = crate::sys::errno::signal_text(sig);
         format!("signal: {name}")
     } else {
         format!("wait status {status}")
@@ -441,7 +431,7 @@ impl Child {
             match &self.pidfd {
                 Some(fd) => {
                     let ms = left.as_millis().clamp(1, 60_000) as i32;
-                    let _ = crate::conn::wake::poll_fds(&[(fd.as_raw_fd(), libc::POLLIN)], ms);
+                    let _ = crate::sys::poll::poll_one(fd.as_raw_fd(), libc::POLLIN, ms);
                 }
                 // Without pidfds (old kernels) there is nothing to wait on.
                 None => std::thread::sleep(left.min(Duration::from_millis(10))),

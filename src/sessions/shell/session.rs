@@ -13,9 +13,9 @@ use crossbeam_channel::Receiver;
 use super::pty::{self, Child};
 use super::{Cmd, Control, Inner, STOP_REPLY, output_msg, ping_msg, reply};
 use crate::audit::{Event, Outcome};
-use crate::conn::codec::{self, ProtoMsg};
 use crate::conn::outbound::SendError;
-use crate::conn::wake::poll_fds;
+use crate::sys::poll::{PollFd, poll, timeout_ms};
+use crate::wire::codec::{self, ProtoMsg};
 
 /// Largest output body per message: peers accept 8 KiB frames (protocol.md §1.5).
 const CHUNK: usize = 4096;
@@ -44,7 +44,7 @@ pub(super) fn start(
     cols: u16,
 ) -> io::Result<()> {
     std::thread::Builder::new()
-        .name(format!("shell-{}", crate::conn::router::sid8(&who.0)))
+        .name(format!("shell-{}", crate::sessions::sid8(&who.0)))
         .stack_size(STACK)
         .spawn(move || run(inner, who, ctl, rx, rows, cols))
         .map(|_| ())
@@ -215,17 +215,16 @@ impl Shell {
             if self.written < self.pending.len() {
                 master_ev |= libc::POLLOUT;
             }
-            let mut fds = vec![
-                (self.ctl.wake.as_raw_fd(), libc::POLLIN),
-                (self.child.master.as_raw_fd(), master_ev),
+            // Without a pidfd (old kernels) a negative fd makes poll skip it.
+            let pidfd = self.child.pidfd.as_ref().map_or(-1, |p| p.as_raw_fd());
+            let mut fds = [
+                PollFd::new(self.ctl.wake.as_raw_fd(), libc::POLLIN),
+                PollFd::new(self.child.master.as_raw_fd(), master_ev),
+                PollFd::new(pidfd, libc::POLLIN),
             ];
-            if let Some(p) = &self.child.pidfd {
-                fds.push((p.as_raw_fd(), libc::POLLIN));
-            }
-            let ms = timeout.as_millis().min(3_600_000) as i32
-                + i32::from(!timeout.subsec_nanos().is_multiple_of(1_000_000));
-            let rev = match poll_fds(&fds, ms) {
-                Ok(r) => r,
+            let ms = timeout_ms(timeout.min(Duration::from_secs(3600)));
+            let rev = match poll(&mut fds, ms) {
+                Ok(_) => fds.map(|f| f.revents()),
                 Err(e) => {
                     log::error!("session {}: poll failed: {e}", self.sid);
                     self.end_by_timer("internal error", "error");
@@ -235,7 +234,7 @@ impl Shell {
             if rev[0] != 0 {
                 self.ctl.wake.drain();
             }
-            let mut exited = rev.get(2).is_some_and(|&r| r != 0);
+            let mut exited = rev[2] != 0;
             if rev[1] & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
                 && read
                 && let Read::Eof = self.read_output(CHUNK * 4)
@@ -342,7 +341,7 @@ impl Shell {
                                 "routeMessage: shell command execution error, session_id={}: \
                                  write /dev/ptmx: {}",
                                 self.sid,
-                                pty::os_text(&e)
+                                crate::sys::errno::go_text(&e)
                             )),
                         ),
                     );

@@ -224,7 +224,7 @@ fn read_list<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conn::codec::testhex::{h, hex};
+    use crate::wire::codec::testhex::{h, hex};
 
     fn err_text<T: std::fmt::Debug>(r: Result<T, DecodeError>) -> String {
         r.unwrap_err().to_string()
