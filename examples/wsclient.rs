@@ -81,7 +81,7 @@ fn open(base: &str, path: &str) -> Result<WebSocket<Stream>, String> {
         url: format!("{scheme}://{authority}{path}"),
         ..ep
     };
-    dial::dial(&ep, "autobahn").map_err(|e| format!("dial {}: {e}", ep.url))
+    dial::dial(&ep, "autobahn", &Default::default()).map_err(|e| format!("dial {}: {e}", ep.url))
 }
 
 fn would_block(e: &tungstenite::Error) -> bool {

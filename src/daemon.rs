@@ -18,6 +18,7 @@ use crate::router::Router;
 use crate::sdnotify::Notifier;
 use crate::sessions::{Registry, ShellRouter};
 use crate::sys::wake::Wake;
+use crate::tunables::Tunables;
 
 /// While not authorized, ask the auth daemon again this often in case it
 /// never signals (behavior.md §3.3 SHOULD).
@@ -57,12 +58,12 @@ impl fmt::Display for DaemonError {
 impl std::error::Error for DaemonError {}
 
 /// The router-session protocols this build serves, per the configuration.
-pub fn registry(cfg: &Config) -> Registry {
+pub fn registry(cfg: &Config, tun: &Tunables) -> Registry {
     use crate::sessions::{filetransfer, menderclient, portforward};
     use crate::wire::codec::{PROTO_FILETRANSFER, PROTO_MENDERCLIENT, PROTO_PORTFORWARD};
     let mut r = Registry::new();
     if !cfg.file_transfer.disable {
-        let ft = Arc::new(filetransfer::Service::new(&cfg.limits));
+        let ft = Arc::new(filetransfer::Service::new(&cfg.limits, tun.force_path_walk));
         r.register(PROTO_FILETRANSFER, Box::new(move |ctx| ft.handler(ctx)));
     }
     if !cfg.port_forward.disable {
@@ -74,13 +75,13 @@ pub fn registry(cfg: &Config) -> Registry {
             });
         r.register(
             PROTO_PORTFORWARD,
-            portforward::factory(portforward::Settings::from_env(), allow),
+            portforward::factory(tun.portforward, allow),
         );
     }
     if !cfg.mender_client.disable {
         r.register(
             PROTO_MENDERCLIENT,
-            menderclient::factory(menderclient::Settings::from_env()),
+            menderclient::factory(tun.menderclient.clone()),
         );
     }
     r
@@ -91,11 +92,12 @@ pub fn shell_router(
     cfg: &Config,
     user: &ValidatedUser,
     out: &Outbound,
+    tun: &Tunables,
 ) -> Option<Arc<dyn ShellRouter>> {
     if cfg.terminal.disable {
         return None;
     }
-    match crate::sessions::shell::Shells::new(cfg, user, out.clone()) {
+    match crate::sessions::shell::Shells::new(cfg, user, out.clone(), tun.shell_ping) {
         Ok(shells) => Some(Arc::new(shells)),
         Err(e) => {
             log::error!("remote terminal disabled: {e}");
@@ -108,6 +110,8 @@ struct Supervisor {
     router: Arc<Router>,
     out_rx: OutboundRx,
     timing: Timing,
+    /// Proxy settings for every dial, read at start.
+    proxies: Arc<crate::conn::proxy::Settings>,
     auth: Auth,
     link: Option<Link>,
     link_seq: usize,
@@ -138,11 +142,14 @@ struct Supervisor {
 
 /// Runs until SIGTERM/SIGINT (Ok) or a fatal error.
 pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
-    let timing = Timing::from_env();
+    // Every environment knob (and systemd's) is read before any thread starts.
+    let tun = Tunables::from_env();
+    let notify = Notifier::from_env();
+    let timing = tun.timing;
     let wake = Arc::new(Wake::new().map_err(DaemonError::Setup)?);
     let (out, out_rx) = outbound::queue(wake);
-    let shell = shell_router(cfg, user, &out);
-    let router = Arc::new(Router::new(out, registry(cfg), shell, timing));
+    let shell = shell_router(cfg, user, &out, &tun);
+    let router = Arc::new(Router::new(out, registry(cfg, &tun), shell, timing));
 
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
     crate::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1], sig_tx)
@@ -155,6 +162,7 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         router,
         out_rx,
         timing,
+        proxies: Arc::new(tun.proxies.clone()),
         auth,
         link: None,
         link_seq: 0,
@@ -166,7 +174,7 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         awaiting_refresh: false,
         fetch_allowed: true,
         fetch_pending: false,
-        notify: Notifier::from_env(),
+        notify,
         status: String::new(),
         next_watchdog: None,
         last_error: None,
@@ -364,6 +372,7 @@ impl Supervisor {
             self.out_rx.clone(),
             Arc::clone(&self.router) as Arc<dyn crate::conn::link::Inbound>,
             self.timing,
+            Arc::clone(&self.proxies),
             self.links_tx.clone(),
         ) {
             Ok(link) => self.link = Some(link),

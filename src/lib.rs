@@ -15,4 +15,5 @@ pub mod sdnotify;
 pub mod sessions;
 pub mod signals;
 pub mod sys;
+pub mod tunables;
 pub mod wire;

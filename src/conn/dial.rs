@@ -179,13 +179,15 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_INBOUND_MESSAGE))
 }
 
-/// Dials `ep` with `token`; the returned socket is still blocking.
-pub fn dial(ep: &Endpoint, token: &str) -> Result<WebSocket<Stream>, DialError> {
+/// Dials `ep` with `token`, through the proxy `proxies` choose for it; the
+/// returned socket is still blocking.
+pub fn dial(
+    ep: &Endpoint,
+    token: &str,
+    proxies: &super::proxy::Settings,
+) -> Result<WebSocket<Stream>, DialError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let tcp = match super::proxy::Settings::from_env()
-        .for_endpoint(ep)
-        .map_err(DialError::Proxy)?
-    {
+    let tcp = match proxies.for_endpoint(ep).map_err(DialError::Proxy)? {
         Some(p) => super::proxy::open(&p, ep, deadline).map_err(DialError::Proxy)?,
         None => connect_tcp(ep, deadline)?,
     };

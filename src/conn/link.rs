@@ -16,6 +16,7 @@ use tungstenite::{Message, WebSocket};
 
 use super::dial::{self, Stream};
 use super::outbound::OutboundRx;
+use super::proxy::Settings as ProxySettings;
 use super::timing::Timing;
 use super::url::Endpoint;
 use crate::sys::poll::{PollFd, poll, poll_one};
@@ -116,6 +117,7 @@ pub struct Link {
 
 impl Link {
     /// Starts connection thread number `id` dialing `ep` with `token`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         id: usize,
         ep: Endpoint,
@@ -123,6 +125,7 @@ impl Link {
         out: OutboundRx,
         inbound: Arc<dyn Inbound>,
         timing: Timing,
+        proxies: Arc<ProxySettings>,
         events: Sender<LinkEvent>,
     ) -> io::Result<Link> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -138,6 +141,7 @@ impl Link {
                     id,
                     &ep,
                     &token,
+                    &proxies,
                     &thread_out,
                     inbound.as_ref(),
                     timing,
@@ -202,6 +206,7 @@ fn run(
     id: usize,
     ep: &Endpoint,
     token: &str,
+    proxies: &ProxySettings,
     out: &OutboundRx,
     inbound: &dyn Inbound,
     timing: Timing,
@@ -216,7 +221,7 @@ fn run(
             lived,
             unauthorized,
         };
-    let mut ws = match dial::dial(ep, token) {
+    let mut ws = match dial::dial(ep, token, proxies) {
         Ok(ws) => ws,
         Err(e) => {
             let unauthorized = matches!(e, dial::DialError::Status(401));
@@ -454,7 +459,7 @@ mod tests {
             port,
             url: format!("ws://127.0.0.1:{port}/connect"),
         };
-        dial::dial(&ep, "token").expect("dial")
+        dial::dial(&ep, "token", &ProxySettings::default()).expect("dial")
     }
 
     fn device_reads_until_failure(port: u16) {

@@ -138,12 +138,6 @@ impl Settings {
         }
     }
 
-    /// The process environment, read once and kept (like Go, which caches it).
-    pub fn from_env() -> &'static Settings {
-        static S: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
-        S.get_or_init(|| Settings::from_lookup(|n| std::env::var(n).ok()))
-    }
-
     /// The proxy for `ep`, `None` to dial it directly.
     pub fn for_endpoint(&self, ep: &Endpoint) -> Result<Option<Proxy>, ProxyError> {
         let chosen = if ep.tls { &self.https } else { &self.http };

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::tunables::{Lookup, positive_ms};
+
 /// Websocket keepalive and router-session idle timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -27,13 +29,13 @@ impl Default for Timing {
 impl Timing {
     /// Defaults, with `MENDER_CONNECT_PONG_WAIT_MS` and
     /// `MENDER_CONNECT_SESSION_IDLE_MS` applied when set to a positive number.
-    pub fn from_env() -> Timing {
+    pub fn from_lookup(get: &Lookup) -> Timing {
         let mut t = Timing::default();
-        if let Some(ms) = env_ms("MENDER_CONNECT_PONG_WAIT_MS") {
+        if let Some(ms) = positive_ms(get, "MENDER_CONNECT_PONG_WAIT_MS") {
             t.pong_wait = ms;
             t.ping_period = ms * 9 / 10;
         }
-        if let Some(ms) = env_ms("MENDER_CONNECT_SESSION_IDLE_MS") {
+        if let Some(ms) = positive_ms(get, "MENDER_CONNECT_SESSION_IDLE_MS") {
             t.session_idle = ms;
         }
         t
@@ -42,17 +44,6 @@ impl Timing {
     /// The payload of the device's websocket pings: the pong wait in seconds.
     pub fn ping_payload(&self) -> Vec<u8> {
         self.pong_wait.as_secs().max(1).to_string().into_bytes()
-    }
-}
-
-fn env_ms(name: &str) -> Option<Duration> {
-    let v = std::env::var(name).ok()?;
-    match v.parse::<u64>() {
-        Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
-        _ => {
-            log::warn!("ignoring {name}={v:?}: not a positive number of milliseconds");
-            None
-        }
     }
 }
 

@@ -91,12 +91,11 @@ impl Policy {
 
     /// Builds the policy, logging every problem once (they then surface as
     /// refusals, never as a crash).
-    pub fn from_config(cfg: &LimitsConfig) -> Policy {
+    pub fn from_config(cfg: &LimitsConfig, force_walk: bool) -> Policy {
         if !cfg.enabled {
             return Policy::disabled();
         }
         let ft = &cfg.file_transfer;
-        let force_walk = std::env::var_os(FORCE_WALK_ENV).is_some();
         let resolver = Arc::new(Resolver::unconfined(ft.follow_symlinks).force_walk(force_walk));
         // unused without a chroot (resolver_for takes `resolver` then)
         let mut chroot_root = Err(String::new());
@@ -300,7 +299,7 @@ mod tests {
         let mut cfg = crate::config::Config::default().limits;
         cfg.enabled = true;
         cfg.file_transfer.chroot = chroot.display().to_string();
-        let p = Policy::from_config(&cfg);
+        let p = Policy::from_config(&cfg, false);
         let inside = format!("{}/x", chroot.display()).into_bytes();
         let broken = p.resolver_for(&inside).expect_err("no chroot yet");
         assert!(broken.starts_with("cannot open the chroot"), "{broken}");
@@ -327,7 +326,7 @@ mod tests {
         let mut cfg = crate::config::Config::default().limits;
         cfg.enabled = true;
         cfg.file_transfer.chroot = chroot.display().to_string();
-        let p = Policy::from_config(&cfg);
+        let p = Policy::from_config(&cfg, false);
         let file = format!("{}/x", chroot.display()).into_bytes();
         assert!(p.resolver_for(&file).expect("open").has_chroot());
         // rm -rf and mkdir again, as test set-ups and admins do: files put

@@ -56,9 +56,9 @@ impl Default for Settings {
 impl Settings {
     /// Defaults with `MENDER_CONNECT_CLIENT_PATHS` and
     /// `MENDER_CONNECT_CLIENT_TIMEOUT_MS` applied.
-    pub fn from_env() -> Settings {
+    pub fn from_lookup(get: &crate::tunables::Lookup) -> Settings {
         let mut s = Settings::default();
-        if let Ok(v) = std::env::var("MENDER_CONNECT_CLIENT_PATHS") {
+        if let Some(v) = get("MENDER_CONNECT_CLIENT_PATHS") {
             let paths: Vec<PathBuf> = v
                 .split(':')
                 .filter(|p| !p.is_empty())
@@ -68,7 +68,7 @@ impl Settings {
                 s.paths = paths;
             }
         }
-        if let Ok(v) = std::env::var("MENDER_CONNECT_CLIENT_TIMEOUT_MS") {
+        if let Some(v) = get("MENDER_CONNECT_CLIENT_TIMEOUT_MS") {
             match v.parse::<u64>() {
                 Ok(ms) if ms > 0 => s.timeout = Duration::from_millis(ms),
                 _ => log::warn!("ignoring MENDER_CONNECT_CLIENT_TIMEOUT_MS={v:?}"),

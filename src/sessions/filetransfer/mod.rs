@@ -62,8 +62,8 @@ pub struct Service {
 
 impl Service {
     /// Resolves the limits once for the daemon's lifetime.
-    pub fn new(limits: &LimitsConfig) -> Service {
-        Service::with_policy(Policy::from_config(limits))
+    pub fn new(limits: &LimitsConfig, force_walk: bool) -> Service {
+        Service::with_policy(Policy::from_config(limits, force_walk))
     }
 
     /// A service with an explicit policy.

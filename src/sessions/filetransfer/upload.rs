@@ -579,7 +579,7 @@ mod tests {
         let mut cfg = Config::default().limits;
         cfg.enabled = true;
         edit(&mut cfg);
-        let mut s = Service::with_policy(Policy::from_config(&cfg));
+        let mut s = Service::with_policy(Policy::from_config(&cfg, false));
         s.uid = 0;
         s.gid = 0;
         s

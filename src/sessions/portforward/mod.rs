@@ -55,6 +55,7 @@ use std::time::Duration;
 use crate::audit::{Event, Outcome};
 use crate::sessions::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
+use crate::tunables::{Lookup, positive, positive_ms};
 use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
 
@@ -93,9 +94,9 @@ impl Default for Settings {
 
 impl Settings {
     /// Defaults with the `MENDER_CONNECT_PF_*` overrides applied.
-    pub fn from_env() -> Settings {
+    pub fn from_lookup(get: &Lookup) -> Settings {
         let mut s = Settings::default();
-        let ms = |name| env_num(name).map(Duration::from_millis);
+        let ms = |name| positive_ms(get, name);
         if let Some(d) = ms("MENDER_CONNECT_PF_IDLE_MS") {
             s.idle_timeout = d;
         }
@@ -105,24 +106,13 @@ impl Settings {
         if let Some(d) = ms("MENDER_CONNECT_PF_DIAL_MS") {
             s.dial_timeout = d;
         }
-        if let Some(n) = env_num("MENDER_CONNECT_PF_MAX_PER_SESSION") {
+        if let Some(n) = positive(get, "MENDER_CONNECT_PF_MAX_PER_SESSION") {
             s.max_per_session = usize::try_from(n).unwrap_or(usize::MAX);
         }
-        if let Some(n) = env_num("MENDER_CONNECT_PF_MAX_TOTAL") {
+        if let Some(n) = positive(get, "MENDER_CONNECT_PF_MAX_TOTAL") {
             s.max_total = usize::try_from(n).unwrap_or(usize::MAX);
         }
         s
-    }
-}
-
-fn env_num(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.parse::<u64>() {
-        Ok(n) if n > 0 => Some(n),
-        _ => {
-            log::warn!("ignoring {name}={v:?}: not a positive number");
-            None
-        }
     }
 }
 

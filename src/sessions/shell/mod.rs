@@ -37,7 +37,7 @@ pub use pty::SpawnError;
 /// Device-wide shell limit (behavior.md §5.2).
 pub const MAX_SHELLS: usize = 16;
 /// Health-check ping period (§5.9) unless `PING_ENV` overrides it.
-const PING_INTERVAL: Duration = Duration::from_secs(60);
+pub const PING_INTERVAL: Duration = Duration::from_secs(60);
 /// Overrides the ping period in milliseconds (tests); the pong deadline
 /// scales with it (65/60 of the period, 65 s by default).
 pub const PING_ENV: &str = "MENDER_CONNECT_SHELL_PING_MS";
@@ -152,21 +152,18 @@ pub(crate) fn output_msg(sid: &str, bytes: Vec<u8>) -> ProtoMsg {
         .with_body(bytes)
 }
 
-fn ping_from_env() -> Duration {
-    std::env::var(PING_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&ms| ms > 0)
-        .map_or(PING_INTERVAL, Duration::from_millis)
-}
-
 fn nonzero_secs(s: u32) -> Option<Duration> {
     (s > 0).then(|| Duration::from_secs(s.into()))
 }
 
 impl Shells {
     /// The terminal for `cfg`, replies going to `out`.
-    pub fn new(cfg: &Config, user: &ValidatedUser, out: Outbound) -> Result<Shells, SpawnError> {
+    pub fn new(
+        cfg: &Config,
+        user: &ValidatedUser,
+        out: Outbound,
+        ping: Duration,
+    ) -> Result<Shells, SpawnError> {
         // SAFETY: getuid has no preconditions.
         let root = unsafe { libc::getuid() } == 0;
         if !root {
@@ -187,7 +184,6 @@ impl Shells {
             format!("uid {me}")
         };
         let recipe = pty::Recipe::new(&cfg.shell_command, &cfg.shell_arguments, user, root)?;
-        let ping = ping_from_env();
         let s = &cfg.sessions;
         let (expire_after, expire_idle) = if s.stop_expired {
             (
