@@ -15,5 +15,6 @@ pub mod sdnotify;
 pub mod sessions;
 pub mod signals;
 pub mod sys;
+pub mod threads;
 pub mod tunables;
 pub mod wire;
