@@ -104,6 +104,15 @@ impl Liveness {
 pub trait Inbound: Send + Sync {
     /// One websocket data frame, as read.
     fn frame(&self, frame: Vec<u8>);
+
+    /// When [`tick`](Self::tick) next wants to run, for timers kept on the
+    /// connection thread (`None`: no timer).
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Runs the timers due at `now`; replies it queues go out this round.
+    fn tick(&self, _now: Instant) {}
 }
 
 /// The supervisor's handle on one connection thread.
@@ -309,6 +318,10 @@ fn pump(
                 }
             }
         }
+        let now = Instant::now();
+        if inbound.next_deadline().is_some_and(|d| now >= d) {
+            inbound.tick(now);
+        }
         // Drained every round (even while blocked) so a readable wake fd
         // cannot spin poll(); queued frames are picked up once unblocked.
         out.wake.drain();
@@ -345,6 +358,7 @@ fn pump(
             ));
         }
         let until = next_ping.min(dead_at);
+        let until = inbound.next_deadline().map_or(until, |d| until.min(d));
         let timeout_ms = if more_to_read {
             0
         } else {

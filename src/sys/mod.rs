@@ -4,4 +4,5 @@
 
 pub mod errno;
 pub mod poll;
+pub mod user;
 pub mod wake;

@@ -70,10 +70,8 @@ impl Service {
     pub fn with_policy(policy: Policy) -> Service {
         Service {
             policy,
-            // SAFETY: geteuid/getegid cannot fail.
-            uid: unsafe { libc::geteuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getegid() },
+            uid: crate::sys::user::euid(),
+            gid: crate::sys::user::egid(),
             temp_counter: AtomicU32::new(0),
         }
     }

@@ -164,11 +164,9 @@ impl Shells {
         out: Outbound,
         ping: Duration,
     ) -> Result<Shells, SpawnError> {
-        // SAFETY: getuid has no preconditions.
-        let root = unsafe { libc::getuid() } == 0;
+        let root = crate::sys::user::uid() == 0;
         if !root {
-            // SAFETY: as above.
-            let me = unsafe { libc::geteuid() };
+            let me = crate::sys::user::euid();
             if me != user.uid {
                 log::warn!(
                     "not running as root: shells run as uid {me}, not as User {:?}",
@@ -176,8 +174,7 @@ impl Shells {
                 );
             }
         }
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
+        let me = crate::sys::user::euid();
         let run_as = if root || me == user.uid {
             user.name.clone()
         } else {
