@@ -10,8 +10,8 @@ use crossbeam_channel::{Receiver, select};
 use crate::config::{Config, ValidatedUser};
 use crate::conn::auth::{Auth, AuthError, AuthEvent};
 use crate::conn::backoff::{self, Backoff};
-use crate::conn::link::{Link, LinkEvent};
-use crate::conn::outbound::{self, Outbound, OutboundRx};
+use crate::conn::link::{Inbound, Link, LinkEvent, LinkSetup};
+use crate::conn::outbound::{self, Outbound};
 use crate::conn::timing::Timing;
 use crate::conn::url;
 use crate::router::Router;
@@ -108,14 +108,12 @@ pub fn shell_router(
 
 struct Supervisor {
     router: Arc<Router>,
-    out_rx: OutboundRx,
+    /// What every link shares (queue, router, timers, proxies, events).
+    link_setup: LinkSetup,
     timing: Timing,
-    /// Proxy settings for every dial, read at start.
-    proxies: Arc<crate::conn::proxy::Settings>,
     auth: Auth,
     link: Option<Link>,
     link_seq: usize,
-    links_tx: crossbeam_channel::Sender<LinkEvent>,
     creds: Option<(String, String)>,
     authorized: bool,
     backoff: Backoff,
@@ -159,14 +157,18 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
     let (links_tx, links_rx) = crossbeam_channel::unbounded();
     let base = Duration::from_secs(cfg.reconnect_interval_seconds.max(1) as u64);
     let mut sup = Supervisor {
+        link_setup: LinkSetup {
+            out: out_rx,
+            inbound: Arc::clone(&router) as Arc<dyn Inbound>,
+            timing,
+            proxies: Arc::new(tun.proxies.clone()),
+            events: links_tx,
+        },
         router,
-        out_rx,
         timing,
-        proxies: Arc::new(tun.proxies.clone()),
         auth,
         link: None,
         link_seq: 0,
-        links_tx,
         creds: None,
         authorized: false,
         backoff: Backoff::new(base, backoff::seed()),
@@ -365,16 +367,7 @@ impl Supervisor {
         self.link_seq += 1;
         self.link_url = ep.url.clone();
         self.set_status(format!("connecting to {}", ep.url));
-        match Link::start(
-            self.link_seq,
-            ep,
-            token,
-            self.out_rx.clone(),
-            Arc::clone(&self.router) as Arc<dyn crate::conn::link::Inbound>,
-            self.timing,
-            Arc::clone(&self.proxies),
-            self.links_tx.clone(),
-        ) {
+        match Link::start(self.link_seq, ep, token, &self.link_setup) {
             Ok(link) => self.link = Some(link),
             Err(e) => {
                 log::error!("cannot start the connection thread: {e}");
@@ -421,12 +414,7 @@ impl Supervisor {
                 self.last_error = None;
                 self.set_status(format!("connected to {}", self.link_url));
             }
-            LinkEvent::Ended {
-                id,
-                error,
-                lived,
-                unauthorized,
-            } => {
+            LinkEvent::Ended { id, end, lived } => {
                 if self.link.as_ref().map(Link::id) != Some(id) {
                     return; // a link we already replaced
                 }
@@ -434,6 +422,8 @@ impl Supervisor {
                 if let Some(l) = lived {
                     self.backoff.connection_lived(l);
                 }
+                let unauthorized = end.unauthorized();
+                let error = end.error_text();
                 match (&error, lived) {
                     (Some(e), None) => self.log_connect_failure(e),
                     (Some(e), Some(_)) => log::error!("connection lost: {e}"),

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use tungstenite::WebSocket;
@@ -71,6 +71,12 @@ impl Stream {
 impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
         self.tcp().as_raw_fd()
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.tcp().as_fd()
     }
 }
 
@@ -151,19 +157,7 @@ pub fn set_keepalive(tcp: &TcpStream) -> io::Result<()> {
         (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, interval),
         (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, count),
     ] {
-        // SAFETY: setsockopt with a c_int option value on a socket we own.
-        let r = unsafe {
-            libc::setsockopt(
-                tcp.as_raw_fd(),
-                level,
-                name,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::sys::sockopt::set_int(tcp.as_fd(), level, name, value)?;
     }
     Ok(())
 }
