@@ -78,7 +78,7 @@ impl AuthService {
             .name("auth-service".into())
             .spawn(move || serve(&addr, sh, ready_tx))
             .expect("spawn auth-service thread");
-        let unique_name = match ready_rx.recv_timeout(super::TIMEOUT) {
+        let unique_name = match ready_rx.recv_timeout(crate::TIMEOUT) {
             Ok(Ok(name)) => name,
             Ok(Err(e)) => panic!("auth service failed to start: {e}"),
             Err(e) => panic!("auth service did not start: {e}"),

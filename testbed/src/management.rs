@@ -11,7 +11,7 @@
 //!   operator's websocket goes away while a terminal is open, the device gets
 //!   a shell `stop` {status 2, user_id} `user disconnected`;
 //! - `GET|HEAD …/devices/:id/download?path=` and `PUT …/devices/:id/upload`
-//!   (multipart) — translated into file-transfer sessions ([`super::rest_ft`]).
+//!   (multipart) — translated into file-transfer sessions ([`crate::rest_ft`]).
 //!
 //! Any `Authorization: Bearer <non-empty>` is accepted (the real API gateway
 //! checks the JWT; nothing here depends on its claims). The device is the
@@ -21,9 +21,9 @@
 //! operator websocket `mgmt-ws-N` (operator → device); HTTP requests run on
 //! the server's connection threads.
 
-use super::rest_ft;
-use super::server::{Connections, Event, HttpHook, HttpRequest, HttpStream, Server};
-use super::{AuthService, ConnHandle, Daemon, DbusDaemon, TIMEOUT, http};
+use crate::rest_ft;
+use crate::server::{Connections, Event, HttpHook, HttpRequest, HttpStream, Server};
+use crate::{AuthService, ConnHandle, Daemon, DbusDaemon, TIMEOUT, http};
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::conn::codec::{self, PROTO_SHELL, ProtoMsg, Value};
 use std::collections::{HashMap, HashSet};
@@ -175,7 +175,7 @@ impl Management {
 
     /// Waits until a device connection is open.
     pub fn wait_device(&self, timeout: Duration) -> bool {
-        super::wait_until(timeout, || self.device_connected())
+        crate::wait_until(timeout, || self.device_connected())
     }
 
     /// Every message the stand-in itself sent to the device so far.

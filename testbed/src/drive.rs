@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use super::ConnHandle;
+use crate::ConnHandle;
 use mender_connect::conn::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
@@ -77,14 +77,9 @@ pub fn thread_count(pid: u32) -> usize {
 /// The next message for `sid` (any protocol), skipping other sessions and the
 /// device's control pings. None on timeout or a closed connection.
 pub fn recv_for(conn: &ConnHandle, sid: &str, timeout: Duration) -> Option<ProtoMsg> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let m = conn.recv_msg(left)?;
-        if m.hdr.sid == sid && !(m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping") {
-            return Some(m);
-        }
-    }
+    conn.recv_msg_matching(timeout, |m| {
+        m.hdr.sid == sid && !(m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping")
+    })
 }
 
 /// Control `open` for `sid` (as deviceconnect and mender-cli do first) and
