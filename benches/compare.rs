@@ -4,7 +4,7 @@
 //! driven identically (deviceconnect-like file transfer, mender-cli-like port
 //! forward: 4096-byte client chunks, one forward in flight).
 //!
-//! Run through `bench/compare.sh` (builds, installs the Go daemon, runs this):
+//! Run through `benches/compare.sh` (builds, installs the Go daemon, runs this):
 //! `cargo bench --bench compare -- --ours PATH --theirs PATH [--rounds N]`.
 //! Prints every round, then a table of medians and ours/theirs ratios.
 

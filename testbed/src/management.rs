@@ -67,8 +67,6 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     cond: Condvar,
     conns: Connections,
-    /// Reply deadline for REST file transfers (deviceconnect: 60 s).
-    pub(crate) ft_timeout: Mutex<Duration>,
 }
 
 impl Shared {
@@ -133,7 +131,6 @@ impl Management {
             }),
             cond: Condvar::new(),
             conns,
-            ft_timeout: Mutex::new(rest_ft::TIMEOUT),
         });
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let sh = shared.clone();
@@ -161,11 +158,6 @@ impl Management {
     /// The device id to give mender-cli.
     pub fn device_id(&self) -> &str {
         DEVICE_ID
-    }
-
-    /// Changes the reply deadline of REST file transfers (default 60 s).
-    pub fn set_transfer_timeout(&self, t: Duration) {
-        *self.shared.ft_timeout.lock().unwrap() = t;
     }
 
     /// Whether the stand-in sees an open device connection.

@@ -76,7 +76,7 @@ impl<'a> Session<'a> {
             shared,
             sid,
             rx,
-            timeout: *shared.ft_timeout.lock().unwrap(),
+            timeout: TIMEOUT,
         }
     }
 

@@ -71,11 +71,6 @@ impl Server {
         Self::start(0, Some(cert.acceptor()))
     }
 
-    /// TLS server on a given port.
-    pub fn start_tls_on(cert: &TlsCert, port: u16) -> Server {
-        Self::start(port, Some(cert.acceptor()))
-    }
-
     fn start(port: u16, tls: Option<native_tls::TlsAcceptor>) -> Server {
         // std sets SO_REUSEADDR on Unix listeners, so rebinding a port whose
         // old connections sit in TIME_WAIT works.
