@@ -58,7 +58,7 @@ pub fn cpu_ms(pid: u32) -> f64 {
     (field(11) + field(12)) * 1000.0 / hz
 }
 
-/// A `Field:  N kB` value from /proc/PID/<file> (`status`, `smaps_rollup`).
+/// A `Field:  N kB` value from `/proc/PID/<file>` (`status`, `smaps_rollup`).
 pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     text.lines()

@@ -44,7 +44,7 @@ impl Frame {
     }
 }
 
-/// What happened on the server, in order, for [`Server::subscribe`].
+/// What happened on the server, in order, for [`Server::subscribe`](super::Server::subscribe).
 #[derive(Debug, Clone)]
 pub enum Event {
     /// An upgrade request was answered (`status` 101 = connection `conn`).

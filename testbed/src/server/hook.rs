@@ -22,7 +22,7 @@ const MAX_HEAD: usize = 64 * 1024;
 
 /// Handles every request whose path is not the device connect path, on the
 /// connection's own thread (`ws-conn-N`), once set with
-/// [`Server::set_http_hook`]. It owns the stream: whatever it does not answer
+/// [`Server::set_http_hook`](super::Server::set_http_hook). It owns the stream: whatever it does not answer
 /// goes unanswered.
 #[derive(Clone)]
 pub struct HttpHook(pub Arc<dyn Fn(HttpRequest, HttpStream) + Send + Sync>);
