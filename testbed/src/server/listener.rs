@@ -1,13 +1,12 @@
 //! The listening socket and the [`Server`] a test holds: accepts TCP
-//! connections, runs the TLS and websocket handshakes (answering rejects and
-//! wrong paths), and starts one thread per connection.
+//! connections and starts one thread per connection (see `handshake`);
+//! what the server recorded, waited on with deadlines.
 
-use super::conn::{ConnHandle, conn_ended, conn_parts};
-use super::conn_loop::run_conn;
-use super::event::{Event, Subscribers, UpgradeRequest, publish};
-use super::hook::{HttpHook, HttpRequest, HttpStream, read_head};
-use super::io::{FilterState, Inner, Io};
-use super::{HANDSHAKE_TIMEOUT, MAX_MESSAGE_SIZE, wait_on};
+use super::conn::ConnHandle;
+use super::event::{Event, Subscribers, UpgradeRequest};
+use super::handshake::handle_conn;
+use super::hook::HttpHook;
+use super::wait_on;
 use crate::CONNECT_PATH;
 use crate::tls::TlsCert;
 use crossbeam_channel::Receiver;
@@ -18,30 +17,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tungstenite::protocol::WebSocketConfig;
 
+/// What the server recorded and how it answers.
 #[derive(Debug, Default)]
-struct ServerState {
-    attempts: Vec<UpgradeRequest>,
-    conns: Vec<ConnHandle>,
-    handed_out: usize,
-    reject: Option<(u16, Option<String>)>,
-    ping_interval: Option<Duration>,
-    http_hook: Option<HttpHook>,
+pub(super) struct ServerState {
+    pub(super) attempts: Vec<UpgradeRequest>,
+    pub(super) conns: Vec<ConnHandle>,
+    pub(super) handed_out: usize,
+    pub(super) reject: Option<(u16, Option<String>)>,
+    pub(super) ping_interval: Option<Duration>,
+    pub(super) http_hook: Option<HttpHook>,
     /// Clones of the live TCP sockets by connection sequence number, so
     /// `stop` can cut them; each thread removes its own when it ends.
-    sockets: Vec<(usize, TcpStream)>,
-    threads: Vec<JoinHandle<()>>,
+    pub(super) sockets: Vec<(usize, TcpStream)>,
+    pub(super) threads: Vec<JoinHandle<()>>,
 }
 
+/// Shared by the [`Server`], its accept thread and its connection threads.
 #[derive(Debug)]
-struct ServerShared {
-    state: Mutex<ServerState>,
-    cond: Condvar,
-    stopping: AtomicBool,
-    answer_pings: AtomicBool,
-    subscribers: Subscribers,
+pub(super) struct ServerShared {
+    pub(super) state: Mutex<ServerState>,
+    pub(super) cond: Condvar,
+    pub(super) stopping: AtomicBool,
+    pub(super) answer_pings: AtomicBool,
+    pub(super) subscribers: Subscribers,
 }
 
 /// The stand-in server. Drop = [`Server::stop`].
@@ -309,180 +308,4 @@ fn accept_loop(
         g.threads.retain(|t| !t.is_finished());
         g.threads.push(t);
     }
-}
-
-fn error_response(status: u16, body: Option<String>) -> ErrorResponse {
-    let mut b = tungstenite::http::Response::builder().status(status);
-    if body.is_some() {
-        b = b.header("Content-Type", "application/json; charset=utf-8");
-    }
-    b.body(body).expect("valid response")
-}
-
-/// Ends a connection for good when its thread returns, whatever the path:
-/// the socket is shut down (other fds may still refer to it) and forgotten.
-struct ConnGuard {
-    seq: usize,
-    socket: TcpStream,
-    shared: Arc<ServerShared>,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        let _ = self.socket.shutdown(Shutdown::Both);
-        let mut g = self.shared.state.lock().unwrap();
-        g.sockets.retain(|(seq, _)| *seq != self.seq);
-    }
-}
-
-// The handshake callback's error type is fixed by tungstenite.
-#[allow(clippy::result_large_err)]
-fn handle_conn(
-    seq: usize,
-    tcp: TcpStream,
-    shared: Arc<ServerShared>,
-    tls: Option<Arc<native_tls::TlsAcceptor>>,
-) {
-    let Ok(guard_socket) = tcp.try_clone() else {
-        return;
-    };
-    let _guard = ConnGuard {
-        seq,
-        socket: guard_socket,
-        shared: shared.clone(),
-    };
-    let _ = tcp.set_nodelay(true);
-    let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    let _ = tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-    let Ok(socket) = tcp.try_clone() else { return };
-    let inner = match tls {
-        Some(acc) => match acc.accept(tcp) {
-            Ok(s) => Inner::Tls(Box::new(s)),
-            Err(_) => return,
-        },
-        None => Inner::Plain(tcp),
-    };
-    let answer_pings = Arc::new(AtomicBool::new(shared.answer_pings.load(Ordering::SeqCst)));
-    let mut io = Io {
-        inner,
-        pending: Vec::new(),
-        out: Vec::new(),
-        filtering: false,
-        filter: FilterState::Header(Vec::new()),
-        answer_pings: answer_pings.clone(),
-    };
-    let (reject, ping_interval, hook) = {
-        let g = shared.state.lock().unwrap();
-        (g.reject.clone(), g.ping_interval, g.http_hook.clone())
-    };
-    // With a hook, peek at the request head: the device's connect path goes
-    // on to the websocket handshake below (the head replayed), anything else
-    // belongs to the hook.
-    if let Some(hook) = hook {
-        let Some((head, rest)) = read_head(&mut io) else {
-            return;
-        };
-        match HttpRequest::parse(&head) {
-            Some(request) if request.path != CONNECT_PATH => {
-                io.pending = rest;
-                let stream = HttpStream {
-                    io,
-                    head,
-                    socket,
-                    request: request.clone(),
-                };
-                (hook.0)(request, stream);
-                return;
-            }
-            _ => io.pending = [head, rest].concat(),
-        }
-    }
-    let mut captured: Option<UpgradeRequest> = None;
-    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let path = req.uri().path().to_string();
-        let headers = req
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let (status, body) = if path != CONNECT_PATH {
-            (404, Some("{\"error\":\"not found\"}".to_string()))
-        } else if let Some((s, body)) = reject {
-            (s, body)
-        } else {
-            (101, None)
-        };
-        let request = UpgradeRequest {
-            path,
-            uri: req.uri().to_string(),
-            headers,
-            status,
-        };
-        // Recorded before the response goes out, so attempts are in the
-        // order the client saw the answers.
-        {
-            let mut g = shared.state.lock().unwrap();
-            g.attempts.push(request.clone());
-            if status != 101 {
-                publish(
-                    &shared.subscribers,
-                    Event::Upgrade {
-                        conn: None,
-                        request: request.clone(),
-                    },
-                );
-            }
-        }
-        shared.cond.notify_all();
-        captured = Some(request);
-        if status == 101 {
-            Ok(resp)
-        } else {
-            Err(error_response(status, body))
-        }
-    };
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_SIZE));
-    // `.ok()` drops the error (which holds the callback) so `captured` is free.
-    let result = tungstenite::accept_hdr_with_config(io, callback, Some(config)).ok();
-    let Some(request) = captured else { return };
-
-    let Some(mut ws) = result else { return };
-
-    let conn = {
-        let mut g = shared.state.lock().unwrap();
-        let Some((conn, cmd_rx, wake_rx)) =
-            conn_parts(g.conns.len(), request.clone(), &socket, answer_pings)
-        else {
-            return;
-        };
-        ws.get_mut().filtering = true;
-        g.conns.push(conn.clone());
-        publish(
-            &shared.subscribers,
-            Event::Upgrade {
-                conn: Some(conn.id()),
-                request,
-            },
-        );
-        (conn, cmd_rx, wake_rx)
-    };
-    let (conn, cmd_rx, wake_rx) = conn;
-    shared.cond.notify_all();
-
-    let error = run_conn(
-        &mut ws,
-        &conn,
-        &cmd_rx,
-        &wake_rx,
-        &socket,
-        ping_interval,
-        &shared.subscribers,
-    );
-    drop(ws);
-    conn_ended(&conn, error, &shared.subscribers);
 }

@@ -9,8 +9,9 @@
 //! lives behind a mutex + condvar so every `wait_*` / `recv*` blocks with a
 //! deadline.
 //!
-//! - `listener`: the listening socket, TLS and websocket handshakes, the
-//!   [`Server`] a test holds;
+//! - `listener`: the listening socket and the [`Server`] a test holds;
+//! - `handshake`: one TCP connection from accept to hang-up (TLS and
+//!   websocket handshakes, rejects, hand-over to an [`HttpHook`]);
 //! - `conn`: one accepted connection as a test sees it ([`ConnHandle`]);
 //! - `conn_loop`: the connection thread's event loop (commands out, messages
 //!   recorded);
@@ -21,6 +22,7 @@
 mod conn;
 mod conn_loop;
 mod event;
+mod handshake;
 mod hook;
 mod io;
 mod listener;
