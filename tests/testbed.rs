@@ -3,6 +3,8 @@
 
 use dbus::blocking::Connection;
 use dbus::message::MatchRule;
+use mender_connect::conn::codec::{self, PROTO_SHELL, ProtoMsg};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -380,6 +382,71 @@ fn recorded_frames_offer_decoding() {
     let r = std::panic::catch_unwind(|| f.decoded());
     // Either the codec rejects it, or it is still a stub that panics.
     assert!(!matches!(r, Ok(Ok(_))));
+}
+
+#[test]
+fn next_matching_consumes_what_it_skips_and_looks_at_buffered_items_after_its_deadline() {
+    let mut queue: VecDeque<u32> = [1, 2, 3, 4].into();
+    let mut skipped = Vec::new();
+    let got = testbed::next_matching(
+        TIMEOUT,
+        |_| queue.pop_front(),
+        |n| {
+            if *n != 3 {
+                skipped.push(*n);
+            }
+            *n == 3
+        },
+    );
+    assert_eq!((got, skipped), (Some(3), vec![1, 2]));
+    assert_eq!(queue, [4]);
+
+    // past the deadline the source is still asked, with no time left
+    let mut queue: VecDeque<u32> = [5, 6].into();
+    let mut lefts = Vec::new();
+    let got = testbed::next_matching(
+        Duration::ZERO,
+        |left| {
+            lefts.push(left);
+            queue.pop_front()
+        },
+        |n| *n == 6,
+    );
+    assert_eq!(got, Some(6));
+    assert_eq!(lefts, [Duration::ZERO, Duration::ZERO]);
+
+    // a source that gives nothing (timed out, closed) ends the wait
+    assert_eq!(
+        testbed::next_matching(TIMEOUT, |_| None::<u32>, |_| true),
+        None
+    );
+}
+
+#[test]
+fn connection_returns_the_next_matching_message_and_drops_the_ones_before() {
+    let server = Server::start_plain();
+    let mut ws = client_plain(&server, "t");
+    let conn = server.wait_connection(TIMEOUT).unwrap();
+    for typ in ["a", "b", "c"] {
+        let m = ProtoMsg::new(PROTO_SHELL, typ, "s");
+        ws.send(Message::binary(codec::encode(&m))).unwrap();
+    }
+    let got = conn.recv_msg_matching(TIMEOUT, |m| m.hdr.typ == "b");
+    assert_eq!(got.map(|m| m.hdr.typ), Some("b".to_string()));
+    assert_eq!(
+        conn.recv_msg(TIMEOUT).map(|m| m.hdr.typ),
+        Some("c".to_string())
+    );
+    assert!(conn.recv_msg_matching(SHORT, |_| true).is_none());
+}
+
+#[test]
+fn the_daemon_binary_found_at_run_time_is_the_one_cargo_built_for_this_test() {
+    // The test bed is a library: cargo gives it no CARGO_BIN_EXE_*.
+    assert_eq!(
+        testbed::daemon::binary(),
+        Some(env!("CARGO_BIN_EXE_mender-connect"))
+    );
 }
 
 #[test]
