@@ -28,12 +28,10 @@ fn cpu_ms(pid: u32) -> f64 {
 }
 
 fn recv(conn: &ConnHandle, sid: &str) -> ProtoMsg {
-    loop {
-        let m = conn.recv_msg(TIMEOUT).expect("message from the device");
-        if m.hdr.sid == sid && m.hdr.proto != PROTO_CONTROL || m.hdr.typ == "accept" {
-            return m;
-        }
-    }
+    conn.recv_msg_matching(TIMEOUT, |m| {
+        m.hdr.sid == sid && m.hdr.proto != PROTO_CONTROL || m.hdr.typ == "accept"
+    })
+    .expect("message from the device")
 }
 
 fn open(conn: &ConnHandle, sid: &str) {
