@@ -4,20 +4,17 @@
 //! driven identically (deviceconnect-like file transfer, mender-cli-like port
 //! forward: 4096-byte client chunks, one forward in flight).
 //!
-//! Run through `bench/compare.sh` (builds, installs the Go daemon, runs this):
+//! Run through `benches/compare.sh` (builds, installs the Go daemon, runs this):
 //! `cargo bench --bench compare -- --ours PATH --theirs PATH [--rounds N]`.
 //! Prints every round, then a table of medians and ours/theirs ratios.
-
-#[path = "../tests/common/mod.rs"]
-mod common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::drive::{self, cpu_ms, proc_kib};
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TempDir, default_config};
+use testbed::drive::{self, cpu_ms, proc_kib};
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TempDir, default_config};
 
 const MIB: usize = 1 << 20;
 /// Size of each port-forward and file-transfer run.
@@ -153,7 +150,7 @@ fn args() -> Args {
         }
     }
     let ours = ours
-        .or_else(|| common::daemon::BINARY.map(PathBuf::from))
+        .or_else(|| testbed::daemon::binary().map(PathBuf::from))
         .expect("--ours PATH");
     let theirs = theirs.unwrap_or_else(|| PathBuf::from("/usr/bin/mender-connect"));
     Args {
@@ -315,7 +312,7 @@ fn file_transfer(conn: &ConnHandle, pid: u32) -> [(f64, f64); 2] {
     let up = timed(pid, BULK, || drive::ft_upload(conn, &s, &dst, &data, WAIT));
     drive::close_session(conn, &s);
     // the Go daemon acks before it renames (transfer.md §2.4)
-    common::wait_until(WAIT, || std::fs::read(&dst).is_ok_and(|d| d == data));
+    testbed::wait_until(WAIT, || std::fs::read(&dst).is_ok_and(|d| d == data));
     assert!(
         std::fs::read(&dst).is_ok_and(|d| d == data),
         "upload differs"

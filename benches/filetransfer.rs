@@ -4,17 +4,14 @@
 //!
 //! `cargo bench --bench filetransfer`
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{
-    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
-};
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
 use mender_connect::wire::control::{Open, encode_map};
+use testbed::{
+    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
+};
 
 const SIZE: usize = 50 << 20;
 const CHUNK: usize = 4096;
@@ -31,12 +28,10 @@ fn cpu_ms(pid: u32) -> f64 {
 }
 
 fn recv(conn: &ConnHandle, sid: &str) -> ProtoMsg {
-    loop {
-        let m = conn.recv_msg(TIMEOUT).expect("message from the device");
-        if m.hdr.sid == sid && m.hdr.proto != PROTO_CONTROL || m.hdr.typ == "accept" {
-            return m;
-        }
-    }
+    conn.recv_msg_matching(TIMEOUT, |m| {
+        m.hdr.sid == sid && m.hdr.proto != PROTO_CONTROL || m.hdr.typ == "accept"
+    })
+    .expect("message from the device")
 }
 
 fn open(conn: &ConnHandle, sid: &str) {
@@ -119,7 +114,7 @@ fn main() {
     let _auth = AuthService::start(bus.address(), "bench", &server.url());
     // info-level logs: per-chunk debug lines would measure the logger
     let daemon = Daemon::spawn_with_binary(
-        Path::new(common::daemon::BINARY.expect("bench binary")),
+        Path::new(testbed::daemon::binary().expect("bench binary")),
         &default_config(),
         bus.address(),
         &[],

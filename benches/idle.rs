@@ -2,13 +2,10 @@
 //! connecting over plain ws and idling 10 s (issue: the spine's bench).
 //! Run: `cargo bench --bench idle`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
+use testbed::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
 
 fn main() {
     let bin = env!("CARGO_BIN_EXE_mender-connect");
@@ -43,10 +40,10 @@ fn main() {
     }
     assert!(conn.is_open(), "connection dropped while idling");
     let pid = daemon.pid();
-    let pss = common::drive::proc_kib(pid, "smaps_rollup", "Pss:").unwrap_or(0);
-    let rss = common::drive::proc_kib(pid, "smaps_rollup", "Rss:").unwrap_or(0);
-    let anon = common::drive::proc_kib(pid, "status", "RssAnon:").unwrap_or(0);
-    let hwm = common::drive::proc_kib(pid, "status", "VmHWM:").unwrap_or(0);
+    let pss = testbed::drive::proc_kib(pid, "smaps_rollup", "Pss:").unwrap_or(0);
+    let rss = testbed::drive::proc_kib(pid, "smaps_rollup", "Rss:").unwrap_or(0);
+    let anon = testbed::drive::proc_kib(pid, "status", "RssAnon:").unwrap_or(0);
+    let hwm = testbed::drive::proc_kib(pid, "status", "VmHWM:").unwrap_or(0);
     let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
         .unwrap_or(0);

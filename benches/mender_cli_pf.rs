@@ -9,17 +9,14 @@
 //! [--rounds N]` (needs `mender-cli` on PATH; the Go daemon takes ~10 s to
 //! connect).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::drive::cpu_ms;
-use common::{AuthService, Daemon, DbusDaemon, Management, Server, TempDir, default_config};
+use testbed::drive::cpu_ms;
+use testbed::{AuthService, Daemon, DbusDaemon, Management, Server, TempDir, default_config};
 
 const TOTAL: usize = 20 << 20;
 const TOKEN: &str = "token-mender-cli";
@@ -82,7 +79,7 @@ fn run(bin: &Path, cli: &Path) -> (f64, f64) {
         .expect("spawn mender-cli port-forward");
     let mut conn = None;
     assert!(
-        common::wait_until(WAIT, || {
+        testbed::wait_until(WAIT, || {
             conn = TcpStream::connect(("127.0.0.1", local)).ok();
             conn.is_some()
         }),
@@ -113,7 +110,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn main() {
-    let mut ours = common::daemon::BINARY.map(PathBuf::from);
+    let mut ours = testbed::daemon::binary().map(PathBuf::from);
     let mut theirs = None;
     let mut rounds = 3;
     let mut it = std::env::args().skip(1);

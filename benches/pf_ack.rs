@@ -14,16 +14,13 @@
 //! to this crate's release daemon; the Go daemon works too, it connects
 //! after about 10 s).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::drive::{self, CHUNK, cpu_ms};
-use common::{AuthService, Daemon, DbusDaemon, Server, default_config};
 use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use testbed::drive::{self, CHUNK, cpu_ms};
+use testbed::{AuthService, Daemon, DbusDaemon, Server, default_config};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SID: &str = "cccccccc-0000-4000-8000-000000000001";
@@ -47,7 +44,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let mut bin = common::daemon::BINARY.map(PathBuf::from);
+    let mut bin = testbed::daemon::binary().map(PathBuf::from);
     let mut n = 20_000usize;
     let mut restart = false;
     let mut shell_first = false;

@@ -4,16 +4,13 @@
 //! flight). Prints MiB/s and daemon CPU ms per MiB (utime+stime from
 //! /proc/PID/stat). Run: `cargo bench --bench portforward`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
 use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use mender_connect::wire::control::encode_map;
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
 
 const TOTAL: usize = 50 << 20;
 const SID: &str = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
@@ -142,7 +139,7 @@ fn main() {
     let server = Server::start_plain();
     let _auth = AuthService::start(bus.address(), "bench", &server.url());
     let daemon = Daemon::spawn_with_binary(
-        std::path::Path::new(common::daemon::BINARY.expect("bench binary path")),
+        std::path::Path::new(testbed::daemon::binary().expect("bench binary path")),
         &default_config(),
         bus.address(),
         &[],

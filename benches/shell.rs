@@ -7,12 +7,11 @@
 //! the memory line is followed by where that memory lives (new thread
 //! stacks, grown mappings).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive};
+use testbed::{
+    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive,
+};
 
 /// Raw bytes fed to base64; its output is 4/3 of this plus newlines ≈ 20 MiB.
 const RAW_BYTES: usize = 15 * 1024 * 1024;
@@ -86,7 +85,7 @@ fn breakdown(before: &[(String, u64, u64, String)], after: &[(String, u64, u64, 
 
 fn main() {
     // `--bin PATH` runs another daemon binary; cargo's `--bench` is ignored
-    let mut bin = common::daemon::BINARY.map(std::path::PathBuf::from);
+    let mut bin = testbed::daemon::binary().map(std::path::PathBuf::from);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--bin" {
@@ -135,7 +134,7 @@ fn main() {
     let base_threads = {
         let mut last = threads();
         // settle: wait until the stopped shells' threads are gone
-        common::wait_until(TIMEOUT, || {
+        testbed::wait_until(TIMEOUT, || {
             let now = threads();
             let settled = now == last
                 && !std::fs::read_dir(format!("/proc/{pid}/task"))

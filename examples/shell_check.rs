@@ -16,14 +16,11 @@
 //! Exit status 0 and a line `shell_check: OK ...` on success; 1 and the
 //! daemon's log on failure. Used by `packaging/cross/test-qemu.sh`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TlsCert};
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use mender_connect::wire::control::Open;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TlsCert};
 
 const SID: &str = "c0ffee00-6c2b-4d5e-9a57-000000000042";
 
@@ -74,32 +71,24 @@ fn wait_msg(
     timeout: Duration,
     pred: impl Fn(&ProtoMsg) -> bool,
 ) -> Result<ProtoMsg, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match conn.recv_msg(left) {
-            Some(m) if pred(&m) => return Ok(m),
-            Some(_) => {}
-            None => return Err("timed out".into()),
-        }
-    }
+    conn.recv_msg_matching(timeout, pred)
+        .ok_or_else(|| "timed out".to_string())
 }
 
 fn wait_output(conn: &ConnHandle, timeout: Duration, needle: &str) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
     let mut acc = String::new();
-    while !acc.contains(needle) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = conn
-            .recv_msg(left)
-            .ok_or_else(|| format!("no {needle:?} in the shell output {acc:?}"))?;
+    let found = conn.recv_msg_matching(timeout, |m| {
         if m.hdr.proto == PROTO_SHELL && m.hdr.typ == "shell" {
             acc.push_str(&String::from_utf8_lossy(
                 m.body.as_deref().unwrap_or_default(),
             ));
         }
+        acc.contains(needle)
+    });
+    match found {
+        Some(_) => Ok(()),
+        None => Err(format!("no {needle:?} in the shell output {acc:?}")),
     }
-    Ok(())
 }
 
 fn session(conn: &ConnHandle, t: Duration) -> Result<(), String> {
@@ -166,7 +155,7 @@ fn main() {
     };
     let auth = AuthService::start(bus.address(), "check-token", &server.url());
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&common::default_config()).expect("config");
+        serde_json::from_str(&testbed::default_config()).expect("config");
     // dash rejects the default `--login`
     cfg["ShellArguments"] = serde_json::json!([]);
     let env: Vec<(&str, &str)> = cert.iter().map(TlsCert::env).collect();

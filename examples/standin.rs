@@ -21,14 +21,11 @@
 //! `--no-terminal` (log frames even on a terminal). Stops on Ctrl-C, SIGTERM
 //! or end of stdin (logging mode).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::{AuthService, Daemon, DbusDaemon, Event, Management, Server};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
+use testbed::{AuthService, Daemon, DbusDaemon, Event, Management, Server};
 
 struct Args {
     daemon: Option<PathBuf>,
@@ -75,7 +72,7 @@ fn mender_cli() -> Option<PathBuf> {
 /// when there is one (dash, the usual /bin/sh, refuses `--login`).
 fn demo_config() -> String {
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&common::default_config()).expect("default config");
+        serde_json::from_str(&testbed::default_config()).expect("default config");
     if Path::new("/bin/bash").exists() {
         cfg["ShellCommand"] = "/bin/bash".into();
         cfg["ShellArguments"] = serde_json::json!(["--login"]);
@@ -232,7 +229,7 @@ fn print_event(ev: &Event) {
                 if frame.text { "text" } else { "binary" },
                 frame.data.len(),
                 frame.data.len(),
-                common::hex(&frame.data, 48)
+                testbed::hex(&frame.data, 48)
             );
             println!("[conn {conn}]    {}", describe_frame(&frame.data));
         }
@@ -299,7 +296,7 @@ fn main() {
     if let (Some(cli), Some(_), true, false) = (&cli, &daemon, on_tty, args.no_terminal) {
         // Nobody reads the frame log in this mode.
         drop(events);
-        if !mgmt.wait_device(common::TIMEOUT) {
+        if !mgmt.wait_device(testbed::TIMEOUT) {
             eprintln!("the daemon did not connect; see its log");
         } else {
             println!("Remote terminal on the local daemon (Ctrl-] or `exit` ends it):");
@@ -334,7 +331,7 @@ fn main() {
 
     if let Some(d) = daemon.as_mut() {
         d.signal(libc::SIGTERM);
-        match d.wait_exit(common::TIMEOUT) {
+        match d.wait_exit(testbed::TIMEOUT) {
             Some(s) => println!("daemon exited: {s}"),
             None => println!("daemon did not exit on SIGTERM; killing it"),
         }

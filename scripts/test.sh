@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 t0=$(date +%s)
 stamp() { echo "[test] $1 done at +$(( $(date +%s) - t0 )) s" >&2; }
 ./scripts/deps.sh
-cargo fmt --check
-cargo clippy --all-targets -- -D warnings
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 stamp clippy
 # unit, vector, integration, end-to-end (mender-cli), chaos, leak and gdb tests
 cargo test

@@ -4,8 +4,6 @@
 //! taken byte for byte, and rate limits that end in the device's own error
 //! instead of the server's time-out (issue 13).
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -16,14 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::env::Connected;
-use common::management::DEVICE_ID;
-use common::{ConnHandle, Management, TIMEOUT, TempDir, default_config};
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::wire::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
 use mender_connect::wire::control::{Open, decode_map, encode_map};
+use testbed::env::Connected;
+use testbed::management::DEVICE_ID;
+use testbed::{ConnHandle, Management, TIMEOUT, TempDir, default_config};
 
 const CHUNK: usize = 4096;
 const USER: &str = "7c1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";
@@ -33,7 +31,7 @@ fn connected(edit: impl FnOnce(&mut serde_json::Value)) -> Connected {
     // dash refuses the login default `--login`
     cfg["ShellArguments"] = serde_json::json!([]);
     edit(&mut cfg);
-    let c = common::env::connected(&cfg.to_string(), &[], "token-abuse");
+    let c = testbed::env::connected(&cfg.to_string(), &[], "token-abuse");
     // streaming tests move hundreds of MiB: do not keep them all
     c.conn.set_keep_frames(false);
     c
@@ -305,7 +303,7 @@ fn drain_chunks(c: &Client, d: Duration) -> (usize, Option<String>) {
 
 fn ft_thread_gone(pid: u32, sid: &str, within: Duration) -> bool {
     let name = format!("ft-{}", &sid[..8]);
-    common::wait_until(within, || !thread_names(pid).contains(&name))
+    testbed::wait_until(within, || !thread_names(pid).contains(&name))
 }
 
 /// Three downloads of `file` on their own sessions at once; their durations.
@@ -338,7 +336,7 @@ fn a_huge_ack_ends_the_download_with_an_error_and_leaves_other_sessions_fast() {
     let dm = Demux::start(&c.conn);
     let dir = TempDir::new("abuse-ack");
     let file = dir.join("small");
-    let want = common::random_bytes(128 << 10, 13);
+    let want = testbed::random_bytes(128 << 10, 13);
     std::fs::write(&file, &want).expect("write");
 
     let bad = dm.session();
@@ -409,7 +407,7 @@ fn close_stops_an_endless_download_within_a_second() {
     let progress = AtomicUsize::new(0);
     let streamed = std::thread::scope(|sc| {
         let h = sc.spawn(|| stream_zero(&s, &stop, &progress));
-        let flowing = common::wait_until(TIMEOUT, || progress.load(Ordering::Relaxed) >= 1 << 20);
+        let flowing = testbed::wait_until(TIMEOUT, || progress.load(Ordering::Relaxed) >= 1 << 20);
         stop.store(true, Ordering::Relaxed);
         assert!(flowing, "the download did not stream");
         h.join().expect("streamer")
@@ -494,7 +492,7 @@ fn round_trips_while_streaming(
     let streamed = std::thread::scope(|sc| {
         let h = sc.spawn(|| streamer(&dm, &stop, &progress));
         // the stream runs at full speed before the first round trip
-        if !common::wait_until(TIMEOUT, || progress.load(Ordering::Relaxed) >= 1 << 20) {
+        if !testbed::wait_until(TIMEOUT, || progress.load(Ordering::Relaxed) >= 1 << 20) {
             stop.store(true, Ordering::Relaxed);
             panic!("the stream did not start");
         }
@@ -624,7 +622,7 @@ fn non_utf8_paths_round_trip(chroot: bool) {
     let dm = Demux::start(&c.conn);
     let mut up = root.as_os_str().as_bytes().to_vec();
     up.extend_from_slice(b"/\xfa\xfb-upload.bin");
-    let data = common::random_bytes(3 * CHUNK + 5, 2);
+    let data = testbed::random_bytes(3 * CHUNK + 5, 2);
     let s = dm.session();
     s.upload(&up, &data, TIMEOUT).expect("upload");
     s.close();
@@ -641,7 +639,7 @@ fn non_utf8_paths_round_trip(chroot: bool) {
 
     let mut down = root.as_os_str().as_bytes().to_vec();
     down.extend_from_slice(b"/d\xe9j\xe0-vu\xff");
-    let want = common::random_bytes(2 * CHUNK, 3);
+    let want = testbed::random_bytes(2 * CHUNK, 3);
     std::fs::write(std::ffi::OsStr::from_bytes(&down), &want).expect("write");
     let s = dm.session();
     assert_eq!(s.download(&down, TIMEOUT).expect("download"), want);
@@ -699,7 +697,7 @@ fn a_rate_limited_upload_ends_in_the_device_error_not_the_server_timeout() {
     assert!(mgmt.wait_device(TIMEOUT));
     let dir = TempDir::new("abuse-rate");
     let target = dir.join("big.bin");
-    let data = common::random_bytes(512 << 10, 4);
+    let data = testbed::random_bytes(512 << 10, 4);
     let t = Instant::now();
     let (status, body) = rest_upload(&mgmt, &target.display().to_string(), &data);
     let took = t.elapsed();
@@ -768,7 +766,7 @@ fn a_rate_limited_download_ends_in_the_device_error_before_20s_of_silence() {
     let dm = Demux::start(&c.conn);
     let dir = TempDir::new("abuse-rate-down");
     let file = dir.join("f");
-    std::fs::write(&file, common::random_bytes(64 << 10, 5)).expect("write");
+    std::fs::write(&file, testbed::random_bytes(64 << 10, 5)).expect("write");
     let s = dm.session();
     let t = Instant::now();
     // the 4 KiB burst passes; the next chunk would need 20 s of refill

@@ -2,22 +2,20 @@
 //! configured rule leaves one `audit=true` info line in the daemon's log,
 //! with the server's `user_id`, the session id and the action's metadata.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::target::TcpTarget;
-use common::{Daemon, TIMEOUT, TempDir, default_config, drive};
 use mender_connect::wire::codec::{
     PROTO_MENDERCLIENT, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
 use mender_connect::wire::control::encode_map;
+use testbed::target::TcpTarget;
+use testbed::{Daemon, TIMEOUT, TempDir, default_config, drive};
 
-/// The drivers in `common::drive` send this `user_id`.
+/// The drivers in `testbed::drive` send this `user_id`.
 const DRIVER_USER: &str = "bench-user";
 
 type Fields = HashMap<String, String>;
@@ -76,7 +74,7 @@ fn audit_lines(d: &Daemon, action: &str) -> Vec<Fields> {
 /// Waits for an audit line of `action` for which `pred` holds.
 fn wait_audit(d: &Daemon, action: &str, pred: impl Fn(&Fields) -> bool) -> Fields {
     let mut found = None;
-    common::wait_until(TIMEOUT, || {
+    testbed::wait_until(TIMEOUT, || {
         found = audit_lines(d, action).into_iter().find(|f| pred(f));
         found.is_some()
     });
@@ -131,9 +129,9 @@ fn sid(n: usize) -> String {
 
 #[test]
 fn shell_lines_name_user_pid_size_bytes_status_and_who_stopped_it() {
-    let c = common::env::connected(&shell_config(serde_json::json!({})), &[], "token-a1");
+    let c = testbed::env::connected(&shell_config(serde_json::json!({})), &[], "token-a1");
     let (conn, mut daemon) = (c.conn, c.daemon);
-    let me = common::daemon::current_user();
+    let me = testbed::daemon::current_user();
 
     // opened with a size, fed one line, stopped by the operator
     let s1 = sid(1);
@@ -148,7 +146,7 @@ fn shell_lines_name_user_pid_size_bytes_status_and_who_stopped_it() {
     assert_eq!((num(&open, "rows"), num(&open, "cols")), (30, 100));
     let pid = num(&open, "pid");
     assert!(
-        common::process_exists(pid as u32),
+        testbed::process_exists(pid as u32),
         "pid {pid} is not the shell"
     );
     let line = "echo audit-marker-$((6*7))\n";
@@ -209,7 +207,7 @@ fn shell_lines_name_user_pid_size_bytes_status_and_who_stopped_it() {
 #[test]
 fn an_expired_shell_is_logged_as_stopped_by_expiry() {
     let cfg = shell_config(serde_json::json!({"Sessions": {"ExpireAfter": 1}}));
-    let c = common::env::connected(&cfg, &[], "token-a2");
+    let c = testbed::env::connected(&cfg, &[], "token-a2");
     let s = sid(10);
     drive::shell_open(&c.conn, &s, TIMEOUT).expect("shell");
     let close = wait_audit(&c.daemon, "shell close", |f| {
@@ -222,7 +220,7 @@ fn an_expired_shell_is_logged_as_stopped_by_expiry() {
 #[test]
 fn a_shell_whose_pings_go_unanswered_is_logged_as_stopped_by_the_health_check() {
     let cfg = shell_config(serde_json::json!({}));
-    let c = common::env::connected(&cfg, &[("MENDER_CONNECT_SHELL_PING_MS", "300")], "token-a3");
+    let c = testbed::env::connected(&cfg, &[("MENDER_CONNECT_SHELL_PING_MS", "300")], "token-a3");
     let s = sid(11);
     drive::shell_open(&c.conn, &s, TIMEOUT).expect("shell");
     let close = wait_audit(&c.daemon, "shell close", |f| {
@@ -239,7 +237,7 @@ fn transfers_log_requested_and_resolved_path_size_mode_owner_and_result() {
     let real = std::fs::canonicalize(dir.path()).expect("canonical");
     std::fs::write(real.join("real.txt"), b"0123456789").expect("file");
     std::os::unix::fs::symlink(real.join("real.txt"), real.join("link.txt")).expect("link");
-    let c = common::env::connected(&default_config(), &[], "token-a4");
+    let c = testbed::env::connected(&default_config(), &[], "token-a4");
 
     let s = sid(20);
     let got = drive::ft_download(&c.conn, &s, &real.join("link.txt"), TIMEOUT).expect("download");
@@ -256,7 +254,7 @@ fn transfers_log_requested_and_resolved_path_size_mode_owner_and_result() {
     assert_eq!(num(&d, "size"), 10);
 
     let s = sid(21);
-    let data = common::random_bytes(10_000, 3);
+    let data = testbed::random_bytes(10_000, 3);
     drive::ft_upload(&c.conn, &s, &real.join("up.bin"), &data, TIMEOUT).expect("upload");
     let u = wait_audit(&c.daemon, "file upload", |f| {
         f.get("session_id") == Some(&s)
@@ -301,7 +299,7 @@ fn every_limits_refusal_names_the_rule() {
         "Enabled": true,
         "FileTransfer": {"Chroot": jail.display().to_string(), "MaxFileSize": 100}
     });
-    let c = common::env::connected(&cfg.to_string(), &[], "token-a5");
+    let c = testbed::env::connected(&cfg.to_string(), &[], "token-a5");
     let cases: [(&str, &Path, &str, &str); 3] = [
         (
             "file download",
@@ -341,7 +339,7 @@ fn every_limits_refusal_names_the_rule() {
 
 // ----------------------------------------------------------- port forward
 
-fn pf_new(conn: &common::ConnHandle, sid: &str, cid: &str, host: &str, port: u16) {
+fn pf_new(conn: &testbed::ConnHandle, sid: &str, cid: &str, host: &str, port: u16) {
     let body = drive::pf_new_body(host, port, "tcp");
     conn.send_msg(
         &ProtoMsg::new(PROTO_PORTFORWARD, "new", sid)
@@ -353,7 +351,7 @@ fn pf_new(conn: &common::ConnHandle, sid: &str, cid: &str, host: &str, port: u16
 
 #[test]
 fn port_forwards_log_target_bytes_each_way_duration_errors_and_caps() {
-    let c = common::env::connected(
+    let c = testbed::env::connected(
         &default_config(),
         &[("MENDER_CONNECT_PF_MAX_PER_SESSION", "1")],
         "token-a6",
@@ -478,7 +476,7 @@ fn mender_client_triggers_log_which_and_the_exit_status_and_the_queue_cap() {
     .expect("script");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let paths = bin.display().to_string();
-    let c = common::env::connected(
+    let c = testbed::env::connected(
         &default_config(),
         &[("MENDER_CONNECT_CLIENT_PATHS", &paths)],
         "token-a7",
@@ -514,7 +512,7 @@ fn mender_client_triggers_log_which_and_the_exit_status_and_the_queue_cap() {
     assert_eq!(get(&refused, "rule"), "pending requests cap");
     assert_eq!(get(&refused, "trigger"), "check-update");
     std::fs::remove_file(&hold).expect("release");
-    let done = common::wait_until(TIMEOUT, || {
+    let done = testbed::wait_until(TIMEOUT, || {
         audit_lines(&c.daemon, "mender-client trigger")
             .iter()
             .filter(|f| f.get("user_id").map(String::as_str) == Some("u-many"))

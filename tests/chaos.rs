@@ -4,21 +4,19 @@
 //! - Server restart runs on loopback (no privileges needed).
 //! - Blackhole and lossy link run the daemon in its own network namespace,
 //!   joined to the server's namespace by an emulated link
-//!   (`tests/common/netlab.rs`); they skip with a message unless root.
+//!   (`testbed/src/netlab.rs`); they skip with a message unless root.
 //!
 //! Default run ≈ 2–3 min. `CHAOS_FULL=1` makes the blackhole last 60 s (the
 //! issue's figure) instead of 20 s.
-
-mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::drive;
-use common::hold;
-use common::netlab::{Impair, NetLab};
-use common::{
+use testbed::drive;
+use testbed::hold;
+use testbed::netlab::{Impair, NetLab};
+use testbed::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
 };
 
@@ -100,7 +98,7 @@ struct LabBed {
 
 impl LabBed {
     fn start() -> Option<LabBed> {
-        let bin = common::daemon::BINARY.expect("binary under test");
+        let bin = testbed::daemon::binary().expect("binary under test");
         LabBed::start_with(Path::new(bin))
     }
 
@@ -247,7 +245,7 @@ fn bench_link_outage_recovery_ours_and_go_side_by_side() {
         return skip("bench: set CHAOS_BENCH_GO=<path of Go mender-connect> to run it");
     };
     let outage = link_outage();
-    let ours = std::path::PathBuf::from(common::daemon::BINARY.expect("binary under test"));
+    let ours = std::path::PathBuf::from(testbed::daemon::binary().expect("binary under test"));
     let runs = [("ours", ours), ("Go 2.1.0", std::path::PathBuf::from(go))].map(|(name, bin)| {
         (
             name,
@@ -302,7 +300,7 @@ fn blackhole_then_a_shell_works_within_30s_without_restart() {
 /// same daemon must recover on its own.
 #[test]
 fn test_in_poor_network_environment() {
-    use common::operator::{Operator, STATUS_NORMAL, prompt, status};
+    use testbed::operator::{Operator, STATUS_NORMAL, prompt, status};
     let Some(mut bed) = LabBed::start() else {
         return;
     };
@@ -311,7 +309,7 @@ fn test_in_poor_network_environment() {
     } else {
         Duration::from_secs(20)
     };
-    let mgmt = common::Management::start(&bed.server);
+    let mgmt = testbed::Management::start(&bed.server);
     let receive = Duration::from_secs(16);
     let working_shell = || -> Result<(), String> {
         let mut ws = Operator::connect(&mgmt)?;

@@ -1,11 +1,9 @@
 //! The real binary's command line: output, exit codes, fatal start-up errors.
 
-mod common;
-
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{AuthService, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
+use testbed::{AuthService, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mender-connect");
 
@@ -196,7 +194,7 @@ fn sigterm_works_even_when_the_parent_blocked_it() {
     let conn = server.wait_connection(TIMEOUT).expect("connected");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let ok = common::wait_until(Duration::from_secs(2), || {
+    let ok = testbed::wait_until(Duration::from_secs(2), || {
         matches!(child.try_wait(), Ok(Some(_)))
     });
     if !ok {

@@ -1,13 +1,11 @@
 //! The daemon against the stand-in server and auth: connect, keepalive,
 //! reconnect, bad frames, TLS, shutdown.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TlsCert, default_config};
 use mender_connect::wire::codec::{PROTO_CONTROL, ProtoMsg};
 use mender_connect::wire::control::{Accept, ControlError, Open};
+use testbed::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TlsCert, default_config};
 
 struct Bed {
     // field order = drop order: daemon first, then its peers
@@ -48,7 +46,7 @@ fn connects_within_half_a_second_with_the_bearer_token() {
         "connected after {took:?}"
     );
     assert_eq!(conn.authorization(), Some("Bearer token-1"));
-    assert_eq!(conn.request().path, common::CONNECT_PATH);
+    assert_eq!(conn.request().path, testbed::CONNECT_PATH);
     assert!(conn.header("Sec-WebSocket-Protocol").is_none());
     assert!(conn.header("Sec-WebSocket-Extensions").is_none());
     assert!(daemon.wait_log("Connection established with", TIMEOUT));

@@ -2,19 +2,17 @@
 //! the test acting exactly like deviceconnect (transfer.md §2.3/§2.4):
 //! round trips, wire format, the escape suite, interrupted uploads, limits.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{
-    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
-};
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
 use mender_connect::wire::control::{Accept, ControlError, Open, decode_map, encode_map};
+use testbed::{
+    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
+};
 
 const CHUNK: usize = 4096;
 const USER: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
@@ -31,7 +29,7 @@ struct Bed {
 fn bed(edit: impl FnOnce(&mut serde_json::Value), env: &[(&str, &str)]) -> Bed {
     let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
     edit(&mut cfg);
-    let c = common::env::connected(&cfg.to_string(), env, "token-ft");
+    let c = testbed::env::connected(&cfg.to_string(), env, "token-ft");
     Bed {
         daemon: c.daemon,
         conn: c.conn,
@@ -72,19 +70,14 @@ fn err_text(m: &ProtoMsg) -> String {
 impl Bed {
     /// Next message of session `sid`, answering idle pings on the way.
     fn recv(&self, sid: &str, timeout: Duration) -> Option<ProtoMsg> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let m = self.conn.recv_msg(left)?;
+        self.conn.recv_msg_matching(timeout, |m| {
             if m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping" {
                 self.conn
                     .send_msg(&ProtoMsg::new(PROTO_CONTROL, "pong", &m.hdr.sid));
-                continue;
+                return false;
             }
-            if m.hdr.sid == sid {
-                return Some(m);
-            }
-        }
+            m.hdr.sid == sid
+        })
     }
 
     fn must_recv(&self, sid: &str) -> ProtoMsg {
@@ -401,7 +394,7 @@ fn protocol_errors_use_the_upstream_texts() {
     let e = b.must_recv(&sid);
     assert_eq!(err_text(&e), "received unexpected chunk offset");
     assert_eq!(e.prop("user_id"), Some(&Value::Str(USER.into())));
-    assert!(common::wait_until(TIMEOUT, || names(dir.path()) == ["big"]));
+    assert!(testbed::wait_until(TIMEOUT, || names(dir.path()) == ["big"]));
     b.close(&sid);
 }
 
@@ -773,7 +766,7 @@ fn interrupted_upload_leaves_neither_target_nor_temp() {
     );
     b.close(&sid);
     assert!(
-        common::wait_until(TIMEOUT, || names(dir.path()).is_empty()),
+        testbed::wait_until(TIMEOUT, || names(dir.path()).is_empty()),
         "temp left after close"
     );
     // connection loss mid-upload removes it too
@@ -781,7 +774,7 @@ fn interrupted_upload_leaves_neither_target_nor_temp() {
     assert_eq!(names(dir.path()).len(), 1);
     b.conn.drop_tcp();
     assert!(
-        common::wait_until(TIMEOUT, || names(dir.path()).is_empty()),
+        testbed::wait_until(TIMEOUT, || names(dir.path()).is_empty()),
         "left behind: {:?}",
         names(dir.path())
     );

@@ -9,15 +9,13 @@
 //! finds the debug file next to the executable through the debuglink.
 //! Skips (passes with a message) when gdb or objcopy is not installed.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use mender_connect::wire::control::Open;
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
 
 /// gdb reads a ~100 MB debug file on a shared 2-core machine: be generous.
 const GDB_TIMEOUT: Duration = Duration::from_secs(180);
@@ -44,7 +42,7 @@ fn run_ok(cmd: &mut Command) {
 
 /// The stripped binary (with a debuglink) and its debug file, in `dir`.
 fn split_binary(dir: &Path) -> std::path::PathBuf {
-    let src = common::daemon::BINARY.expect("integration test binary");
+    let src = testbed::daemon::binary().expect("integration test binary");
     let bin = dir.join("mender-connect");
     let dbg = dir.join("mender-connect.debug");
     run_ok(
@@ -77,15 +75,8 @@ fn split_binary(dir: &Path) -> std::path::PathBuf {
 
 /// Messages of one protocol/sid/type from the server side of the link.
 fn wait_msg(conn: &ConnHandle, pred: impl Fn(&ProtoMsg) -> bool) -> ProtoMsg {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match conn.recv_msg(left) {
-            Some(m) if pred(&m) => return m,
-            Some(_) => {}
-            None => panic!("the expected message did not arrive"),
-        }
-    }
+    conn.recv_msg_matching(TIMEOUT, pred)
+        .expect("the expected message did not arrive")
 }
 
 fn shell_msg(typ: &str) -> ProtoMsg {
@@ -94,19 +85,16 @@ fn shell_msg(typ: &str) -> ProtoMsg {
 
 /// Waits until the shell's output contains `needle`.
 fn wait_output(conn: &ConnHandle, needle: &str) {
-    let deadline = Instant::now() + TIMEOUT;
     let mut acc = String::new();
-    while !acc.contains(needle) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = conn
-            .recv_msg(left)
-            .unwrap_or_else(|| panic!("no {needle:?} in the shell output {acc:?}"));
+    let found = conn.recv_msg_matching(TIMEOUT, |m| {
         if m.hdr.proto == PROTO_SHELL && m.hdr.typ == "shell" {
             acc.push_str(&String::from_utf8_lossy(
                 m.body.as_deref().unwrap_or_default(),
             ));
         }
-    }
+        acc.contains(needle)
+    });
+    assert!(found.is_some(), "no {needle:?} in the shell output {acc:?}");
 }
 
 /// `gdb -batch -p PID -ex 'info threads' -ex 'thread apply all bt'`, with a deadline.
@@ -124,7 +112,7 @@ fn gdb_attach(pid: u32, dir: &TempDir) -> String {
         .stderr(out)
         .spawn()
         .expect("spawn gdb");
-    let done = common::wait_until(GDB_TIMEOUT, || child.try_wait().ok().flatten().is_some());
+    let done = testbed::wait_until(GDB_TIMEOUT, || child.try_wait().ok().flatten().is_some());
     if !done {
         let _ = child.kill();
     }
@@ -144,7 +132,7 @@ fn gdb_shows_thread_names_and_daemon_functions_from_the_debug_file() {
     let bin = split_binary(dir.path());
 
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&common::default_config()).expect("config");
+        serde_json::from_str(&testbed::default_config()).expect("config");
     cfg["ShellArguments"] = serde_json::json!([]);
     let bus = DbusDaemon::start();
     let server = Server::start_plain();

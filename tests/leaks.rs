@@ -6,18 +6,16 @@
 //! 1,000 measured cycles after 50 warm-up cycles (about 25 s in a debug
 //! build); `LEAKS_CYCLES=N` picks another count.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{
-    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
-};
 use mender_connect::wire::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
 use mender_connect::wire::control::{Open, encode_map};
+use testbed::{
+    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
+};
 
 const USER: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
 const WARMUP: usize = 50;
@@ -36,7 +34,7 @@ struct Bed {
     server: Server,
     auth: AuthService,
     _bus: DbusDaemon,
-    echo: common::target::TcpTarget,
+    echo: testbed::target::TcpTarget,
     dir: TempDir,
     /// Messages received but not asked for yet.
     seen: Vec<ProtoMsg>,
@@ -52,7 +50,7 @@ fn bed() -> Bed {
     let server = Server::start_plain();
     let auth = AuthService::start(bus.address(), "token-leaks", &server.url());
     // no -d: debug logging of every message would dominate a debug build
-    let bin = common::daemon::BINARY.expect("integration test binary");
+    let bin = testbed::daemon::binary().expect("integration test binary");
     let daemon = Daemon::spawn_with_binary(
         std::path::Path::new(bin),
         &cfg.to_string(),
@@ -72,7 +70,7 @@ fn bed() -> Bed {
         server,
         auth,
         _bus: bus,
-        echo: common::target::TcpTarget::echo(),
+        echo: testbed::target::TcpTarget::echo(),
         dir,
         seen: Vec::new(),
         live: HashSet::new(),
@@ -106,26 +104,26 @@ impl Bed {
         if let Some(i) = self.seen.iter().position(&pred) {
             return self.seen.remove(i);
         }
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(m) = self.conn.recv_msg(left) else {
-                self.daemon.dump_log();
-                panic!("no {what}; unclaimed: {:?}", self.seen);
-            };
+        let (conn, live, seen) = (&self.conn, &self.live, &mut self.seen);
+        let found = conn.recv_msg_matching(TIMEOUT, |m| {
             if m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping" {
-                if self.live.contains(&m.hdr.sid) {
-                    self.send(&ProtoMsg::new(PROTO_CONTROL, "pong", &m.hdr.sid));
+                if live.contains(&m.hdr.sid) {
+                    conn.send_msg(&ProtoMsg::new(PROTO_CONTROL, "pong", &m.hdr.sid));
                 }
-                continue;
+                return false;
             }
-            if pred(&m) {
-                return m;
+            if pred(m) {
+                return true;
             }
-            if self.live.contains(&m.hdr.sid) {
-                self.seen.push(m);
+            if live.contains(&m.hdr.sid) {
+                seen.push(m.clone());
             }
-        }
+            false
+        });
+        found.unwrap_or_else(|| {
+            self.daemon.dump_log();
+            panic!("no {what}; unclaimed: {:?}", self.seen);
+        })
     }
 
     fn reply(&mut self, proto: u16, sid: &str, typ: &str) -> ProtoMsg {
@@ -374,8 +372,8 @@ fn usage(pid: u32) -> Usage {
 /// Waits until every session is over and no child is left.
 fn wait_quiet(b: &Bed) -> bool {
     let pid = b.daemon.pid();
-    common::wait_until(Duration::from_secs(15), || {
-        session_threads(pid).is_empty() && common::children(pid).is_empty()
+    testbed::wait_until(Duration::from_secs(15), || {
+        session_threads(pid).is_empty() && testbed::children(pid).is_empty()
     })
 }
 
@@ -403,7 +401,7 @@ fn open_close_cycles_and_disconnects_leave_no_trace() {
         wait_quiet(&b),
         "warm-up left {:?} / {:?}",
         session_threads(pid),
-        common::children(pid)
+        testbed::children(pid)
     );
     let base = usage(pid);
     let warm = started.elapsed();
@@ -415,7 +413,7 @@ fn open_close_cycles_and_disconnects_leave_no_trace() {
     let quiet = wait_quiet(&b);
     let mut now = usage(pid);
     // RSS is allowed a moment: freed pages go back when the allocator trims
-    common::wait_until(Duration::from_secs(5), || {
+    testbed::wait_until(Duration::from_secs(5), || {
         now = usage(pid);
         now.fds == base.fds
             && now.threads == base.threads
@@ -426,7 +424,7 @@ fn open_close_cycles_and_disconnects_leave_no_trace() {
          ({warm:?}); baseline {base:?}, after {now:?}",
         total / DROP_EVERY
     );
-    let zombies: Vec<_> = common::children(pid)
+    let zombies: Vec<_> = testbed::children(pid)
         .into_iter()
         .filter(|c| c.1 == 'Z')
         .collect();
@@ -435,7 +433,7 @@ fn open_close_cycles_and_disconnects_leave_no_trace() {
         quiet,
         "sessions left: {:?}, children {:?}",
         session_threads(pid),
-        common::children(pid)
+        testbed::children(pid)
     );
     assert_eq!(now.fds, base.fds, "fd count: {base:?} -> {now:?}");
     assert_eq!(

@@ -9,17 +9,15 @@
 //! during the burst, after). `MEMORY_BINARY=path` measures another build of
 //! the daemon (a release build, or an older one for comparison).
 
-mod common;
-
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::drive;
-use common::target::TcpTarget;
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
 use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use testbed::drive;
+use testbed::target::TcpTarget;
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
 
 /// 1 KiB under the 16 MiB inbound message limit, so header and props fit.
 const LARGE: usize = (16 << 20) - 1024;
@@ -72,14 +70,16 @@ struct Figures {
 fn binary() -> PathBuf {
     std::env::var_os("MEMORY_BINARY")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(common::daemon::BINARY.expect("integration test binary")))
+        .unwrap_or_else(|| {
+            PathBuf::from(testbed::daemon::binary().expect("integration test binary"))
+        })
 }
 
 /// A connected daemon that has served one small instance of everything the
 /// tests run, so lazily made state and thread stacks count as idle.
 fn bed() -> Bed {
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&common::default_config()).expect("config");
+        serde_json::from_str(&testbed::default_config()).expect("config");
     // dash (/bin/sh here) rejects the default `--login`
     cfg["ShellArguments"] = serde_json::json!([]);
     let bus = DbusDaemon::start();
@@ -124,7 +124,7 @@ fn bed() -> Bed {
     drive::shell_stop(&b.conn, "warm-sh", TIMEOUT).expect("warm shell stop");
     let pid = b.pid();
     let mut idle = rss_kib(pid);
-    let quiet = common::wait_until(TIMEOUT, || {
+    let quiet = testbed::wait_until(TIMEOUT, || {
         let before = idle;
         idle = rss_kib(pid);
         session_threads(pid) == 0 && idle == before
@@ -151,7 +151,7 @@ impl Bed {
         let ended = Instant::now();
         let peak = drive::proc_kib(pid, "status", "VmHWM:").unwrap_or(0);
         let mut after = rss_kib(pid);
-        let settled = common::wait_until(SETTLE, || {
+        let settled = testbed::wait_until(SETTLE, || {
             after = rss_kib(pid);
             after <= self.idle + SLACK_KIB
         });

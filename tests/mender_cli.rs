@@ -5,8 +5,6 @@
 //! error texts a user sees. Every test is skipped, with a message, when
 //! `mender-cli` is not installed.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -16,10 +14,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
+use mender_connect::wire::codec::{PROTO_SHELL, ProtoMsg, Value};
+use testbed::{
     AuthService, Daemon, DbusDaemon, Managed, Management, Server, TIMEOUT, TempDir, default_config,
 };
-use mender_connect::wire::codec::{PROTO_SHELL, ProtoMsg, Value};
 
 const TOKEN: &str = "token-mender-cli";
 /// Deadline for one mender-cli command (they finish in well under a second
@@ -183,7 +181,7 @@ fn cp_upload_and_download_round_trip() {
         ("five-mib", 5 << 20),
         ("odd", 4096 * 3 + 17),
     ] {
-        let data = common::random_bytes(len, len as u64 + 7);
+        let data = testbed::random_bytes(len, len as u64 + 7);
         let local = dir.join(&format!("{name}.local"));
         std::fs::write(&local, &data).expect("write local");
         let remote = dir.join(&format!("{name}.remote"));
@@ -193,7 +191,7 @@ fn cp_upload_and_download_round_trip() {
         // file that is at once (nothing to ack), before the device has even
         // seen the EOF chunk, so the file may land a moment after the 201.
         assert!(
-            common::wait_until(TIMEOUT, || remote.exists()),
+            testbed::wait_until(TIMEOUT, || remote.exists()),
             "{name} not uploaded"
         );
         let got = std::fs::read(&remote).expect("read uploaded");
@@ -216,7 +214,7 @@ fn test_filetransfer_cli() {
     let b = bed(cli, |_| {});
     let dir = TempDir::new("mcli-ft-cli");
     let local = dir.join("random.local");
-    let data = common::random_bytes(40 << 20, 4040);
+    let data = testbed::random_bytes(40 << 20, 4040);
     std::fs::write(&local, &data).expect("write");
     let remote = dir.join("random.bin");
     let out = b.run(&["cp", &local.display().to_string(), &b.remote(&remote)]);
@@ -482,7 +480,7 @@ impl PtyCli {
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut status = None;
-        common::wait_until(timeout, || {
+        testbed::wait_until(timeout, || {
             status = self.child.try_wait().ok().flatten();
             status.is_some()
         });
@@ -526,7 +524,7 @@ fn terminal_types_resizes_and_exits_cleanly() {
         .unwrap_or_else(|| panic!("no shell `new` relayed; output:\n{}", t.out.text()));
     assert_eq!(
         new.prop("user_id"),
-        Some(&Value::Str(common::management::USER_ID.into()))
+        Some(&Value::Str(testbed::management::USER_ID.into()))
     );
     let w = new.prop("terminal_width").and_then(Value::as_i64);
     let h = new.prop("terminal_height").and_then(Value::as_i64);
@@ -606,7 +604,7 @@ fn terminal_operator_gone_stops_the_shell() {
 
     // The device stops the shell and confirms (status 1).
     let conn = b.server.connection(0).expect("device connection");
-    let confirmed = common::wait_until(TIMEOUT, || {
+    let confirmed = testbed::wait_until(TIMEOUT, || {
         conn.frames().iter().any(|f| {
             f.decoded().is_ok_and(|m| {
                 is_shell(&m, "stop")
@@ -677,7 +675,7 @@ fn serve_echo(mut s: TcpStream) {
 impl Services {
     fn start() -> Services {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let page = Arc::new(common::random_bytes(PAGE_LEN, 99));
+        let page = Arc::new(testbed::random_bytes(PAGE_LEN, 99));
         let http = TcpListener::bind("127.0.0.1:0").expect("bind http");
         let echo = TcpListener::bind("127.0.0.1:0").expect("bind echo");
         let (http_port, echo_port) = (
@@ -772,7 +770,7 @@ impl Drop for PortForward {
 /// Connects to a local port mender-cli is about to listen on.
 fn connect_when_listening(port: u16) -> TcpStream {
     let mut conn = None;
-    let ok = common::wait_until(TIMEOUT, || {
+    let ok = testbed::wait_until(TIMEOUT, || {
         conn = TcpStream::connect(("127.0.0.1", port)).ok();
         conn.is_some()
     });
@@ -817,13 +815,13 @@ fn port_forward_http_get_and_10_mib_echo() {
     }
     assert_same(
         &got[body_start..],
-        &common::random_bytes(PAGE_LEN, 99),
+        &testbed::random_bytes(PAGE_LEN, 99),
         "HTTP body",
     );
     drop(s);
 
     // 10 MiB echo: write and read concurrently, bytes identical.
-    let data = Arc::new(common::random_bytes(10 << 20, 1234));
+    let data = Arc::new(testbed::random_bytes(10 << 20, 1234));
     let s = connect_when_listening(l_echo);
     s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
     let mut w = s.try_clone().expect("clone");
@@ -928,7 +926,7 @@ impl Sshd {
             key: dir.join("id"),
             _dir: dir,
         };
-        let up = common::wait_until(TIMEOUT, || {
+        let up = testbed::wait_until(TIMEOUT, || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
                 || me.child.try_wait().ok().flatten().is_some()
         });
@@ -1062,7 +1060,7 @@ fn dns_request(port: u16, id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let query = dns_query(id, name, qtype);
     let mut answer = None;
     let mut buf = [0u8; 512];
-    common::wait_until(CLI_TIMEOUT, || {
+    testbed::wait_until(CLI_TIMEOUT, || {
         let _ = sock.send_to(&query, ("127.0.0.1", port));
         match sock.recv(&mut buf) {
             Ok(n) => {
@@ -1107,7 +1105,7 @@ fn test_portforward() {
 
     let dir = TempDir::new("scp");
     let src = dir.join("random.bin");
-    let data = common::random_bytes(1024, 77);
+    let data = testbed::random_bytes(1024, 77);
     std::fs::write(&src, &data).expect("write");
     let (up, down) = (dir.join("uploaded.bin"), dir.join("random.bin.download"));
     drop(connect_when_listening(tcp_port));
@@ -1150,7 +1148,7 @@ fn http_request(url: &str, method: &str, target: &str, auth: bool) -> (u16, Stri
     } else {
         Vec::new()
     };
-    let r = common::http::client_request(url, method, target, &headers, b"", CLI_TIMEOUT)
+    let r = testbed::http::client_request(url, method, target, &headers, b"", CLI_TIMEOUT)
         .expect("HTTP request");
     let head = r
         .headers
@@ -1193,7 +1191,7 @@ fn management_standin_status_head_and_error_mapping() {
 
     let dir = TempDir::new("mgmt-head");
     let file = dir.join("f.bin");
-    std::fs::write(&file, common::random_bytes(10_000, 5)).expect("write");
+    std::fs::write(&file, testbed::random_bytes(10_000, 5)).expect("write");
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .expect("chmod");
     let q = |p: &Path| format!("{dev}/download?path={}", p.display());
@@ -1213,7 +1211,7 @@ fn management_standin_status_head_and_error_mapping() {
     let (st, head, body) = http_request(mgmt.url(), "GET", &q(&file), true);
     assert_eq!(st, 200, "{head}");
     assert!(head.contains("Content-Type: application/octet-stream"));
-    assert_same(&body, &common::random_bytes(10_000, 5), "GET body");
+    assert_same(&body, &testbed::random_bytes(10_000, 5), "GET body");
 
     // A directory is not a regular file: 400.
     let (st, _, body) = http_request(mgmt.url(), "GET", &q(dir.path()), true);

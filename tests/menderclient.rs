@@ -1,17 +1,15 @@
 //! Mender-client triggers (protocol 4) through the daemon, sent the way
 //! deviceconnect sends them: no sid, a `user_id` prop, no body.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{
-    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
-};
 use mender_connect::wire::codec::{self, PROTO_CONTROL, PROTO_MENDERCLIENT, ProtoMsg, Value};
 use mender_connect::wire::control::{Accept, ControlError, Open};
+use testbed::{
+    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config,
+};
 
 const USER_ID: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
 
@@ -24,7 +22,7 @@ struct Bed {
 }
 
 fn bed_with(config: &str, env: &[(&str, &str)]) -> Bed {
-    let c = common::env::connected(config, env, "token-mc");
+    let c = testbed::env::connected(config, env, "token-mc");
     Bed {
         conn: c.conn,
         daemon: c.daemon,
@@ -83,7 +81,7 @@ fn triggers_run_the_first_existing_binary_and_reply_like_the_reference() {
     let frame = bed.conn.recv_frame(TIMEOUT).expect("reply");
     // byte-exact: menderclient_check_update_ok_device
     assert_eq!(
-        common::hex(&frame.data, 200).replace(' ', ""),
+        testbed::hex(&frame.data, 200).replace(' ', ""),
         "81a368647283a570726f746fcd0004a3747970ac636865636b2d757064617465a570726f707381a673746174757301"
     );
     bed.conn.send_msg(&trigger("send-inventory"));

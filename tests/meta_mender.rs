@@ -3,12 +3,10 @@
 //! exact lines. Here the journal is the daemon's stderr; the auth service,
 //! the two servers on `localhost:<port>` and the bus are the test bed's.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
+use testbed::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
 
 /// How long one step may take (upstream waits 30 s; a loaded machine needs
 /// far less, the daemon reconnects at once on a signal).
@@ -20,7 +18,7 @@ fn localhost(server: &Server) -> String {
 
 /// Waits for one more occurrence of `line` than there were in `before`.
 fn wait_new(daemon: &mut Daemon, line: &str, before: usize, timeout: Duration) {
-    let ok = common::wait_until(timeout, || daemon.log_count(line) > before);
+    let ok = testbed::wait_until(timeout, || daemon.log_count(line) > before);
     if !ok {
         daemon.dump_log();
         panic!("no new {line:?} within {timeout:?}");
@@ -89,7 +87,7 @@ fn test_mender_connect_reconnect() {
     // upstream allows 300 s; we retry from 1 s, so a few seconds must do
     let failed = format!(
         "connection manager failed to connect to {dead}{}: ",
-        common::CONNECT_PATH
+        testbed::CONNECT_PATH
     );
     wait_new(&mut daemon, &failed, 0, Duration::from_secs(5));
     let log = daemon.log();
@@ -110,10 +108,10 @@ fn test_mender_connect_reconnect() {
 
 #[test]
 fn unauthorizing_with_a_shell_open_reports_it_terminated() {
-    let c = common::env::connected(&default_config(), &[], "token-sh");
+    let c = testbed::env::connected(&default_config(), &[], "token-sh");
     let mut daemon = c.daemon;
     let sid = "6f1c0d2e-0000-4000-8000-00000000d00d";
-    common::drive::shell_open(&c.conn, sid, TIMEOUT).expect("shell");
+    testbed::drive::shell_open(&c.conn, sid, TIMEOUT).expect("shell");
     c.auth.set("", "");
     wait_new(
         &mut daemon,
@@ -125,13 +123,13 @@ fn unauthorizing_with_a_shell_open_reports_it_terminated() {
 
 #[test]
 fn localhost_connects_when_it_resolves_to_v6_first_and_the_server_listens_on_v4_only() {
-    if !common::hosts::can_unshare_mounts() {
+    if !testbed::hosts::can_unshare_mounts() {
         eprintln!("SKIPPED: needs root and unshare -m");
         return;
     }
     let dir = TempDir::new("dualstack");
     // localhost names ::1 first and 127.0.0.1 second
-    let wrapper = common::hosts::daemon_wrapper(&dir, "::1 localhost\n127.0.0.1 localhost\n");
+    let wrapper = testbed::hosts::daemon_wrapper(&dir, "::1 localhost\n127.0.0.1 localhost\n");
     let bus = DbusDaemon::start();
     let server = Server::start_plain(); // 127.0.0.1 only
     let url = localhost(&server);

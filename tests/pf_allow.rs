@@ -2,8 +2,6 @@
 //! any other gets `port forward to <host>:<port> is not allowed` and never
 //! sees a connection attempt (a listening socket records none).
 
-mod common;
-
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
@@ -11,15 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::target::TcpTarget;
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, drive};
 use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use testbed::target::TcpTarget;
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, drive};
 
 const USER: &str = "allow-list-user";
 
 fn config(targets: &[String]) -> String {
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&common::default_config()).expect("config");
+        serde_json::from_str(&testbed::default_config()).expect("config");
     cfg["PortForward"] = serde_json::json!({"AllowedTargets": targets});
     cfg.to_string()
 }
@@ -166,7 +164,7 @@ fn allowed_tcp_and_udp_targets_connect_and_others_are_refused_untouched() {
         // a TCP entry for the UDP port that must stay closed
         format!("127.0.0.1:{pd}"),
     ];
-    let c = common::env::connected(&config(&targets), &[], "token-allow");
+    let c = testbed::env::connected(&config(&targets), &[], "token-allow");
     let conn = &c.conn;
 
     // allowed: CIDR, port range, `*` host (by name), UDP
@@ -236,7 +234,7 @@ fn allowed_tcp_and_udp_targets_connect_and_others_are_refused_untouched() {
 
 #[test]
 fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside() {
-    if !common::hosts::can_unshare_mounts() {
+    if !testbed::hosts::can_unshare_mounts() {
         eprintln!("SKIPPED: needs root and unshare -m");
         return;
     }
@@ -250,7 +248,7 @@ fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside
     let alias = Recorder::on("127.0.0.2");
     let pa = alias.port();
     let dir = TempDir::new("allow-hosts");
-    let wrapper = common::hosts::daemon_wrapper(
+    let wrapper = testbed::hosts::daemon_wrapper(
         &dir,
         "127.0.0.1 good.test\n127.0.0.1 mixed.test\n127.0.0.2 mixed.test\n127.0.0.2 alias.test\n",
     );
@@ -280,12 +278,12 @@ fn a_name_is_allowed_by_address_only_when_every_address_it_resolves_to_is_inside
     // every address inside: allowed, and dialled
     open(&conn, &sid(21), "good.test", p, "tcp").expect("good.test allowed");
     assert!(
-        common::wait_until(TIMEOUT, || v4.was_contacted()),
+        testbed::wait_until(TIMEOUT, || v4.was_contacted()),
         "good.test was not dialled"
     );
     // a name entry matches the requested name, whatever it resolves to
     open(&conn, &sid(22), "alias.test", pa, "tcp").expect("alias.test allowed");
-    assert!(common::wait_until(TIMEOUT, || alias.was_contacted()));
+    assert!(testbed::wait_until(TIMEOUT, || alias.was_contacted()));
     // ... and only that name: its address is not licensed by it
     let e = open(&conn, &sid(23), "127.0.0.2", pa, "tcp").expect_err("address denied");
     assert_eq!(e, not_allowed("127.0.0.2", pa));
@@ -315,8 +313,8 @@ fn a_bad_entry_stops_the_daemon_at_start_naming_key_and_entry() {
 #[test]
 fn an_absent_or_empty_list_allows_every_target() {
     let echo = TcpTarget::echo();
-    for cfg in [common::default_config(), config(&[])] {
-        let c = common::env::connected(&cfg, &[], "token-open");
+    for cfg in [testbed::default_config(), config(&[])] {
+        let c = testbed::env::connected(&cfg, &[], "token-open");
         open(&c.conn, &sid(30), "127.0.0.1", echo.addr.port(), "tcp").expect("allowed");
         echo_through(&c.conn, &sid(30), b"open");
     }

@@ -2,9 +2,7 @@
 //! relays mender-cli: one `forward` in flight per connection, every device
 //! `forward` acked, server messages with a UUID sid and a `user_id` prop.
 
-mod common;
-
-use common::target::TcpTarget;
+use testbed::target::TcpTarget;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -15,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive};
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::sessions::portforward::CHUNK_MAX;
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
 use mender_connect::wire::control::{Accept, ControlError, encode_map};
+use testbed::{
+    AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config, drive,
+};
 
 const USER_ID: &str = "b3f0c9a4-1d2e-4f50-8a61-7c8d9e0f1a2b";
 
@@ -114,7 +114,7 @@ struct Bed {
 }
 
 fn bed_with(config: &str, env: &[(&str, &str)]) -> Bed {
-    let c = common::env::connected(config, env, "token-pf");
+    let c = testbed::env::connected(config, env, "token-pf");
     Bed {
         mux: Mux::start(c.conn),
         daemon: c.daemon,
@@ -255,7 +255,7 @@ impl Blackhole {
         assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
         let addr = l.local_addr().expect("addr");
         let mut queued = Vec::new();
-        let full = common::wait_until(TIMEOUT, || {
+        let full = testbed::wait_until(TIMEOUT, || {
             match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
                 Ok(s) => {
                     queued.push(s);
@@ -283,7 +283,7 @@ fn ten_mib_of_random_bytes_come_back_identical_through_an_echo_server() {
     let echo = TcpTarget::echo();
     let mut link = bed.mux.link(&uuid(1), &uuid(2));
     link.open(echo.addr, "tcp");
-    let data = common::random_bytes(10 << 20, 0x5eed);
+    let data = testbed::random_bytes(10 << 20, 0x5eed);
     let (got, largest) = link.transfer(&data, data.len(), 4096);
     assert_eq!(got.len(), data.len());
     assert!(got == data, "echoed bytes differ");
@@ -296,12 +296,12 @@ fn ten_mib_of_random_bytes_come_back_identical_through_an_echo_server() {
 fn large_reads_are_used_when_the_target_sends_in_bulk() {
     let bed = bed();
     let source = TcpTarget::start(|mut s| {
-        let _ = s.write_all(&common::random_bytes(1 << 20, 7));
+        let _ = s.write_all(&testbed::random_bytes(1 << 20, 7));
     });
     let mut link = bed.mux.link(&uuid(1), &uuid(2));
     link.open(source.addr, "tcp");
     let (got, largest) = link.transfer(&[], usize::MAX, 4096);
-    assert_eq!(got, common::random_bytes(1 << 20, 7));
+    assert_eq!(got, testbed::random_bytes(1 << 20, 7));
     assert!(largest > 4096 && largest <= CHUNK_MAX, "largest {largest}");
 }
 
@@ -462,7 +462,7 @@ fn a_hundred_concurrent_connections_in_one_session_carry_their_own_bytes() {
         for (i, mut l) in links.drain(..).enumerate() {
             s.spawn(move || {
                 l.expect("new");
-                let data = common::random_bytes(40_000 + i * 97, i as u64 + 1);
+                let data = testbed::random_bytes(40_000 + i * 97, i as u64 + 1);
                 let (got, _) = l.transfer(&data, data.len(), 4096);
                 assert!(got == data, "connection {i}: bytes differ");
                 l.send("stop", None);
@@ -528,7 +528,7 @@ fn udp_round_trips_and_oversized_datagrams_are_reported_not_truncated() {
     link.open(addr, "udp");
     assert_eq!(link.transfer(b"hello", 5, 4096).0, b"hello");
     // the largest IPv4 UDP payload comes back as one whole forward
-    let big = common::random_bytes(65_507, 3);
+    let big = testbed::random_bytes(65_507, 3);
     let (got, largest) = link.transfer(&big, big.len(), big.len());
     assert_eq!(largest, big.len(), "datagram split or cut");
     assert!(got == big);
@@ -762,7 +762,7 @@ fn a_stalled_target_stops_the_acks_after_a_bounded_buffer_stalls_no_other_sessio
     let chunk = 4096;
     let mut sent = 0;
     loop {
-        slow.send("forward", Some(common::drive::pattern(sent, chunk)));
+        slow.send("forward", Some(testbed::drive::pattern(sent, chunk)));
         sent += chunk;
         match slow.rx.recv_timeout(Duration::from_secs(1)) {
             Ok(m) => assert_eq!(m.hdr.typ, "ack", "{m:?}"),
@@ -777,7 +777,7 @@ fn a_stalled_target_stops_the_acks_after_a_bounded_buffer_stalls_no_other_sessio
     let echo = TcpTarget::echo();
     let mut other = bed.mux.link(&uuid(3), &uuid(4));
     other.open(echo.addr, "tcp");
-    let data = common::random_bytes(1 << 20, 3);
+    let data = testbed::random_bytes(1 << 20, 3);
     assert!(other.transfer(&data, data.len(), 4096).0 == data);
     // released, the target gets every byte sent, in order, and the last
     // forward is acked
@@ -789,7 +789,7 @@ fn a_stalled_target_stops_the_acks_after_a_bounded_buffer_stalls_no_other_sessio
             match target.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    intact &= common::drive::is_pattern(got, &buf[..n]);
+                    intact &= testbed::drive::is_pattern(got, &buf[..n]);
                     got += n;
                 }
             }

@@ -6,12 +6,10 @@
 //! The parts that need a private `/etc/hosts` (a mount namespace) print
 //! SKIPPED without root.
 
-mod common;
-
 use std::net::TcpListener;
 
-use common::tinyproxy::TinyProxy;
-use common::{
+use testbed::tinyproxy::TinyProxy;
+use testbed::{
     AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, TlsCert, drive,
 };
 
@@ -25,7 +23,7 @@ fn skip(why: &str) {
 
 fn config() -> String {
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&common::default_config()).expect("config");
+        serde_json::from_str(&testbed::default_config()).expect("config");
     cfg["ShellArguments"] = serde_json::json!([]);
     cfg.to_string()
 }
@@ -113,7 +111,7 @@ fn a_proxy_refusing_the_tunnel_is_logged_with_its_name_and_status_and_retried() 
     assert!(daemon.wait_log(&expected, TIMEOUT), "no refusal line");
     // ReconnectIntervalSeconds 1: the second try comes within ~1 s
     assert!(
-        common::wait_until(TIMEOUT, || daemon.log_count(&expected) >= 2),
+        testbed::wait_until(TIMEOUT, || daemon.log_count(&expected) >= 2),
         "not retried"
     );
     assert!(
@@ -149,7 +147,7 @@ fn no_proxy_suffix_sends_the_daemon_direct_and_without_it_the_proxy_is_used() {
         return skip("needs root (a mount namespace for the daemon's /etc/hosts)");
     }
     let dir = TempDir::new("noproxy");
-    let wrapper = common::hosts::daemon_wrapper(
+    let wrapper = testbed::hosts::daemon_wrapper(
         &dir,
         &format!("127.0.0.1 localhost\n127.0.0.1 {HIDDEN_NAME}\n"),
     );

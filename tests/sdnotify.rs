@@ -3,14 +3,12 @@
 //! before any server answers; STATUS= lines follow the connection; WATCHDOG=1
 //! flows only while the connection thread makes progress.
 
-mod common;
-
 use std::net::TcpListener;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::{Duration, Instant};
 
-use common::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
+use testbed::{AuthService, Daemon, DbusDaemon, Server, TIMEOUT, TempDir, default_config};
 
 /// The socket systemd would listen on, and what arrived on it.
 struct FakeSystemd {
@@ -34,21 +32,22 @@ impl FakeSystemd {
         }
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 4096];
-        loop {
+        let (sock, got) = (&self.sock, &mut self.got);
+        // The next datagram, recorded; None at the deadline (a failed recv
+        // is its timeout or EINTR: try again until then).
+        let next = |_| loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
             }
-            self.sock.set_read_timeout(Some(left)).expect("timeout");
-            let Ok(n) = self.sock.recv(&mut buf) else {
-                continue;
-            };
-            let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-            self.got.push((Instant::now(), m.clone()));
-            if pred(&m) {
+            sock.set_read_timeout(Some(left)).expect("timeout");
+            if let Ok(n) = sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                got.push((Instant::now(), m.clone()));
                 return Some(m);
             }
-        }
+        };
+        testbed::next_matching(timeout, next, |m: &String| pred(m))
     }
 
     /// Everything that arrives for `d` (the window itself is the measurement).
@@ -113,7 +112,7 @@ fn ready_comes_before_any_server_and_status_lines_follow_the_connection() {
     auth.set("", "");
     let withdrawn = systemd.got.len();
     assert!(
-        common::wait_until(TIMEOUT, || {
+        testbed::wait_until(TIMEOUT, || {
             systemd.collect_for(Duration::from_millis(100));
             systemd.got[withdrawn..]
                 .iter()
@@ -170,7 +169,7 @@ fn watchdog_pings_flow_while_the_connection_thread_lives_and_stop_when_it_is_stu
     server.wait_connection(TIMEOUT).expect("connected");
     let t0 = Instant::now();
     assert!(
-        common::wait_until(TIMEOUT, || {
+        testbed::wait_until(TIMEOUT, || {
             systemd.collect_for(Duration::from_millis(200));
             systemd.watchdogs_since(t0).len() >= 4
         }),
@@ -221,7 +220,7 @@ fn watchdog_pings_flow_while_the_connection_thread_lives_and_stop_when_it_is_stu
     unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
     let thawed = Instant::now();
     assert!(
-        common::wait_until(TIMEOUT, || {
+        testbed::wait_until(TIMEOUT, || {
             systemd.collect_for(Duration::from_millis(200));
             !systemd.watchdogs_since(thawed).is_empty()
         }),

@@ -1,11 +1,9 @@
 //! The remote terminal against the stand-in server: real PTYs, real shells.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
+use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, default_config};
 
 const EXIT_TEXT: &str = "read /dev/ptmx: input/output error";
 
@@ -29,7 +27,7 @@ fn bed(tweak: impl FnOnce(&mut serde_json::Value), env: &[(&str, &str)]) -> Bed 
     // dash (/bin/sh here) rejects the default `--login`
     cfg["ShellArguments"] = serde_json::json!([]);
     tweak(&mut cfg);
-    let c = common::env::connected(&cfg.to_string(), env, "token-1");
+    let c = testbed::env::connected(&cfg.to_string(), env, "token-1");
     Bed {
         daemon: c.daemon,
         link: Link {
@@ -64,19 +62,18 @@ impl Link {
         if let Some(i) = self.seen.iter().position(&pred) {
             return Some(self.seen.remove(i));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let m = self.conn.recv_msg(left)?;
+        let seen = &mut self.seen;
+        self.conn.recv_msg_matching(timeout, |m| {
             assert!(
                 !(m.hdr.proto == PROTO_SHELL && m.hdr.sid.is_empty()),
                 "shell message without sid: {m:?}"
             );
-            if pred(&m) {
-                return Some(m);
+            if pred(m) {
+                return true;
             }
-            self.seen.push(m);
-        }
+            seen.push(m.clone());
+            false
+        })
     }
 
     fn reply(&mut self, sid: &str, typ: &str) -> ProtoMsg {
@@ -288,7 +285,7 @@ fn stop_kills_jobs_of(tweak: impl FnOnce(&mut serde_json::Value)) {
     l.open_ok(&s, "u");
     let pid = l.start_background_sleep(&s);
     assert!(!dead(pid));
-    let shell_pids: Vec<i32> = common::children(b.daemon.pid())
+    let shell_pids: Vec<i32> = testbed::children(b.daemon.pid())
         .iter()
         .map(|c| c.0)
         .collect();
@@ -302,11 +299,11 @@ fn stop_kills_jobs_of(tweak: impl FnOnce(&mut serde_json::Value)) {
         t.elapsed()
     );
     assert!(
-        common::wait_until(TIMEOUT, || dead(pid)),
+        testbed::wait_until(TIMEOUT, || dead(pid)),
         "background job survived"
     );
     assert!(
-        common::children(b.daemon.pid()).is_empty(),
+        testbed::children(b.daemon.pid()).is_empty(),
         "shell not reaped"
     );
     l.open_ok(&sid(2), "u");
@@ -385,10 +382,12 @@ fn per_user_and_global_limits() {
     l.open_ok(&sid(41), "a");
     // stop by user id without sid: no reply (it would carry no sid), shells end
     let daemon_pid = b.daemon.pid();
-    let before = common::children(daemon_pid).len();
+    let before = testbed::children(daemon_pid).len();
     l.send(&ProtoMsg::new(PROTO_SHELL, "stop", "").with_prop("user_id", Value::Str("a".into())));
-    assert!(common::wait_until(TIMEOUT, || common::children(daemon_pid)
-        .len()
+    assert!(testbed::wait_until(TIMEOUT, || testbed::children(
+        daemon_pid
+    )
+    .len()
         == before - 2));
     l.open_ok(&sid(42), "a");
     l.open_ok(&sid(43), "a");
@@ -422,7 +421,7 @@ fn idle_shell_expires_on_time() {
         "expired after {took:?}"
     );
     assert_eq!(status(&stop), Some(2));
-    assert!(common::children(b.daemon.pid()).is_empty());
+    assert!(testbed::children(b.daemon.pid()).is_empty());
     l.open_ok(&sid(2), "u");
 }
 
@@ -480,7 +479,7 @@ fn two_hundred_shells_leave_no_trace() {
     l.stop(&sid(0));
     let fds = || count_dir(format!("/proc/{pid}/fd"));
     let threads = || count_dir(format!("/proc/{pid}/task"));
-    assert!(common::wait_until(TIMEOUT, || common::children(pid)
+    assert!(testbed::wait_until(TIMEOUT, || testbed::children(pid)
         .is_empty()
         && shell_threads(pid) == 0));
     let (fd0, th0) = (fds(), threads());
@@ -498,15 +497,15 @@ fn two_hundred_shells_leave_no_trace() {
         l.seen.clear();
     }
     assert!(
-        common::wait_until(TIMEOUT, || fds() == fd0 && threads() == th0),
+        testbed::wait_until(TIMEOUT, || fds() == fd0 && threads() == th0),
         "fds {} (was {fd0}), threads {} (was {th0})",
         fds(),
         threads()
     );
     assert!(
-        common::children(pid).is_empty(),
+        testbed::children(pid).is_empty(),
         "left over: {:?}",
-        common::children(pid)
+        testbed::children(pid)
     );
 }
 
@@ -518,7 +517,7 @@ fn shells_survive_a_reconnect_and_output_arrives_afterwards() {
     assert!(b.link.run(&s, "echo one").contains("one"));
     // produce output while the link is down (and stays down: the server
     // refuses the device until the shell is done)
-    let dir = common::TempDir::new("shell-relink");
+    let dir = testbed::TempDir::new("shell-relink");
     let flag = dir.join("done");
     b.server.set_reject(Some(503));
     b.link.type_in(
@@ -533,7 +532,7 @@ fn shells_survive_a_reconnect_and_output_arrives_afterwards() {
     b.link.conn.drop_tcp();
     assert!(b.link.conn.wait_closed(TIMEOUT));
     assert!(
-        common::wait_until(TIMEOUT, || flag.exists()),
+        testbed::wait_until(TIMEOUT, || flag.exists()),
         "shell never finished"
     );
     b.server.set_reject(None);
@@ -566,7 +565,7 @@ fn sigterm_stops_all_shells_quickly() {
         b.link.open_ok(&sid(i), "u");
     }
     let pid = b.daemon.pid();
-    let shells: Vec<i32> = common::children(pid).iter().map(|c| c.0).collect();
+    let shells: Vec<i32> = testbed::children(pid).iter().map(|c| c.0).collect();
     assert_eq!(shells.len(), 6);
     let t = Instant::now();
     b.daemon.signal(libc::SIGTERM);
@@ -604,8 +603,11 @@ fn exit_with_a_job_still_on_the_terminal_hangs_it_up_and_stops_at_once() {
     l.type_in(&s, "exit\n");
     let stop = l.reply(&s, "stop");
     assert_eq!((status(&stop), body(&stop).as_str()), (Some(2), EXIT_TEXT));
-    assert!(common::wait_until(TIMEOUT, || dead(pid)), "job not hung up");
-    assert!(common::children(b.daemon.pid()).is_empty());
+    assert!(
+        testbed::wait_until(TIMEOUT, || dead(pid)),
+        "job not hung up"
+    );
+    assert!(testbed::children(b.daemon.pid()).is_empty());
     l.open_ok(&sid(2), "u");
 }
 

@@ -1,15 +1,15 @@
-//! Self-tests of the integration-test bed (`tests/common`): each piece works
+//! Self-tests of the integration-test bed (the `testbed` crate): each piece works
 //! on its own and cleans up after itself. None of these run the daemon.
 
-mod common;
-
-use common::auth::{AUTH_IFACE, AUTH_NAME, AUTH_PATH, SIGNAL};
-use common::{AuthService, DbusDaemon, Server, TIMEOUT, TlsCert};
 use dbus::blocking::Connection;
 use dbus::message::MatchRule;
+use mender_connect::wire::codec::{self, PROTO_SHELL, ProtoMsg};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+use testbed::auth::{AUTH_IFACE, AUTH_NAME, AUTH_PATH, SIGNAL};
+use testbed::{AuthService, DbusDaemon, Server, TIMEOUT, TlsCert};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
@@ -63,7 +63,7 @@ fn dbus_daemon_starts_and_stops_without_leftovers() {
     let pid = bus.pid();
     let dir = bus.dir().to_path_buf();
     assert!(bus.address().starts_with("unix:path="), "{}", bus.address());
-    assert!(common::process_exists(pid));
+    assert!(testbed::process_exists(pid));
     assert!(dir.exists());
     // The bus answers.
     let c = Connection::new_address(bus.address()).expect("connect to private bus");
@@ -71,7 +71,7 @@ fn dbus_daemon_starts_and_stops_without_leftovers() {
     drop(c);
     drop(bus);
     assert!(
-        !common::process_exists(pid),
+        !testbed::process_exists(pid),
         "dbus-daemon {pid} still exists"
     );
     assert!(!dir.exists(), "{} left behind", dir.display());
@@ -145,7 +145,7 @@ fn plain_server_records_upgrade_and_exchanges_frames() {
     let mut ws = client_plain(&server, "abc");
     let conn = server.wait_connection(TIMEOUT).expect("connection");
     assert_eq!(conn.authorization(), Some("Bearer abc"));
-    assert_eq!(conn.request().path, common::CONNECT_PATH);
+    assert_eq!(conn.request().path, testbed::CONNECT_PATH);
     assert_eq!(server.connection_count(), 1);
 
     // device -> server
@@ -186,12 +186,12 @@ fn plain_server_records_upgrade_and_exchanges_frames() {
     let kinds: Vec<&'static str> = events
         .try_iter()
         .map(|e| match e {
-            common::Event::Upgrade { .. } => "upgrade",
-            common::Event::Frame { .. } => "frame",
-            common::Event::Ping { .. } => "ping",
-            common::Event::Pong { .. } => "pong",
-            common::Event::Close { .. } => "close",
-            common::Event::Closed { .. } => "closed",
+            testbed::Event::Upgrade { .. } => "upgrade",
+            testbed::Event::Frame { .. } => "frame",
+            testbed::Event::Ping { .. } => "ping",
+            testbed::Event::Pong { .. } => "pong",
+            testbed::Event::Close { .. } => "close",
+            testbed::Event::Closed { .. } => "closed",
         })
         .collect();
     assert_eq!(kinds, ["upgrade", "frame", "frame", "ping", "pong"]);
@@ -231,7 +231,7 @@ fn server_rejects_wrong_path_and_configured_status() {
         tcp,
         "GET {} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        common::CONNECT_PATH
+        testbed::CONNECT_PATH
     )
     .unwrap();
     let mut resp = String::new();
@@ -385,19 +385,84 @@ fn recorded_frames_offer_decoding() {
 }
 
 #[test]
+fn next_matching_consumes_what_it_skips_and_looks_at_buffered_items_after_its_deadline() {
+    let mut queue: VecDeque<u32> = [1, 2, 3, 4].into();
+    let mut skipped = Vec::new();
+    let got = testbed::next_matching(
+        TIMEOUT,
+        |_| queue.pop_front(),
+        |n| {
+            if *n != 3 {
+                skipped.push(*n);
+            }
+            *n == 3
+        },
+    );
+    assert_eq!((got, skipped), (Some(3), vec![1, 2]));
+    assert_eq!(queue, [4]);
+
+    // past the deadline the source is still asked, with no time left
+    let mut queue: VecDeque<u32> = [5, 6].into();
+    let mut lefts = Vec::new();
+    let got = testbed::next_matching(
+        Duration::ZERO,
+        |left| {
+            lefts.push(left);
+            queue.pop_front()
+        },
+        |n| *n == 6,
+    );
+    assert_eq!(got, Some(6));
+    assert_eq!(lefts, [Duration::ZERO, Duration::ZERO]);
+
+    // a source that gives nothing (timed out, closed) ends the wait
+    assert_eq!(
+        testbed::next_matching(TIMEOUT, |_| None::<u32>, |_| true),
+        None
+    );
+}
+
+#[test]
+fn connection_returns_the_next_matching_message_and_drops_the_ones_before() {
+    let server = Server::start_plain();
+    let mut ws = client_plain(&server, "t");
+    let conn = server.wait_connection(TIMEOUT).unwrap();
+    for typ in ["a", "b", "c"] {
+        let m = ProtoMsg::new(PROTO_SHELL, typ, "s");
+        ws.send(Message::binary(codec::encode(&m))).unwrap();
+    }
+    let got = conn.recv_msg_matching(TIMEOUT, |m| m.hdr.typ == "b");
+    assert_eq!(got.map(|m| m.hdr.typ), Some("b".to_string()));
+    assert_eq!(
+        conn.recv_msg(TIMEOUT).map(|m| m.hdr.typ),
+        Some("c".to_string())
+    );
+    assert!(conn.recv_msg_matching(SHORT, |_| true).is_none());
+}
+
+#[test]
+fn the_daemon_binary_found_at_run_time_is_the_one_cargo_built_for_this_test() {
+    // The test bed is a library: cargo gives it no CARGO_BIN_EXE_*.
+    assert_eq!(
+        testbed::daemon::binary(),
+        Some(env!("CARGO_BIN_EXE_mender-connect"))
+    );
+}
+
+#[test]
 fn default_config_is_valid_json_for_current_user() {
-    let v: serde_json::Value = serde_json::from_str(&common::default_config()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&testbed::default_config()).unwrap();
     assert_eq!(v["ShellCommand"], "/bin/sh");
     assert_eq!(v["ReconnectIntervalSeconds"], 1);
-    assert_eq!(v["User"], common::daemon::current_user());
-    assert!(!common::daemon::current_user().is_empty());
+    assert_eq!(v["User"], testbed::daemon::current_user());
+    assert!(!testbed::daemon::current_user().is_empty());
 }
 
 #[test]
 fn daemon_helper_runs_a_process_and_cleans_up() {
     // Exercise the process plumbing with /bin/sh instead of the daemon.
     let bus = DbusDaemon::start();
-    let mut d = common::Daemon::spawn_with_binary(
+    let mut d = testbed::Daemon::spawn_with_binary(
         std::path::Path::new("/bin/sh"),
         "{}",
         bus.address(),

@@ -11,17 +11,15 @@
 //! a transfer cut by the limit spends a minute's budget, so the third upload
 //! is refused at its start and the last one, two minutes on, is allowed).
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
 
-use common::http::{self, Response};
-use common::management::DEVICES_PATH;
-use common::{Managed, TempDir, default_config};
+use testbed::http::{self, Response};
+use testbed::management::DEVICES_PATH;
+use testbed::{Managed, TempDir, default_config};
 
 /// Per HTTP request (deviceconnect's own per-message deadline is 60 s).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,8 +27,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 /// What upstream's /etc/profile has that its tests look for.
 const PROFILE: &[u8] = b"# /etc/profile\nexport PATH\nPS1='\\u@\\h:\\w\\$ '\n";
 
-/// The daemon behind the management stand-in.
-type Bed = Managed;
+/// The daemon behind the management stand-in (a type of this test's own, to
+/// carry upstream's request helpers).
+struct Bed(Managed);
+
+impl std::ops::Deref for Bed {
+    type Target = Managed;
+
+    fn deref(&self) -> &Managed {
+        &self.0
+    }
+}
 
 /// The daemon with `Limits` = `limits` (none when `None`), connected.
 fn bed(limits: Option<serde_json::Value>) -> Bed {
@@ -38,7 +45,7 @@ fn bed(limits: Option<serde_json::Value>) -> Bed {
     if let Some(l) = limits {
         cfg["Limits"] = l;
     }
-    Managed::start(&cfg.to_string(), "device-token")
+    Bed(Managed::start(&cfg.to_string(), "device-token"))
 }
 
 /// [`bed`] with `Limits` enabled and `Limits.FileTransfer` = `file_transfer`.
@@ -179,7 +186,7 @@ fn profile(dir: &TempDir) -> String {
 }
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    common::random_bytes(n, seed)
+    testbed::random_bytes(n, seed)
 }
 
 // ---------------------------------------------------------------------------
@@ -333,11 +340,11 @@ fn test_upload_limits_err_max_bytes_per_minute_exceeded() {
         let r = b.try_upload(&s(&dir.join(name)), &data, "600", "0", "0");
         eprintln!("{name}: {:?}", r.map(|r| (r.status, r.error())));
     }
-    common::hold(Duration::from_secs(60));
+    testbed::hold(Duration::from_secs(60));
     let r = b.upload_default(&s(&dir.join("f-2.bin")), &data);
     assert_eq!(r.status, 400, "{}", r.error());
     assert_eq!(r.error(), "transmitted bytes limit exhausted");
-    common::hold(Duration::from_secs(64));
+    testbed::hold(Duration::from_secs(64));
     let r = b.upload_default(&s(&dir.join("f-a.bin")), &b"ok".repeat(64));
     assert_eq!(r.status, 201, "{}", r.error());
 }

@@ -6,13 +6,11 @@
 //! deadline. `test_in_poor_network_environment` lives in `tests/chaos.rs`
 //! (it needs the network namespace lab).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::operator::{Operator, STATUS_ERROR, STATUS_NORMAL, prompt, status};
-use common::{Managed, Management, Server, default_config};
 use mender_connect::wire::codec::{PROTO_SHELL, ProtoMsg};
+use testbed::operator::{Operator, STATUS_ERROR, STATUS_NORMAL, prompt, status};
+use testbed::{Managed, Management, Server, default_config};
 
 /// Upstream's `receive_timeout_s`.
 const RECEIVE: Duration = Duration::from_secs(16);
@@ -111,7 +109,7 @@ fn test_websocket_reconnect() {
     b.mgmt = mgmt;
     b.server = server;
     // until the device is back, /connect is 404; poll the whole connect
-    let ok = common::wait_until(Duration::from_secs(60), || {
+    let ok = testbed::wait_until(Duration::from_secs(60), || {
         Operator::connect(&b.mgmt).is_ok()
     });
     if !ok {

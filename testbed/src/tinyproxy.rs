@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::TempDir;
+use crate::TempDir;
 
 /// Where Debian installs it (`/usr/bin` on newer releases).
 const CANDIDATES: [&str; 2] = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"];
@@ -64,7 +64,7 @@ impl TinyProxy {
             }
             let hosts_file = dir.join("hosts");
             std::fs::write(&hosts_file, text).map_err(|e| e.to_string())?;
-            let mut c = super::hosts::command(&hosts_file, Path::new(bin));
+            let mut c = crate::hosts::command(&hosts_file, Path::new(bin));
             c.arg("-d").arg("-c").arg(&conf_file);
             c
         };
@@ -80,7 +80,7 @@ impl TinyProxy {
             log,
             _dir: dir,
         };
-        let up = super::wait_until(super::TIMEOUT, || {
+        let up = crate::wait_until(crate::TIMEOUT, || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
                 || tp.child.try_wait().ok().flatten().is_some()
         });
@@ -110,7 +110,7 @@ impl TinyProxy {
 
     /// Waits until its log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
-        super::wait_until(timeout, || self.log().contains(needle))
+        crate::wait_until(timeout, || self.log().contains(needle))
     }
 }
 

@@ -5,7 +5,7 @@
 //! (honoured by OpenSSL's default verify paths); in-process clients use
 //! [`TlsCert::connector`].
 
-use super::TempDir;
+use crate::TempDir;
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::BigNum;
 use openssl::ec::{EcGroup, EcKey};

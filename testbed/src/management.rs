@@ -11,7 +11,7 @@
 //!   operator's websocket goes away while a terminal is open, the device gets
 //!   a shell `stop` {status 2, user_id} `user disconnected`;
 //! - `GET|HEAD …/devices/:id/download?path=` and `PUT …/devices/:id/upload`
-//!   (multipart) — translated into file-transfer sessions ([`super::rest_ft`]).
+//!   (multipart) — translated into file-transfer sessions ([`crate::rest_ft`]).
 //!
 //! Any `Authorization: Bearer <non-empty>` is accepted (the real API gateway
 //! checks the JWT; nothing here depends on its claims). The device is the
@@ -21,9 +21,9 @@
 //! operator websocket `mgmt-ws-N` (operator → device); HTTP requests run on
 //! the server's connection threads.
 
-use super::rest_ft;
-use super::server::{Connections, Event, HttpHook, HttpRequest, HttpStream, Server};
-use super::{AuthService, ConnHandle, Daemon, DbusDaemon, TIMEOUT, http};
+use crate::rest_ft;
+use crate::server::{Connections, Event, HttpHook, HttpRequest, HttpStream, Server};
+use crate::{AuthService, ConnHandle, Daemon, DbusDaemon, TIMEOUT, http};
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::wire::codec::{self, PROTO_SHELL, ProtoMsg, Value};
 use std::collections::{HashMap, HashSet};
@@ -67,8 +67,6 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     cond: Condvar,
     conns: Connections,
-    /// Reply deadline for REST file transfers (deviceconnect: 60 s).
-    pub(crate) ft_timeout: Mutex<Duration>,
 }
 
 impl Shared {
@@ -133,7 +131,6 @@ impl Management {
             }),
             cond: Condvar::new(),
             conns,
-            ft_timeout: Mutex::new(rest_ft::TIMEOUT),
         });
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let sh = shared.clone();
@@ -163,11 +160,6 @@ impl Management {
         DEVICE_ID
     }
 
-    /// Changes the reply deadline of REST file transfers (default 60 s).
-    pub fn set_transfer_timeout(&self, t: Duration) {
-        *self.shared.ft_timeout.lock().unwrap() = t;
-    }
-
     /// Whether the stand-in sees an open device connection.
     pub fn device_connected(&self) -> bool {
         self.shared.device().is_some()
@@ -175,7 +167,7 @@ impl Management {
 
     /// Waits until a device connection is open.
     pub fn wait_device(&self, timeout: Duration) -> bool {
-        super::wait_until(timeout, || self.device_connected())
+        crate::wait_until(timeout, || self.device_connected())
     }
 
     /// Every message the stand-in itself sent to the device so far.

@@ -3,7 +3,7 @@
 //! chunked encoding (Go's client streams multipart uploads chunked), chunked
 //! responses, JSON error bodies and a whole-body multipart/form-data parser.
 
-use super::server::HttpRequest;
+use crate::server::HttpRequest;
 use std::io::{self, BufRead, BufReader, Read, Write};
 
 /// Largest request body read into memory (uploads in tests stay far below).

@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::TempDir;
+use crate::TempDir;
 
 /// Device-side address on the lab link.
 pub const DEV_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);

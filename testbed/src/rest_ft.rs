@@ -24,9 +24,9 @@
 //! only the parts up to the `file` part: mender-cli sends `mode` after the
 //! file, so it never reaches the device.
 
-use super::http::{self, Part};
-use super::management::{Shared, Sink, USER_ID, uuid};
-use super::server::{HttpRequest, HttpStream};
+use crate::http::{self, Part};
+use crate::management::{Shared, Sink, USER_ID, uuid};
+use crate::server::{HttpRequest, HttpStream};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_FILETRANSFER, ProtoMsg, Value};
 use mender_connect::wire::control::{Accept, ControlError, Open, decode_map, encode_map};
@@ -76,7 +76,7 @@ impl<'a> Session<'a> {
             shared,
             sid,
             rx,
-            timeout: *shared.ft_timeout.lock().unwrap(),
+            timeout: TIMEOUT,
         }
     }
 
@@ -253,7 +253,7 @@ fn check_path(path: &str) -> Result<(), Failure> {
 // Download
 
 /// `GET|HEAD …/download?path=`.
-pub fn download(shared: &Arc<Shared>, req: &HttpRequest, mut stream: HttpStream) {
+pub(crate) fn download(shared: &Arc<Shared>, req: &HttpRequest, mut stream: HttpStream) {
     stream.set_timeout(None);
     let path = http::query_param(&req.query, "path").unwrap_or_default();
     if let Err((status, text)) = check_path(&path) {
@@ -433,7 +433,7 @@ fn upload_form(parts: Vec<Part>) -> Result<UploadForm, String> {
 }
 
 /// `PUT …/upload` (multipart: `path`, [`uid`, `gid`, `mode`,] `file`).
-pub fn upload(shared: &Arc<Shared>, req: &HttpRequest, mut stream: HttpStream) {
+pub(crate) fn upload(shared: &Arc<Shared>, req: &HttpRequest, mut stream: HttpStream) {
     stream.set_timeout(Some(TIMEOUT));
     // The whole body first: answering before reading it could reset the
     // connection under the client's feet.

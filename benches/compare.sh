@@ -1,6 +1,6 @@
 #!/bin/sh
 # Side-by-side benchmark: this daemon against Debian's Go mender-connect 2.1.0.
-# Usage: bench/compare.sh [ROUNDS]   (default 3; prints a table of medians)
+# Usage: benches/compare.sh [ROUNDS]   (default 3; prints a table of medians)
 # Installs the build deps and the Go daemon if missing (needs root or sudo).
 # The Go package's service is never started: the benchmark runs both daemons
 # itself, against a private D-Bus and stand-in servers on loopback.

@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use super::ConnHandle;
+use crate::ConnHandle;
 use mender_connect::wire::codec::{
     PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_PORTFORWARD, PROTO_SHELL, ProtoMsg, Value,
 };
@@ -58,7 +58,7 @@ pub fn cpu_ms(pid: u32) -> f64 {
     (field(11) + field(12)) * 1000.0 / hz
 }
 
-/// A `Field:  N kB` value from /proc/PID/<file> (`status`, `smaps_rollup`).
+/// A `Field:  N kB` value from `/proc/PID/<file>` (`status`, `smaps_rollup`).
 pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     text.lines()
@@ -77,14 +77,9 @@ pub fn thread_count(pid: u32) -> usize {
 /// The next message for `sid` (any protocol), skipping other sessions and the
 /// device's control pings. None on timeout or a closed connection.
 pub fn recv_for(conn: &ConnHandle, sid: &str, timeout: Duration) -> Option<ProtoMsg> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let m = conn.recv_msg(left)?;
-        if m.hdr.sid == sid && !(m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping") {
-            return Some(m);
-        }
-    }
+    conn.recv_msg_matching(timeout, |m| {
+        m.hdr.sid == sid && !(m.hdr.proto == PROTO_CONTROL && m.hdr.typ == "ping")
+    })
 }
 
 /// Control `open` for `sid` (as deviceconnect and mender-cli do first) and

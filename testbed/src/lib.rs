@@ -2,14 +2,13 @@
 //! service, a stand-in deviceconnect server (plain and TLS) and a helper to run
 //! the daemon under test.
 //!
-//! Used by integration tests with `mod common;` and by `examples/standin.rs`
-//! through `#[path = "../tests/common/mod.rs"] mod common;`. Each test uses a
-//! subset, hence the `dead_code` allowances.
+//! A dev-only workspace crate (`mender-connect-testbed`, never published):
+//! the integration tests, benches and examples of `mender-connect` use it as
+//! a dev-dependency, so it is compiled once instead of into every test target.
 //!
 //! Every helper owns what it starts: dropping it stops its threads, kills and
 //! reaps its processes and removes its temporary files. Every wait has a
 //! deadline; nothing sleeps to synchronise.
-#![allow(dead_code)]
 
 pub mod auth;
 pub mod daemon;
@@ -27,17 +26,11 @@ pub mod target;
 pub mod tinyproxy;
 pub mod tls;
 
-#[allow(unused_imports)]
 pub use self::auth::AuthService;
-#[allow(unused_imports)]
 pub use self::daemon::{Daemon, default_config};
-#[allow(unused_imports)]
 pub use self::dbus::DbusDaemon;
-#[allow(unused_imports)]
 pub use self::management::{Managed, Management};
-#[allow(unused_imports)]
 pub use self::server::{ConnHandle, Event, Frame, Server};
-#[allow(unused_imports)]
 pub use self::tls::TlsCert;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +93,25 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The next item `recv` yields that satisfies `pred`, skipping the others;
+/// `None` once `timeout` has passed with nothing matching, or when `recv`
+/// gives `None` (timed out or a closed source). `recv` gets the time left
+/// (zero after the deadline, so what is already buffered is still looked at);
+/// `pred` may act on what it skips (answer a ping, keep it for later).
+pub fn next_matching<T>(
+    timeout: Duration,
+    mut recv: impl FnMut(Duration) -> Option<T>,
+    mut pred: impl FnMut(&T) -> bool,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let item = recv(deadline.saturating_duration_since(Instant::now()))?;
+        if pred(&item) {
+            return Some(item);
+        }
     }
 }
 

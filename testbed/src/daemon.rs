@@ -1,13 +1,36 @@
 //! Runs the daemon under test (`mender-connect daemon`) against the test bed.
 
-use super::TempDir;
+use crate::TempDir;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Path of the binary under test; only known to integration tests (cargo sets
-/// `CARGO_BIN_EXE_*` for them, not for examples).
-pub const BINARY: Option<&str> = option_env!("CARGO_BIN_EXE_mender-connect");
+/// Path of the binary under test; only known to integration tests and
+/// benches. Cargo sets `CARGO_BIN_EXE_*` at compile time for those targets
+/// only, not for this library, so it is found at run time: that variable if
+/// cargo passed it, else `mender-connect` next to the `deps/` directory the
+/// test or bench executable runs from (examples run from `examples/`: none).
+pub fn binary() -> Option<&'static str> {
+    static BINARY: OnceLock<Option<String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("CARGO_BIN_EXE_mender-connect") {
+                return p.into_string().ok();
+            }
+            let exe = std::env::current_exe().ok()?;
+            let deps = exe.parent()?;
+            if deps.file_name()? != "deps" {
+                return None;
+            }
+            let bin = deps.parent()?.join("mender-connect");
+            if !bin.is_file() {
+                return None;
+            }
+            bin.into_os_string().into_string().ok()
+        })
+        .as_deref()
+}
 
 /// A running `mender-connect daemon`. Drop sends SIGKILL, reaps it, dumps the
 /// log if the test is panicking, and removes the temp files.
@@ -51,7 +74,7 @@ impl Daemon {
     /// Spawns the integration test's `mender-connect` binary with debug logs
     /// (`-d`). See [`spawn_with_binary`](Self::spawn_with_binary).
     pub fn spawn(config_json: &str, bus_address: &str, extra_env: &[(&str, &str)]) -> Daemon {
-        let bin = BINARY.expect("CARGO_BIN_EXE_mender-connect is only set for integration tests");
+        let bin = binary().expect("the daemon binary is only known to integration tests");
         Self::spawn_with_binary(Path::new(bin), config_json, bus_address, extra_env, true)
     }
 
@@ -136,7 +159,7 @@ impl Daemon {
     /// the process exited without logging it.
     pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
         let mut exited = false;
-        super::wait_until(timeout, || {
+        crate::wait_until(timeout, || {
             if self.log().contains(needle) {
                 return true;
             }
@@ -173,7 +196,7 @@ impl Daemon {
 
     /// Waits up to `timeout` for it to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        super::wait_until(timeout, || self.try_status().is_some());
+        crate::wait_until(timeout, || self.try_status().is_some());
         self.status
     }
 

@@ -1,7 +1,7 @@
 //! The usual start of a daemon test: private bus, stand-in auth, plain
 //! stand-in server, the daemon, and its first connection.
 
-use super::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT};
+use crate::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT};
 
 /// Everything a connected daemon test holds. Drop in field order: the
 /// connection handle and the daemon before the peers they talk to.

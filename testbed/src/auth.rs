@@ -78,7 +78,7 @@ impl AuthService {
             .name("auth-service".into())
             .spawn(move || serve(&addr, sh, ready_tx))
             .expect("spawn auth-service thread");
-        let unique_name = match ready_rx.recv_timeout(super::TIMEOUT) {
+        let unique_name = match ready_rx.recv_timeout(crate::TIMEOUT) {
             Ok(Ok(name)) => name,
             Ok(Err(e)) => panic!("auth service failed to start: {e}"),
             Err(e) => panic!("auth service did not start: {e}"),
@@ -103,12 +103,6 @@ impl AuthService {
     /// (meta-mender's `MockSetJwtToken`).
     pub fn set_quietly(&self, token: &str, url: &str) {
         self.control("SetQuietly", token, url);
-    }
-
-    /// Emits `JwtTokenStateChange(token, url)` without changing the pair that
-    /// `GetJwtToken` returns.
-    pub fn emit(&self, token: &str, url: &str) {
-        self.control("Emit", token, url);
     }
 
     /// The pair `GetJwtToken` currently returns.
@@ -281,7 +275,7 @@ fn handle_auth(shared: &Shared, msg: &Message) -> Message {
 fn handle_control(shared: &Shared, quit: &AtomicBool, msg: &Message, c: &Connection) {
     let member = msg.member().map(|m| m.to_string()).unwrap_or_default();
     match member.as_str() {
-        "Set" | "Emit" | "SetQuietly" => {
+        "Set" | "SetQuietly" => {
             let (token, url): (String, String) = match msg.read2() {
                 Ok(v) => v,
                 Err(e) => {
@@ -293,7 +287,7 @@ fn handle_control(shared: &Shared, quit: &AtomicBool, msg: &Message, c: &Connect
                     return;
                 }
             };
-            if member != "Emit" {
+            {
                 let mut st = shared.state.lock().unwrap();
                 st.token = token.clone();
                 st.url = url.clone();

@@ -1,13 +1,13 @@
 //! A private `dbus-daemon` for one test (behavior.md §3.1: the daemon under
 //! test finds it through `DBUS_SYSTEM_BUS_ADDRESS`).
 
-use super::TempDir;
+use crate::TempDir;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 
 /// The config file committed next to the tests: a bus of type `system` whose
 /// policy lets everyone own, send and receive.
-pub const CONFIG_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dbus/system.conf");
+pub const CONFIG_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/dbus/system.conf");
 
 /// A running `dbus-daemon` listening on a unix socket inside its own temp dir.
 ///

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::TempDir;
+use crate::TempDir;
 
 /// `sh -c` script: `$0` is the hosts file, `"$@"` the command to `exec`
 /// (so the pid the caller sees ends up being the command's).
@@ -52,6 +52,6 @@ pub fn wrapper(dir: &TempDir, bin: &Path, hosts: &str) -> PathBuf {
 
 /// [`wrapper`] around the daemon under test.
 pub fn daemon_wrapper(dir: &TempDir, hosts: &str) -> PathBuf {
-    let bin = super::daemon::BINARY.expect("integration test");
+    let bin = crate::daemon::binary().expect("integration test");
     wrapper(dir, Path::new(bin), hosts)
 }

@@ -3,7 +3,7 @@
 //! upstream's `ProtoShell` test helper do. Every call is fallible so that
 //! tests can retry a whole sequence while the device is away.
 
-use super::management::{DEVICES_PATH, Management};
+use crate::management::{DEVICES_PATH, Management};
 use mender_connect::wire::codec::{self, PROTO_SHELL, ProtoMsg, Value};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -75,19 +75,19 @@ impl Operator {
     pub fn request(&mut self, typ: &str, timeout: Duration) -> Result<ProtoMsg, String> {
         self.send(typ, b"")?;
         let deadline = Instant::now() + timeout;
-        loop {
-            let m = self.recv(deadline)?;
+        let mut failed = None;
+        let m = crate::next_matching(
+            timeout,
+            |_| self.recv(deadline).map_err(|e| failed = Some(e)).ok(),
             // output the shell wrote before the request (a prompt after the
             // last command) may still be on its way
-            let output = m.hdr.typ == "shell" && status(&m) == Some(STATUS_NORMAL);
-            if output && typ != "shell" {
-                continue;
-            }
-            if m.hdr.proto != PROTO_SHELL || m.hdr.typ != typ {
-                return Err(format!("expected a {typ} reply, got {m:?}"));
-            }
-            return Ok(m);
+            |m| typ == "shell" || m.hdr.typ != "shell" || status(m) != Some(STATUS_NORMAL),
+        )
+        .ok_or_else(|| failed.unwrap_or_else(|| "timed out".into()))?;
+        if m.hdr.proto != PROTO_SHELL || m.hdr.typ != typ {
+            return Err(format!("expected a {typ} reply, got {m:?}"));
         }
+        Ok(m)
     }
 
     /// Shell output (all with status normal) until `done(output so far)`.
