@@ -150,7 +150,7 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
     let router = Arc::new(Router::new(out, registry(cfg, &tun), shell, timing));
 
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded();
-    crate::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1], sig_tx)
+    let signals = crate::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1], sig_tx)
         .map_err(DaemonError::Setup)?;
     let (auth_tx, auth_rx) = crossbeam_channel::unbounded();
     let auth = Auth::start(auth_tx).map_err(DaemonError::Auth)?;
@@ -185,9 +185,13 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
     };
     // one pending "network gained" is as good as many
     let (net_tx, net_rx) = crossbeam_channel::bounded(1);
-    if let Err(e) = crate::conn::netwatch::start(net_tx) {
-        log::warn!("cannot watch network changes (rtnetlink): {e}; relying on the back-off");
-    }
+    let netwatch = match crate::conn::netwatch::start(net_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("cannot watch network changes (rtnetlink): {e}; relying on the back-off");
+            None
+        }
+    };
     // Ready once the configuration is loaded and D-Bus is up; the server may
     // take much longer, and systemd must not hold up the boot for it.
     if let Some(n) = &sup.notify {
@@ -195,7 +199,14 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         sup.status = "waiting for authorization".to_string();
         sup.next_watchdog = n.watchdog_interval().map(|_| Instant::now());
     }
-    sup.main_loop(&auth_rx, &links_rx, &sig_rx, &net_rx)
+    let result = sup.main_loop(&auth_rx, &links_rx, &sig_rx, &net_rx);
+    // every thread the daemon started is joined (or, stuck, given up on)
+    sup.auth.stop(SHUTDOWN_LINK);
+    if let Some(w) = netwatch {
+        w.stop();
+    }
+    signals.stop();
+    result
 }
 
 impl Supervisor {
@@ -510,13 +521,14 @@ impl Supervisor {
     fn dump_status(&self) {
         let shells = self.router.shell_status();
         let mut text = format!(
-            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  shells: {}/{}\n  router sessions: {}",
+            "mender-connect daemon v{}\n status: \n  connected: {}\n  authorized: {}\n  shells: {}/{}\n  router sessions: {}\n  threads: {}",
             crate::cli::version_line(),
             self.link.is_some(),
             self.authorized,
             shells.len(),
             crate::sessions::shell::MAX_SHELLS,
-            self.router.session_count()
+            self.router.session_count(),
+            crate::threads::live() + 1
         );
         for line in shells {
             text.push_str("\n   ");

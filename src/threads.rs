@@ -5,6 +5,7 @@
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
@@ -36,6 +37,21 @@ where
         LIVE.fetch_sub(1, Ordering::AcqRel);
     }
     spawned
+}
+
+/// Joins `handle` if its thread ends within `wait`; otherwise leaves it
+/// running detached (a thread stuck in a blocking call must not hang the
+/// caller's shutdown) and returns false.
+pub fn join_within<T>(handle: JoinHandle<T>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while !handle.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::park_timeout(Duration::from_millis(2));
+    }
+    let _ = handle.join();
+    true
 }
 
 /// Threads started through [`spawn`] that have not ended yet.

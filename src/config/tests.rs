@@ -756,7 +756,7 @@ fn unreadable_files_fail() {
     );
     // Permission checks do not apply to root.
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::sys::user::euid() != 0 {
         let p = d.file("secret.conf", "{}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).expect("chmod");
         let e = load(&p, &d.missing("none")).expect_err("unreadable");

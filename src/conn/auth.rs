@@ -6,6 +6,7 @@
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -87,12 +88,15 @@ enum Request {
     /// `FetchJwtToken`: make the auth daemon renew the token; the new one
     /// arrives as a `JwtTokenStateChange` signal.
     Fetch,
+    /// End the thread (shutdown).
+    Stop,
 }
 
 /// Handle on the auth thread.
 pub struct Auth {
     requests: Sender<Request>,
     wake: Arc<Wake>,
+    join: Option<JoinHandle<()>>,
 }
 
 impl Auth {
@@ -139,12 +143,15 @@ impl Auth {
         .map_err(AuthError::Match)?;
         let thread_wake = Arc::clone(&wake);
         let _ = requests.send(Request::Get);
-        std::thread::Builder::new()
-            .name("dbus".to_string())
-            .stack_size(128 * 1024)
-            .spawn(move || serve(&conn, &thread_wake, &req_rx, &events))
-            .map_err(AuthError::Thread)?;
-        Ok(Auth { requests, wake })
+        let join = crate::threads::spawn("dbus".to_string(), 128 * 1024, move || {
+            serve(&conn, &thread_wake, &req_rx, &events)
+        })
+        .map_err(AuthError::Thread)?;
+        Ok(Auth {
+            requests,
+            wake,
+            join: Some(join),
+        })
     }
 
     /// Asks for a fresh `GetJwtToken`; the answer comes as an event with
@@ -160,6 +167,16 @@ impl Auth {
         let _ = self.requests.send(Request::Fetch);
         self.wake.wake();
     }
+
+    /// Ends the thread and waits for it, at most `wait` (a D-Bus call in
+    /// flight may take up to its own timeout).
+    pub fn stop(&mut self, wait: Duration) {
+        let _ = self.requests.send(Request::Stop);
+        self.wake.wake();
+        if let Some(join) = self.join.take() {
+            crate::threads::join_within(join, wait);
+        }
+    }
 }
 
 fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<Request>, events: &Sender<AuthEvent>) {
@@ -171,6 +188,7 @@ fn serve(conn: &Connection, wake: &Wake, requests: &Receiver<Request>, events: &
             match r {
                 Request::Get => get = true,
                 Request::Fetch => fetch = true,
+                Request::Stop => return,
             }
         }
         if fetch && let Err(e) = fetch_jwt_token(conn) {

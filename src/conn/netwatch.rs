@@ -7,9 +7,16 @@
 //! link, address and route groups; the decoding is a pure function.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
+
+use crate::sys::netlink;
+use crate::sys::poll::{PollFd, poll};
+use crate::sys::wake::Wake;
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
@@ -62,76 +69,68 @@ pub fn gained(buf: &[u8]) -> bool {
     false
 }
 
-/// Opens the subscription (so a failure is reported to the caller) and
-/// starts the thread that sends `()` on `events` for every datagram that
-/// [`gained`] accepts. The thread ends when `events` is disconnected.
-pub fn start(events: Sender<()>) -> io::Result<()> {
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_nl is plain data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr.nl_groups = GROUPS;
-    // SAFETY: addr is a valid sockaddr_nl of the size given.
-    let r = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    std::thread::Builder::new()
-        .name("netlink".to_string())
-        .stack_size(64 * 1024)
-        .spawn(move || watch(&sock, &events))?;
-    Ok(())
+/// The watching thread; stop it with [`NetWatch::stop`].
+#[derive(Debug)]
+pub struct NetWatch {
+    stop: Arc<Wake>,
+    join: JoinHandle<()>,
 }
 
-fn watch(sock: &OwnedFd, events: &Sender<()>) {
+impl NetWatch {
+    /// Ends the thread and waits for it (it only waits in `poll`).
+    pub fn stop(self) {
+        self.stop.wake();
+        crate::threads::join_within(self.join, Duration::from_secs(1));
+    }
+}
+
+/// Opens the subscription (so a failure is reported to the caller) and
+/// starts the thread that sends `()` on `events` for every datagram that
+/// [`gained`] accepts. The thread ends when `events` is disconnected or on
+/// [`NetWatch::stop`].
+pub fn start(events: Sender<()>) -> io::Result<NetWatch> {
+    let sock = netlink::route_socket(GROUPS)?;
+    let stop = Arc::new(Wake::new()?);
+    let thread_stop = Arc::clone(&stop);
+    let join = crate::threads::spawn("netlink".to_string(), 64 * 1024, move || {
+        watch(&sock, &thread_stop, &events)
+    })?;
+    Ok(NetWatch { stop, join })
+}
+
+fn watch(sock: &OwnedFd, stop: &Wake, events: &Sender<()>) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        // SAFETY: recv into our buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
+        let mut fds = [
+            PollFd::new(sock.as_raw_fd(), libc::POLLIN),
+            PollFd::new(stop.as_raw_fd(), libc::POLLIN),
+        ];
+        if let Err(e) = poll(&mut fds, -1) {
+            log::warn!("rtnetlink: poll: {e}; network changes are no longer watched");
+            return;
+        }
+        if fds[1].revents() != 0 {
+            return;
+        }
+        match netlink::recv(sock.as_fd(), &mut buf) {
+            Ok(n) => {
+                if gained(&buf[..n]) && !notify(events) {
+                    return;
+                }
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR | libc::EAGAIN) => {}
                 // the kernel dropped notifications: something changed
                 Some(libc::ENOBUFS) => {
                     if !notify(events) {
                         return;
                     }
-                    continue;
                 }
                 _ => {
                     log::warn!("rtnetlink: {e}; network changes are no longer watched");
                     return;
                 }
-            }
-        }
-        if gained(&buf[..n as usize]) && !notify(events) {
-            return;
+            },
         }
     }
 }

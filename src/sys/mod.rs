@@ -3,7 +3,10 @@
 //! Rust and each syscall helper exists once.
 
 pub mod errno;
+pub mod malloc;
+pub mod netlink;
 pub mod poll;
+pub mod signal;
 pub mod sockopt;
 pub mod user;
 pub mod wake;

@@ -188,14 +188,8 @@ impl Link {
     /// past the dial. A thread stuck dialing is left to finish on its own.
     pub fn stop_and_join(mut self, wait: Duration) {
         self.stop();
-        let deadline = Instant::now() + wait;
         if let Some(j) = self.join.take() {
-            while !j.is_finished() && Instant::now() < deadline {
-                std::thread::park_timeout(Duration::from_millis(5));
-            }
-            if j.is_finished() {
-                let _ = j.join();
-            }
+            crate::threads::join_within(j, wait);
         }
     }
 }
