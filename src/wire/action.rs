@@ -2,7 +2,8 @@
 //! a pure decision, so the router only sends what it returns.
 
 use super::codec::{PROTO_CONTROL, ProtoMsg};
-use super::control::{Accept, ControlError, Open};
+use super::control::{Accept, ControlError, Open, PROTOCOL_VERSION};
+use super::types::control as t;
 
 /// What a control message asks the session to do (pure, see `control_action`).
 #[derive(Debug, PartialEq)]
@@ -19,7 +20,7 @@ pub enum ControlAction {
 
 /// A control `error` message for session `sid` (no props, protocol.md §2.6).
 pub fn control_error_msg(sid: &str, err: &ControlError) -> ProtoMsg {
-    ProtoMsg::new(PROTO_CONTROL, "error", sid).with_body(err.encode())
+    ProtoMsg::new(PROTO_CONTROL, t::ERROR, sid).with_body(err.encode())
 }
 
 /// What the device does with one inbound control message (protocol.md §2.6).
@@ -38,14 +39,14 @@ pub fn control_action(msg: &ProtoMsg, protocols: &[u16]) -> ControlAction {
         control_error_msg(sid, &e)
     };
     match typ {
-        "open" => match Open::decode(body) {
-            Ok(open) if open.versions.contains(&1) => {
+        t::OPEN => match Open::decode(body) {
+            Ok(open) if open.versions.contains(&PROTOCOL_VERSION) => {
                 let accept = Accept {
-                    version: 1,
+                    version: PROTOCOL_VERSION,
                     protocols: protocols.to_vec(),
                 };
                 ControlAction::Reply(
-                    ProtoMsg::new(PROTO_CONTROL, "accept", sid).with_body(accept.encode()),
+                    ProtoMsg::new(PROTO_CONTROL, t::ACCEPT, sid).with_body(accept.encode()),
                 )
             }
             Ok(_) => ControlAction::ReplyAndEnd(error(
@@ -57,8 +58,8 @@ pub fn control_action(msg: &ProtoMsg, protocols: &[u16]) -> ControlAction {
                 true,
             )),
         },
-        "accept" => match Accept::decode(body) {
-            Ok(a) if a.version == 1 => ControlAction::Nothing,
+        t::ACCEPT => match Accept::decode(body) {
+            Ok(a) if a.version == PROTOCOL_VERSION => ControlAction::Nothing,
             Ok(a) => ControlAction::ReplyAndEnd(error(
                 format!(
                     "unsupported protocol version {}: require version 1",
@@ -71,10 +72,10 @@ pub fn control_action(msg: &ProtoMsg, protocols: &[u16]) -> ControlAction {
                 true,
             )),
         },
-        "ping" => ControlAction::Reply(ProtoMsg::new(PROTO_CONTROL, "pong", sid)),
-        "pong" => ControlAction::Nothing,
-        "close" => ControlAction::End,
-        "error" => match ControlError::decode(body) {
+        t::PING => ControlAction::Reply(ProtoMsg::new(PROTO_CONTROL, t::PONG, sid)),
+        t::PONG => ControlAction::Nothing,
+        t::CLOSE => ControlAction::End,
+        t::ERROR => match ControlError::decode(body) {
             Ok(e) => {
                 log::warn!("session {sid}: server reported error: {}", e.err);
                 if e.close {

@@ -7,19 +7,6 @@
 
 use super::codec::{DecodeError, Kind, Reader, Value, encode_value};
 
-/// Control message type: handshake request (server → device).
-pub const TYPE_OPEN: &str = "open";
-/// Control message type: handshake reply.
-pub const TYPE_ACCEPT: &str = "accept";
-/// Control message type: end the session.
-pub const TYPE_CLOSE: &str = "close";
-/// Control message type: error report, optionally ending the session.
-pub const TYPE_ERROR: &str = "error";
-/// Control message type: idle keep-alive request.
-pub const TYPE_PING: &str = "ping";
-/// Control message type: idle keep-alive reply.
-pub const TYPE_PONG: &str = "pong";
-
 /// The only protocol version there is (`ws.ProtocolVersion`).
 pub const PROTOCOL_VERSION: i64 = 1;
 

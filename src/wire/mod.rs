@@ -5,3 +5,4 @@
 pub mod action;
 pub mod codec;
 pub mod control;
+pub mod types;
