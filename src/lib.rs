@@ -8,6 +8,7 @@ pub mod conn;
 pub mod daemon;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod knobs;
 pub mod limits;
 pub mod logging;
 pub mod router;

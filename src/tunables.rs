@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use crate::conn::proxy;
 use crate::conn::timing::Timing;
+use crate::knobs::Lookup;
 use crate::sessions::{menderclient, portforward, shell};
-
-/// Looks up one environment variable (`std::env::var` or a test's map).
-pub type Lookup = dyn Fn(&str) -> Option<String>;
 
 /// The knobs, as read at start.
 #[derive(Debug, Clone)]
@@ -49,23 +47,6 @@ impl Tunables {
             force_path_walk: get(crate::limits::policy::FORCE_WALK_ENV).is_some(),
         }
     }
-}
-
-/// A positive integer knob; anything else is logged and ignored.
-pub(crate) fn positive(get: &Lookup, name: &str) -> Option<u64> {
-    let v = get(name)?;
-    match v.parse::<u64>() {
-        Ok(n) if n > 0 => Some(n),
-        _ => {
-            log::warn!("ignoring {name}={v:?}: not a positive number");
-            None
-        }
-    }
-}
-
-/// A positive number of milliseconds; anything else is logged and ignored.
-pub(crate) fn positive_ms(get: &Lookup, name: &str) -> Option<Duration> {
-    positive(get, name).map(Duration::from_millis)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::tunables::{Lookup, positive_ms};
+use crate::knobs::{Lookup, positive_ms};
 
 /// Websocket keepalive and router-session idle timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,7 +56,7 @@ impl Default for Settings {
 impl Settings {
     /// Defaults with `MENDER_CONNECT_CLIENT_PATHS` and
     /// `MENDER_CONNECT_CLIENT_TIMEOUT_MS` applied.
-    pub fn from_lookup(get: &crate::tunables::Lookup) -> Settings {
+    pub fn from_lookup(get: &crate::knobs::Lookup) -> Settings {
         let mut s = Settings::default();
         if let Some(v) = get("MENDER_CONNECT_CLIENT_PATHS") {
             let paths: Vec<PathBuf> = v

@@ -53,9 +53,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::audit::{Event, Outcome};
+use crate::knobs::{Lookup, positive, positive_ms};
 use crate::sessions::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
-use crate::tunables::{Lookup, positive, positive_ms};
 use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
 
