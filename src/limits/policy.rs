@@ -2,7 +2,6 @@
 //! numeric ids, the Umask parsed, the chroot opened, the rate buckets built,
 //! so that a request only compares numbers from `fstat`.
 
-use std::ffi::CString;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -239,44 +238,17 @@ fn put_id(name: &str, lookup: fn(&str) -> Option<u32>, key: &str) -> Result<Opti
     })
 }
 
-/// The uid of a passwd name.
+/// The uid of a passwd name (`None` also when the lookup fails).
 pub fn user_id(name: &str) -> Option<libc::uid_t> {
-    let c = CString::new(name).ok()?;
-    let mut buf: Vec<libc::c_char> = vec![0; 4096];
-    loop {
-        // SAFETY: passwd is plain old data; zeroed is a valid initial state.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut res: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; buf.len() is its size.
-        let rc = unsafe {
-            libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut res)
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        return (rc == 0 && !res.is_null()).then_some(pwd.pw_uid);
-    }
+    crate::sys::passwd::user_by_name(name)
+        .ok()
+        .flatten()
+        .map(|p| p.uid)
 }
 
-/// The gid of a group name.
+/// The gid of a group name (`None` also when the lookup fails).
 pub fn group_id(name: &str) -> Option<libc::gid_t> {
-    let c = CString::new(name).ok()?;
-    let mut buf: Vec<libc::c_char> = vec![0; 4096];
-    loop {
-        // SAFETY: group is plain old data; zeroed is a valid initial state.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut res: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; buf.len() is its size.
-        let rc = unsafe {
-            libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut res)
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        return (rc == 0 && !res.is_null()).then_some(grp.gr_gid);
-    }
+    crate::sys::passwd::group_by_name(name).ok().flatten()
 }
 
 #[cfg(test)]

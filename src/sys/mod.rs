@@ -3,6 +3,8 @@
 //! Rust and each syscall helper exists once.
 
 pub mod errno;
+pub mod fs;
+pub mod passwd;
 pub mod poll;
 pub mod user;
 pub mod wake;

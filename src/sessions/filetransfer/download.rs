@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,13 +45,7 @@ impl FileTransfer {
         let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
         if regular {
             // Regular files never block; plain reads keep the loop simple.
-            // SAFETY: fcntl on a descriptor we own.
-            unsafe {
-                let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-                if fl >= 0 {
-                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-                }
-            }
+            let _ = crate::sys::fs::set_nonblocking(fd.as_fd(), false);
         }
         let job = Download {
             svc: Arc::clone(&self.svc),

@@ -17,11 +17,12 @@ use crate::audit::{self, Event, Outcome};
 use crate::config::LimitsConfig;
 use crate::conn::outbound::{Outbound, SendError};
 use crate::limits::bucket::MAX_WAIT;
-use crate::limits::path::{PathError, fstat};
+use crate::limits::path::PathError;
 use crate::limits::policy::Policy;
 use crate::sessions::sid8;
 use crate::sessions::{Handler, SessionCtx};
 use crate::sys::errno::go_text;
+use crate::sys::fs::fstat;
 use crate::wire::codec::{self, ProtoHdr, ProtoMsg};
 
 use self::wire::Request;
@@ -252,7 +253,7 @@ impl FileTransfer {
     fn stat(&self, msg: &ProtoMsg) {
         let result = Request::decode(msg.body.as_deref()).and_then(|req| {
             let path = req.path()?.to_vec();
-            let st = stat_path(&path).map_err(|e| {
+            let st = crate::sys::fs::stat(&path).map_err(|e| {
                 let p = wire::shown(&path);
                 format!(
                     "failed to get file info from path '{p}': stat {p}: {}",
@@ -426,19 +427,6 @@ impl DownloadRefusal {
             code: Some(wire::CODE_FORBIDDEN),
         }
     }
-}
-
-/// `stat(2)` following symlinks, like Go's `os.Stat`.
-fn stat_path(path: &[u8]) -> std::io::Result<libc::stat> {
-    let c = std::ffi::CString::new(path)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: stat is plain old data, fully written by a successful stat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: NUL-terminated path and a valid out pointer.
-    if unsafe { libc::stat(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st)
 }
 
 impl From<PathError> for Refusal {

@@ -3,16 +3,16 @@
 //! the shared Rx bucket), then fsync, fchown, fchmod and rename, and only
 //! then the final ack (§2.4 with the recommended fixes).
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::limits::path::{PathError, openat};
+use crate::limits::path::PathError;
 use crate::sys::errno::go_text;
+use crate::sys::fs::{self, lstat_at, openat};
 use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
 use super::wire::{self, ACK_EVERY, GO_SETUID, Request, offset_of};
@@ -88,23 +88,6 @@ impl Service {
             gid,
             no_replace: !p.allow_overwrite,
         })
-    }
-}
-
-fn lstat_at(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
-    let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: stat is plain old data, written by a successful fstatat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated name and out pointer.
-    let rc = unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
-    if rc == 0 {
-        return Ok(Some(st));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(None)
-    } else {
-        Err(e)
     }
 }
 
@@ -276,15 +259,12 @@ impl Drop for Upload {
         if self.committed {
             return;
         }
-        if let Ok(c) = CString::new(self.tmp.clone()) {
-            // SAFETY: valid dirfd and NUL-terminated name.
-            if unsafe { libc::unlinkat(self.dir.as_raw_fd(), c.as_ptr(), 0) } != 0 {
-                let e = io::Error::last_os_error();
-                log::warn!(
-                    "file transfer: cannot remove the temp file of {}: {e}",
-                    self.shown
-                );
-            }
+        // (the name has no NUL byte: it is the checked target's plus hex)
+        if let Err(e) = fs::unlinkat(self.dir.as_raw_fd(), &self.tmp) {
+            log::warn!(
+                "file transfer: cannot remove the temp file of {}: {e}",
+                self.shown
+            );
         }
     }
 }
@@ -469,24 +449,20 @@ impl Upload {
                 go_text(&e)
             )
         })?;
-        let fd = self.file.as_raw_fd();
+        let fd = self.file.as_fd();
         // Owner first: a chown clears setuid, so the mode goes on afterwards.
-        // SAFETY: fchown/fchmod on a descriptor we own.
-        if unsafe { libc::fchown(fd, self.plan.uid, self.plan.gid) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(format!(
+        fs::fchown(fd, self.plan.uid, self.plan.gid).map_err(|e| {
+            format!(
                 "failed to set file owner: chown {tmp_shown}: {}",
                 go_text(&e)
-            ));
-        }
-        // SAFETY: as above.
-        if unsafe { libc::fchmod(fd, self.plan.mode as libc::mode_t) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(format!(
+            )
+        })?;
+        fs::fchmod(fd, self.plan.mode as libc::mode_t).map_err(|e| {
+            format!(
                 "failed to set file permissions: chmod {tmp_shown}: {}",
                 go_text(&e)
-            ));
-        }
+            )
+        })?;
         rename(
             self.dir.as_raw_fd(),
             &self.tmp,
@@ -532,41 +508,18 @@ impl Upload {
 /// Renames within `dir`; with `no_replace` an existing target is EEXIST,
 /// using link+unlink where the filesystem lacks RENAME_NOREPLACE.
 fn rename(dir: RawFd, from: &[u8], to: &[u8], no_replace: bool) -> io::Result<()> {
-    let inval = || io::Error::from_raw_os_error(libc::EINVAL);
-    let from = CString::new(from).map_err(|_| inval())?;
-    let to = CString::new(to).map_err(|_| inval())?;
     if !no_replace {
-        // SAFETY: valid dirfd and NUL-terminated names.
-        return match unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) } {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        };
+        return fs::renameat(dir, from, to);
     }
-    // SAFETY: as above; flags is RENAME_NOREPLACE.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            dir,
-            from.as_ptr(),
-            dir,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
+    match fs::renameat_noreplace(dir, from, to) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
+            // linkat fails with EEXIST instead of replacing
+            fs::linkat(dir, from, to)?;
+            let _ = fs::unlinkat(dir, from);
+            Ok(())
+        }
+        other => other,
     }
-    let e = io::Error::last_os_error();
-    if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-        return Err(e);
-    }
-    // SAFETY: as above; linkat fails with EEXIST instead of replacing.
-    if unsafe { libc::linkat(dir, from.as_ptr(), dir, to.as_ptr(), 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    unsafe { libc::unlinkat(dir, from.as_ptr(), 0) };
-    Ok(())
 }
 
 #[cfg(test)]

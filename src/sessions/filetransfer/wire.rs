@@ -408,8 +408,7 @@ mod tests {
 
     #[test]
     fn file_info_echoes_the_path_bytes_as_a_str() {
-        // SAFETY: stat is plain old data.
-        let st: libc::stat = unsafe { std::mem::zeroed() };
+        let st = crate::sys::fs::zeroed_stat();
         let m = file_info("s", b"/\xfa", &st);
         let body = m.body.expect("body");
         assert_eq!(
