@@ -7,17 +7,17 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::sys::errno::go_text;
+use crate::limits::policy::Denial;
 use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
 use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
-use super::{DOWNLOAD, DownloadRefusal, FileTransfer, Link, Next, Refusal, Service, audit_event};
+use super::{DOWNLOAD, FileTransfer, FtError, Link, Next, Service, audit_event};
 
 impl FileTransfer {
     /// Checks and opens the file, then starts the streaming thread.
     /// Every limit is applied here, before the first chunk; a refusal by
     /// the limits carries `code` 403.
-    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), DownloadRefusal> {
+    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), FtError> {
         let req = wire::Request::decode(msg.body.as_deref())?;
         let path = req.path()?.to_vec();
         let shown = wire::shown(&path);
@@ -26,21 +26,18 @@ impl FileTransfer {
             .svc
             .check_download(&path, libc::O_RDONLY | libc::O_NONBLOCK)
             .map_err(|e| match e {
-                Refusal::Denied(_) => DownloadRefusal::denied(e.text(|os| os)),
-                Refusal::Os(_) => DownloadRefusal::from(
-                    e.text(|os| format!("failed to open file for reading: open {shown}: {os}")),
-                ),
+                Ok(denial) => FtError::Denied(denial),
+                Err(err) => FtError::OpenRead {
+                    path: shown.clone(),
+                    err,
+                },
             })?;
-        let p = &self.svc.policy;
         // a disabled policy has no buckets and no size limit (Policy::disabled)
-        if let Some(tx) = &p.tx {
-            tx.check_start()
-                .map_err(|e| DownloadRefusal::denied(e.to_string()))?;
+        if let Some(tx) = self.svc.policy.tx() {
+            tx.check_start().map_err(FtError::Limit)?;
         }
         if self.busy() {
-            return Err(DownloadRefusal::from(
-                "another file transfer is in progress".to_string(),
-            ));
+            return Err(FtError::Busy);
         }
         let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
         if regular {
@@ -53,7 +50,7 @@ impl FileTransfer {
             path: shown,
             req: msg.hdr.clone(),
         };
-        Ok(self.spawn("download", move |link| job.run(&link))?)
+        self.spawn("download", move |link| job.run(&link))
     }
 }
 
@@ -66,7 +63,7 @@ struct Download {
 
 enum Fail {
     /// Tell the server (against this header, with this msgtype).
-    Reply(Box<ProtoHdr>, String, String),
+    Reply(Box<ProtoHdr>, String, FtError),
     /// End quietly (cancelled, connection gone, server error).
     Quiet,
 }
@@ -81,7 +78,7 @@ impl Download {
                 link.sid,
                 self.path
             );
-            link.send(&wire::error_reply(&hdr, &msgtype, &err));
+            link.send(&wire::error_reply(&hdr, &msgtype, &err.to_string()));
         }
     }
 
@@ -104,8 +101,8 @@ impl Download {
     fn stream(&mut self, link: &Link) -> Result<(), Fail> {
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
-        let bucket = p.tx.as_ref();
-        let max = p.max_file_size;
+        let bucket = p.tx();
+        let max = p.max_file_size();
         let mut buf = vec![0u8; CHUNK];
         let mut offset: u64 = 0;
         let mut acked: u64 = 0;
@@ -122,14 +119,13 @@ impl Download {
                 }
                 let n = self.fill(&mut buf, link).map_err(|e| match e {
                     None => Fail::Quiet,
-                    Some(e) => Fail::Reply(
+                    Some(err) => Fail::Reply(
                         Box::new(last.0.clone()),
                         last.1.clone(),
-                        format!(
-                            "failed to copy file chunk to session: read {}: {}",
-                            self.path,
-                            go_text(&e)
-                        ),
+                        FtError::ReadChunk {
+                            path: self.path.clone(),
+                            err,
+                        },
                     ),
                 })?;
                 if n == 0 {
@@ -141,7 +137,7 @@ impl Download {
                 }
                 if max > 0 && offset + n as u64 > max {
                     // The file grew past the limit while streaming (§7 #17).
-                    let err = "access denied: the file size is over the limit".to_string();
+                    let err = FtError::Denied(Denial::TooLarge);
                     return Err(Fail::Reply(Box::new(last.0.clone()), last.1.clone(), err));
                 }
                 if let Some(b) = bucket {
@@ -160,7 +156,7 @@ impl Download {
                             return Err(Fail::Reply(
                                 Box::new(last.0.clone()),
                                 last.1.clone(),
-                                e.to_string(),
+                                FtError::Limit(e),
                             ));
                         }
                     }
@@ -190,9 +186,11 @@ impl Download {
                         let o = match u64::try_from(o) {
                             Ok(o) if o >= acked && o <= offset => o,
                             _ => {
-                                let err = format!(
-                                    "invalid ack offset {o}: {offset} bytes sent, {acked} acknowledged"
-                                );
+                                let err = FtError::AckOffset {
+                                    offset: o,
+                                    sent: offset,
+                                    acked,
+                                };
                                 return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
                             }
                         };
@@ -200,11 +198,11 @@ impl Download {
                         last = (msg.hdr, "ack".to_string());
                     }
                     Some(Err(())) => {
-                        let err = "invalid offset data type: require int64".to_string();
+                        let err = FtError::AckOffsetType;
                         return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
                     }
                     None => {
-                        let err = "ack message: offset property cannot be blank".to_string();
+                        let err = FtError::AckOffsetBlank;
                         return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
                     }
                 },
@@ -216,7 +214,7 @@ impl Download {
                     return Err(Fail::Quiet);
                 }
                 other => {
-                    let err = format!("received unexpected message type '{other}'; expected 'ack'");
+                    let err = FtError::UnexpectedInDownload(other.to_string());
                     let t = other.to_string();
                     return Err(Fail::Reply(Box::new(msg.hdr), t, err));
                 }

@@ -3,8 +3,11 @@
 //! one transfer per session, all paths resolved under the configured limits.
 
 mod download;
+mod error;
 mod upload;
 pub mod wire;
+
+pub use self::error::FtError;
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -17,12 +20,10 @@ use crate::audit::{self, Event, Outcome};
 use crate::config::LimitsConfig;
 use crate::conn::outbound::{Outbound, SendError};
 use crate::limits::bucket::MAX_WAIT;
-use crate::limits::path::PathError;
-use crate::limits::policy::Policy;
+use crate::limits::policy::{Denial, Policy};
 use crate::sessions::sid8;
 use crate::sessions::{Handler, SessionCtx};
-use crate::sys::errno::go_text;
-use crate::sys::fs::fstat;
+use crate::sys::fs::{Stat, fstat};
 use crate::wire::codec::{self, ProtoHdr, ProtoMsg};
 
 use self::wire::Request;
@@ -196,13 +197,19 @@ struct FileTransfer {
 }
 
 impl FileTransfer {
-    fn reply_error(&self, req: &ProtoHdr, msgtype: &str, err: &str) {
+    fn reply_error(&self, req: &ProtoHdr, msgtype: &str, err: &FtError) {
         self.reply_error_with_code(req, msgtype, err, None);
     }
 
-    fn reply_error_with_code(&self, req: &ProtoHdr, msgtype: &str, err: &str, code: Option<u16>) {
+    fn reply_error_with_code(
+        &self,
+        req: &ProtoHdr,
+        msgtype: &str,
+        err: &FtError,
+        code: Option<u16>,
+    ) {
         log::info!("file transfer {}: {msgtype}: {err}", self.ctx.sid);
-        let reply = wire::error_reply_with_code(req, msgtype, err, code);
+        let reply = wire::error_reply_with_code(req, msgtype, &err.to_string(), code);
         if let Err(e) = self.ctx.out.send(&reply) {
             log::debug!("file transfer {}: error not sent: {e}", self.ctx.sid);
         }
@@ -221,9 +228,9 @@ impl FileTransfer {
     /// Starts `body` on a named thread with a fresh link.
     fn spawn(
         &mut self,
-        what: &str,
+        what: &'static str,
         body: impl FnOnce(Link) + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<(), FtError> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let (cancel_tx, cancel_rx) = crossbeam_channel::bounded(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
@@ -238,7 +245,7 @@ impl FileTransfer {
             .name(format!("ft-{}", sid8(&self.ctx.sid)))
             .stack_size(STACK)
             .spawn(move || body(link))
-            .map_err(|e| format!("failed to start the {what}: {e}"))?;
+            .map_err(|err| FtError::Spawn { what, err })?;
         self.active = Some(Active {
             tx,
             cancel: Some(cancel_tx),
@@ -253,12 +260,9 @@ impl FileTransfer {
     fn stat(&self, msg: &ProtoMsg) {
         let result = Request::decode(msg.body.as_deref()).and_then(|req| {
             let path = req.path()?.to_vec();
-            let st = crate::sys::fs::stat(&path).map_err(|e| {
-                let p = wire::shown(&path);
-                format!(
-                    "failed to get file info from path '{p}': stat {p}: {}",
-                    go_text(&e)
-                )
+            let st = crate::sys::fs::stat(&path).map_err(|err| FtError::Stat {
+                path: wire::shown(&path),
+                err,
             })?;
             Ok(wire::file_info(&self.ctx.sid, &path, &st))
         });
@@ -281,7 +285,7 @@ impl FileTransfer {
                     self.ctx.sid
                 );
             } else {
-                self.reply_error(&msg.hdr, &typ, "no file transfer in progress");
+                self.reply_error(&msg.hdr, &typ, &FtError::NotInProgress);
             }
             return;
         }
@@ -298,7 +302,7 @@ impl FileTransfer {
             let hdr = msg.hdr.clone();
             active.stop();
             self.active = None;
-            self.reply_error(&hdr, &typ, "file chunk too large");
+            self.reply_error(&hdr, &typ, &FtError::ChunkTooLarge);
             return;
         }
         match active.tx.try_send(msg) {
@@ -306,14 +310,14 @@ impl FileTransfer {
             Err(TrySendError::Disconnected(m)) => {
                 self.active = None;
                 if typ != "error" {
-                    self.reply_error(&m.hdr, &typ, "no file transfer in progress");
+                    self.reply_error(&m.hdr, &typ, &FtError::NotInProgress);
                 }
             }
             Err(TrySendError::Full(m)) => {
                 // The peer ignores the window; the transfer cannot stay consistent.
                 active.stop();
                 self.active = None;
-                self.reply_error(&m.hdr, &typ, "too many file transfer messages queued");
+                self.reply_error(&m.hdr, &typ, &FtError::QueueFull);
             }
         }
     }
@@ -325,8 +329,9 @@ impl Handler for FileTransfer {
             "stat" => self.stat(&msg),
             "get_file" => {
                 if let Err(e) = self.start_download(&msg) {
-                    audit_unstarted(DOWNLOAD, &msg, &self.ctx.sid, &e.text);
-                    self.reply_error_with_code(&msg.hdr, "get_file", &e.text, e.code);
+                    audit_unstarted(DOWNLOAD, &msg, &self.ctx.sid, &e);
+                    let code = e.download_code();
+                    self.reply_error_with_code(&msg.hdr, "get_file", &e, code);
                 }
             }
             "put_file" => {
@@ -337,7 +342,7 @@ impl Handler for FileTransfer {
             }
             "ack" | "file_chunk" | "error" => self.forward_to_transfer(msg),
             other => {
-                let err = format!("session: filetransfer message type '{other}' not supported");
+                let err = FtError::Unsupported(other.to_string());
                 self.reply_error(&msg.hdr, other, &err);
             }
         }
@@ -356,7 +361,12 @@ const UPLOAD: &str = "file upload";
 
 /// The audit line of a transfer of `action` requested by `req`, ended by
 /// `result`: a failure whose text names a Limits rule is a refusal.
-fn audit_event(action: &'static str, req: &ProtoHdr, sid: &str, result: Result<(), &str>) -> Event {
+fn audit_event(
+    action: &'static str,
+    req: &ProtoHdr,
+    sid: &str,
+    result: Result<(), &FtError>,
+) -> Event {
     let user = req
         .props
         .iter()
@@ -365,15 +375,18 @@ fn audit_event(action: &'static str, req: &ProtoHdr, sid: &str, result: Result<(
         .unwrap_or_default();
     match result {
         Ok(()) => Event::new(action, user, sid, Outcome::Ok),
-        Err(err) => match audit::transfer_rule(err, action == UPLOAD) {
-            Some(rule) => Event::refused(action, user, sid, rule, err),
-            None => Event::new(action, user, sid, Outcome::Error).with("err", err),
-        },
+        Err(err) => {
+            let err = err.to_string();
+            match audit::transfer_rule(&err, action == UPLOAD) {
+                Some(rule) => Event::refused(action, user, sid, rule, &err),
+                None => Event::new(action, user, sid, Outcome::Error).with("err", err),
+            }
+        }
     }
 }
 
 /// The audit line of a `get_file`/`put_file` refused before it started.
-fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &str) {
+fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &FtError) {
     let req = Request::decode(msg.body.as_deref()).ok();
     let path = req
         .as_ref()
@@ -390,88 +403,22 @@ fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &str) {
     e.emit();
 }
 
-/// A refusal before a transfer starts: a permit reason or an OS error.
-enum Refusal {
-    Denied(String),
-    Os(std::io::Error),
-}
-
-impl Refusal {
-    /// The reply text; `os` formats OS errors for the request at hand.
-    fn text(self, os: impl FnOnce(String) -> String) -> String {
-        match self {
-            Refusal::Denied(r) => format!("access denied: {r}"),
-            Refusal::Os(e) => os(go_text(&e)),
-        }
-    }
-}
-
-/// Why a `get_file` was refused, with the status for `code` when the
-/// limits refused it (MEN-4659: a denial is 403, not 500 "internal error").
-#[derive(Debug)]
-pub(crate) struct DownloadRefusal {
-    text: String,
-    code: Option<u16>,
-}
-
-impl From<String> for DownloadRefusal {
-    fn from(text: String) -> DownloadRefusal {
-        DownloadRefusal { text, code: None }
-    }
-}
-
-impl DownloadRefusal {
-    fn denied(text: String) -> DownloadRefusal {
-        DownloadRefusal {
-            text,
-            code: Some(wire::CODE_FORBIDDEN),
-        }
-    }
-}
-
-impl From<PathError> for Refusal {
-    fn from(e: PathError) -> Refusal {
-        match e {
-            PathError::Os(e) => Refusal::Os(e),
-            other => Refusal::Denied(other.to_string()),
-        }
-    }
-}
-
 impl Service {
-    /// Opens `path` for a download and runs every permit check on the
-    /// opened descriptor.
+    /// Opens `path` for a download and asks the policy about the opened
+    /// descriptor; an OS error while opening is returned as such.
     fn check_download(
         &self,
         path: &[u8],
         flags: libc::c_int,
-    ) -> Result<(std::os::fd::OwnedFd, libc::stat), Refusal> {
+    ) -> Result<(std::os::fd::OwnedFd, Stat), Result<Denial, std::io::Error>> {
         let p = &self.policy;
         let fd = p
             .resolver_for(path)
-            .map_err(Refusal::Denied)?
-            .open(path, flags)?;
-        let st = fstat(fd.as_fd()).map_err(Refusal::Os)?;
-        if p.enabled {
-            if p.regular_files_only && st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Err(Refusal::Denied("only regular files are allowed".into()));
-            }
-            if p.owner_get
-                .as_ref()
-                .is_some_and(|ids| !ids.contains(&st.st_uid))
-            {
-                return Err(Refusal::Denied("the file owner does not match".into()));
-            }
-            if p.group_get
-                .as_ref()
-                .is_some_and(|ids| !ids.contains(&st.st_gid))
-            {
-                return Err(Refusal::Denied("the file group does not match".into()));
-            }
-            if p.max_file_size > 0 && st.st_size > 0 && st.st_size as u64 > p.max_file_size {
-                return Err(Refusal::Denied("the file size is over the limit".into()));
-            }
-        }
+            .map_err(Ok)?
+            .open(path, flags)
+            .map_err(Denial::from_path)?;
+        let st = fstat(fd.as_fd()).map_err(Err)?;
+        p.permit_download(&st).map_err(Ok)?;
         Ok((fd, st))
     }
 }

@@ -10,88 +10,30 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::limits::path::PathError;
-use crate::sys::errno::go_text;
-use crate::sys::fs::{self, lstat_at, openat};
+use crate::limits::policy::{Denial, Plan, Wanted};
+use crate::sys::fs::{self, Stat, lstat_at, openat};
 use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
 use super::wire::{self, ACK_EVERY, GO_SETUID, Request, offset_of};
-use super::{FileTransfer, Link, Next, Service, UPLOAD, audit_event};
+use super::{FileTransfer, FtError, Link, Next, Service, UPLOAD, audit_event};
 
 /// Temp-name attempts on EEXIST, as upstream.
 const TEMP_ATTEMPTS: u32 = 100;
 
-/// Final mode and owner of an upload, decided before anything is written.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Plan {
-    /// Permission bits (setuid only when allowed; never setgid/sticky).
-    pub mode: u32,
-    /// Owner.
-    pub uid: u32,
-    /// Group.
-    pub gid: u32,
-    /// Rename without replacing an existing file.
-    pub no_replace: bool,
-}
-
 impl Service {
-    /// Mode and owner per the limits (transfer.md §2.5 with its errata):
-    /// the Unix setuid bit (04000) is kept under PreserveMode as upstream
-    /// keeps it; the Go FileMode setuid bit (what mender-cli sends) is
-    /// refused unless AllowSuid.
-    fn plan(&self, req: &Request) -> Result<Plan, String> {
-        let p = &self.policy;
-        let requested = req.mode.unwrap_or(0o644);
-        if !p.enabled {
-            return Ok(Plan {
-                mode: requested & 0o777,
-                uid: req.uid.unwrap_or(self.uid),
-                gid: req.gid.unwrap_or(self.gid),
-                no_replace: false,
-            });
-        }
-        let go_suid = requested & GO_SETUID != 0;
-        if go_suid && !p.allow_suid {
-            return Err("access denied: the set uid mode is forbidden".into());
-        }
-        let wants_suid = go_suid || requested & 0o4000 != 0;
-        let umask = p
-            .umask
-            .clone()
-            .map_err(|m| format!("failed to preserve file mode: {m}"))?;
-        let mut mode = if p.preserve_mode {
-            requested & 0o777
-        } else {
-            0o644
+    /// Mode and owner of the upload `req` asks for, per the policy.
+    fn plan(&self, req: &Request) -> Result<Plan, FtError> {
+        let want = Wanted {
+            mode: req.mode.map(|m| m & !GO_SETUID),
+            go_setuid: req.mode.is_some_and(|m| m & GO_SETUID != 0),
+            uid: req.uid,
+            gid: req.gid,
         };
-        if let Some(u) = umask {
-            // Upstream meaning: the Umask replaces the requested bits.
-            mode = 0o777 & !u;
-        }
-        if wants_suid && p.preserve_mode {
-            mode |= 0o4000;
-        }
-        let owner_err = |m: String| format!("failed to preserve file owner/group: {m}");
-        let uid = match p.owner_put.clone().map_err(owner_err)? {
-            Some(u) => u,
-            None if p.preserve_owner => req.uid.unwrap_or(self.uid),
-            None => self.uid,
-        };
-        let gid = match p.group_put.clone().map_err(owner_err)? {
-            Some(g) => g,
-            None if p.preserve_group => req.gid.unwrap_or(self.gid),
-            None => self.gid,
-        };
-        Ok(Plan {
-            mode,
-            uid,
-            gid,
-            no_replace: !p.allow_overwrite,
-        })
+        Ok(self.policy.plan_upload(want, (self.uid, self.gid))?)
     }
 }
 
-fn is_dir(st: &libc::stat) -> bool {
+fn is_dir(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
 
@@ -116,49 +58,38 @@ fn lossy(b: &[u8]) -> String {
 
 impl FileTransfer {
     /// Runs every check, creates the temp file and starts the receiving thread.
-    pub(super) fn start_upload(&mut self, msg: &ProtoMsg) -> Result<(), String> {
+    pub(super) fn start_upload(&mut self, msg: &ProtoMsg) -> Result<(), FtError> {
         let req = Request::decode(msg.body.as_deref())?;
         let path = req.path()?.to_vec();
         let p = &self.svc.policy;
-        if p.enabled
-            && p.max_file_size > 0
-            && req
-                .size
-                .is_some_and(|s| s > 0 && s as u64 > p.max_file_size)
-        {
-            return Err("access denied: the file size is over the limit".into());
-        }
+        p.permit_upload(req.size)?;
         let mut shown = lossy(&path);
-        let resolver = p
-            .resolver_for(&path)
-            .map_err(|m| format!("access denied: {m}"))?;
-        let (mut dir, mut leaf) = resolver.open_parent(&path).map_err(|e| match e {
-            PathError::Os(e) => match e.raw_os_error() {
-                Some(libc::EISDIR) => {
-                    "conflicting file path: cannot overwrite directory".to_string()
-                }
-                // Upstream fails here creating the temp file (asserted prefix).
-                Some(libc::ENOENT) | Some(libc::ENOTDIR) => format!(
-                    "failed to create target file: failed to create file: open {shown}: {}",
-                    go_text(&e)
-                ),
-                _ => format!(
-                    "error checking file location: lstat {shown}: {}",
-                    go_text(&e)
-                ),
-            },
-            other => format!("access denied: {other}"),
+        let resolver = p.resolver_for(&path)?;
+        let (mut dir, mut leaf) = resolver.open_parent(&path).map_err(|e| {
+            match Denial::from_path(e) {
+                Ok(denial) => FtError::Denied(denial),
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EISDIR) => FtError::TargetIsDir,
+                    // Upstream fails here creating the temp file (asserted prefix).
+                    Some(libc::ENOENT) | Some(libc::ENOTDIR) => FtError::Create {
+                        name: shown.clone(),
+                        err,
+                    },
+                    _ => FtError::CheckLocation {
+                        path: shown.clone(),
+                        err,
+                    },
+                },
+            }
         })?;
-        let check_err = |shown: &str, e: io::Error| {
-            format!(
-                "error checking file location: lstat {shown}: {}",
-                go_text(&e)
-            )
+        let check_err = |shown: &str, err: io::Error| FtError::CheckLocation {
+            path: shown.to_string(),
+            err,
         };
         let mut existing = lstat_at(dir.as_raw_fd(), &leaf).map_err(|e| check_err(&shown, e))?;
         if existing.as_ref().is_some_and(is_dir) {
             let Some(base) = req.src_path.as_deref().and_then(basename) else {
-                return Err("conflicting file path: cannot overwrite directory".into());
+                return Err(FtError::TargetIsDir);
             };
             // O_NOFOLLOW: if the directory was swapped for a link, O_DIRECTORY fails.
             dir = openat(
@@ -172,31 +103,21 @@ impl FileTransfer {
             leaf = base.to_vec();
             existing = lstat_at(dir.as_raw_fd(), &leaf).map_err(|e| check_err(&shown, e))?;
             if existing.as_ref().is_some_and(is_dir) {
-                return Err("conflicting file path: cannot overwrite directory".into());
+                return Err(FtError::TargetIsDir);
             }
         }
         if let Some(st) = &existing {
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Err("conflicting file path: cannot overwrite irregular file".into());
+            if !fs::is_type(st, libc::S_IFREG) {
+                return Err(FtError::TargetIrregular);
             }
-            if p.enabled {
-                if !p.allow_overwrite {
-                    return Err("access denied: forbidden to overwrite the file".into());
-                }
-                if matches!(p.owner_put, Ok(Some(u)) if u != st.st_uid) {
-                    return Err("access denied: the file owner does not match".into());
-                }
-                if matches!(p.group_put, Ok(Some(g)) if g != st.st_gid) {
-                    return Err("access denied: the file group does not match".into());
-                }
-            }
+            p.permit_replace(st)?;
         }
         let plan = self.svc.plan(&req)?;
-        if let Some(rx) = &p.rx {
-            rx.check_start().map_err(|e| e.to_string())?;
+        if let Some(rx) = p.rx() {
+            rx.check_start().map_err(FtError::Limit)?;
         }
         if self.busy() {
-            return Err("another file transfer is in progress".into());
+            return Err(FtError::Busy);
         }
         let (file, tmp) = self.create_temp(&dir, &leaf, &shown)?;
         let job = Upload {
@@ -218,26 +139,31 @@ impl FileTransfer {
         dir: &OwnedFd,
         leaf: &[u8],
         shown: &str,
-    ) -> Result<(File, Vec<u8>), String> {
+    ) -> Result<(File, Vec<u8>), FtError> {
         let counter = self.svc.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let mut last = String::new();
+        let mut last = None;
         for attempt in 0..TEMP_ATTEMPTS {
             let mut name = leaf.to_vec();
             name.extend_from_slice(format!(".{counter:08x}{attempt:02x}").as_bytes());
             let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW;
             match openat(dir.as_raw_fd(), &name, flags, 0o200) {
                 Ok(fd) => return Ok((File::from(fd), name)),
-                Err(e) => {
-                    last = format!("open {shown}.{counter:08x}{attempt:02x}: {}", go_text(&e));
-                    if e.raw_os_error() != Some(libc::EEXIST) {
+                Err(err) => {
+                    let exists = err.raw_os_error() == Some(libc::EEXIST);
+                    last = Some(FtError::Create {
+                        name: format!("{shown}.{counter:08x}{attempt:02x}"),
+                        err,
+                    });
+                    if !exists {
                         break;
                     }
                 }
             }
         }
-        Err(format!(
-            "failed to create target file: failed to create file: {last}"
-        ))
+        Err(last.unwrap_or(FtError::Create {
+            name: shown.to_string(),
+            err: io::Error::from_raw_os_error(libc::EEXIST),
+        }))
     }
 }
 
@@ -270,7 +196,7 @@ impl Drop for Upload {
 }
 
 enum Fail {
-    Reply(String),
+    Reply(FtError),
     Quiet,
 }
 
@@ -291,7 +217,7 @@ impl Upload {
                 let shown = self.shown.clone();
                 drop(self);
                 log::info!("file transfer {}: upload of {shown}: {err}", link.sid);
-                link.send(&wire::error_reply(&req, "put_file", &err));
+                link.send(&wire::error_reply(&req, "put_file", &err.to_string()));
             }
         }
     }
@@ -304,16 +230,15 @@ impl Upload {
             Ok(()) => audit_event(UPLOAD, &self.req, &link.sid, Ok(())),
             Err(Fail::Reply(err)) => {
                 let mut e = audit_event(UPLOAD, &self.req, &link.sid, Err(err));
-                if err == "failed to write file chunk: transmitted bytes limit exhausted"
-                    && p.rx.is_some()
-                    && p.max_file_size > 0
-                {
+                // both texts are "failed to write file chunk: transmitted bytes limit exhausted"
+                let limit_text = matches!(err, FtError::UploadTooLarge | FtError::WriteLimit(_));
+                if limit_text && p.rx().is_some() && p.max_file_size() > 0 {
                     // upstream uses one text for both rules
                     e = e.with(
                         "rule",
                         "Limits.FileTransfer.MaxFileSize or Counters.MaxBytesRxPerMinute",
                     );
-                } else if err.ends_with("transmitted bytes limit exhausted") && p.rx.is_some() {
+                } else if limit_text && p.rx().is_some() {
                     e = e.with("rule", "Limits.FileTransfer.Counters.MaxBytesRxPerMinute");
                 }
                 e
@@ -344,8 +269,8 @@ impl Upload {
         let mut heard = Instant::now();
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
-        let bucket = p.rx.as_ref();
-        let max = p.max_file_size;
+        let bucket = p.rx();
+        let max = p.max_file_size();
         let mut written: u64 = 0;
         loop {
             let mut msg = match link.next() {
@@ -360,32 +285,25 @@ impl Upload {
                     "file_chunk" => {}
                     "error" => return Err(Fail::Quiet),
                     other => {
-                        return Err(Fail::Reply(format!(
-                            "received unexpected message type '{other}' during file upload"
-                        )));
+                        return Err(Fail::Reply(FtError::UnexpectedInUpload(other.to_string())));
                     }
                 }
                 let Some(Ok(offset)) = offset_of(&msg) else {
-                    return Err(Fail::Reply(
-                        "invalid file chunk message: missing offset property".into(),
-                    ));
+                    return Err(Fail::Reply(FtError::ChunkOffsetMissing));
                 };
                 if offset < 0 || offset as u64 != written {
-                    return Err(Fail::Reply("received unexpected chunk offset".into()));
+                    return Err(Fail::Reply(FtError::ChunkOffset));
                 }
                 match msg.body.as_deref() {
                     Some(data) if !data.is_empty() => {
                         let n = data.len() as u64;
                         if max > 0 && written + n > max {
                             // Upstream's text (asserted by its suite), though it names the rate limit.
-                            return Err(Fail::Reply(
-                                "failed to write file chunk: transmitted bytes limit exhausted"
-                                    .into(),
-                            ));
+                            return Err(Fail::Reply(FtError::UploadTooLarge));
                         }
-                        self.file.write_all(data).map_err(|e| {
-                            Fail::Reply(format!("failed to write file chunk: {}", go_text(&e)))
-                        })?;
+                        self.file
+                            .write_all(data)
+                            .map_err(|e| Fail::Reply(FtError::WriteChunk(e)))?;
                         written += n;
                         fresh += n;
                     }
@@ -415,7 +333,7 @@ impl Upload {
                     let budget = super::throttle_budget(heard);
                     let wait = b.reserve(n, budget).map_err(|e| {
                         b.exhaust();
-                        Fail::Reply(format!("failed to write file chunk: {e}"))
+                        Fail::Reply(FtError::WriteLimit(e))
                     })?;
                     if !wait.is_zero() && !link.pause(wait) {
                         return Err(Fail::Quiet);
@@ -441,27 +359,21 @@ impl Upload {
         }
     }
 
-    fn commit(&mut self) -> Result<(), String> {
+    fn commit(&mut self) -> Result<(), FtError> {
         let tmp_shown = format!("{}{}", self.shown, lossy(&self.tmp[self.leaf.len()..]));
-        self.file.sync_all().map_err(|e| {
-            format!(
-                "failed to commit uploaded file: fsync {tmp_shown}: {}",
-                go_text(&e)
-            )
+        self.file.sync_all().map_err(|err| FtError::Fsync {
+            tmp: tmp_shown.clone(),
+            err,
         })?;
         let fd = self.file.as_fd();
         // Owner first: a chown clears setuid, so the mode goes on afterwards.
-        fs::fchown(fd, self.plan.uid, self.plan.gid).map_err(|e| {
-            format!(
-                "failed to set file owner: chown {tmp_shown}: {}",
-                go_text(&e)
-            )
+        fs::fchown(fd, self.plan.uid, self.plan.gid).map_err(|err| FtError::Chown {
+            tmp: tmp_shown.clone(),
+            err,
         })?;
-        fs::fchmod(fd, self.plan.mode as libc::mode_t).map_err(|e| {
-            format!(
-                "failed to set file permissions: chmod {tmp_shown}: {}",
-                go_text(&e)
-            )
+        fs::fchmod(fd, self.plan.mode as libc::mode_t).map_err(|err| FtError::Chmod {
+            tmp: tmp_shown.clone(),
+            err,
         })?;
         rename(
             self.dir.as_raw_fd(),
@@ -469,15 +381,15 @@ impl Upload {
             &self.leaf,
             self.plan.no_replace,
         )
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::EEXIST) {
-                "access denied: forbidden to overwrite the file".to_string()
+        .map_err(|err| {
+            if err.raw_os_error() == Some(libc::EEXIST) {
+                FtError::Denied(Denial::Overwrite)
             } else {
-                format!(
-                    "failed to commit uploaded file: rename {tmp_shown} {}: {}",
-                    self.shown,
-                    go_text(&e)
-                )
+                FtError::Rename {
+                    tmp: tmp_shown,
+                    path: self.shown.clone(),
+                    err,
+                }
             }
         })?;
         self.committed = true;
@@ -525,76 +437,6 @@ fn rename(dir: RawFd, from: &[u8], to: &[u8], no_replace: bool) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::limits::policy::Policy;
-
-    fn svc(edit: impl FnOnce(&mut crate::config::LimitsConfig)) -> Service {
-        let mut cfg = Config::default().limits;
-        cfg.enabled = true;
-        edit(&mut cfg);
-        let mut s = Service::with_policy(Policy::from_config(&cfg, false));
-        s.uid = 0;
-        s.gid = 0;
-        s
-    }
-
-    fn req(mode: Option<u32>, uid: Option<u32>) -> Request {
-        Request {
-            path: Some(b"/x".to_vec()),
-            mode,
-            uid,
-            gid: uid,
-            ..Request::default()
-        }
-    }
-
-    #[test]
-    fn limits_off_drops_special_bits_and_keeps_the_request() {
-        let s = Service::with_policy(Policy::disabled());
-        let p = s.plan(&req(Some(0o4755), Some(12345))).expect("plan");
-        assert_eq!((p.mode, p.uid, p.gid), (0o755, 12345, 12345));
-        assert_eq!(s.plan(&req(None, None)).expect("plan").mode, 0o644);
-    }
-
-    #[test]
-    fn unix_setuid_is_kept_and_go_setuid_needs_allow_suid() {
-        let s = svc(|_| {});
-        // upstream's test_upload_limits_err_preserve_modes: mode=4711 → -rws--x--x
-        assert_eq!(s.plan(&req(Some(0o4711), None)).expect("kept").mode, 0o4711);
-        assert_eq!(
-            s.plan(&req(Some(GO_SETUID | 0o755), None)),
-            Err("access denied: the set uid mode is forbidden".into())
-        );
-        let s = svc(|c| c.file_transfer.preserve_mode = false);
-        assert_eq!(s.plan(&req(Some(0o4711), None)).expect("plain").mode, 0o644);
-        let s = svc(|c| c.file_transfer.allow_suid = true);
-        assert_eq!(
-            s.plan(&req(Some(GO_SETUID | 0o755), None))
-                .expect("ok")
-                .mode,
-            0o4755
-        );
-    }
-
-    #[test]
-    fn umask_has_the_upstream_meaning_and_preserve_keys_are_honoured() {
-        let s = svc(|c| c.file_transfer.umask = "022".into());
-        assert_eq!(s.plan(&req(Some(0o600), None)).expect("ok").mode, 0o755);
-        let s = svc(|c| c.file_transfer.umask = "0202".into());
-        assert_eq!(s.plan(&req(Some(0), None)).expect("ok").mode, 0o575);
-        let s = svc(|c| {
-            c.file_transfer.preserve_mode = false;
-            c.file_transfer.preserve_owner = false;
-        });
-        let p = s.plan(&req(Some(0o600), Some(7))).expect("ok");
-        assert_eq!((p.mode, p.uid, p.gid), (0o644, 0, 7));
-        let s = svc(|c| c.file_transfer.umask = "9x".into());
-        assert!(
-            s.plan(&req(None, None))
-                .expect_err("bad umask")
-                .starts_with("failed to preserve file mode")
-        );
-    }
 
     #[test]
     fn basename_like_go() {
