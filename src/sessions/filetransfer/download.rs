@@ -7,10 +7,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::limits::policy::Denial;
 use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
-use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
+use super::download_core::{DownloadCore, Step, Stop};
+use super::wire::{self, CHUNK};
 use super::{DOWNLOAD, FileTransfer, FtError, Link, Next, Service, audit_event};
 
 impl FileTransfer {
@@ -61,18 +61,11 @@ struct Download {
     req: ProtoHdr,
 }
 
-enum Fail {
-    /// Tell the server (against this header, with this msgtype).
-    Reply(Box<ProtoHdr>, String, FtError),
-    /// End quietly (cancelled, connection gone, server error).
-    Quiet,
-}
-
 impl Download {
     fn run(mut self, link: &Link) {
         let result = self.stream(link);
         self.audit(link, &result);
-        if let Err(Fail::Reply(hdr, msgtype, err)) = result {
+        if let Err(Stop::Reply(hdr, msgtype, err)) = result {
             log::info!(
                 "file transfer {}: download of {}: {err}",
                 link.sid,
@@ -83,11 +76,11 @@ impl Download {
     }
 
     /// One audit line for the whole download.
-    fn audit(&self, link: &Link, result: &Result<(), Fail>) {
+    fn audit(&self, link: &Link, result: &Result<(), Stop>) {
         let event = match result {
             Ok(()) => audit_event(DOWNLOAD, &self.req, &link.sid, Ok(())),
-            Err(Fail::Reply(_, _, err)) => audit_event(DOWNLOAD, &self.req, &link.sid, Err(err)),
-            Err(Fail::Quiet) => {
+            Err(Stop::Reply(_, _, err)) => audit_event(DOWNLOAD, &self.req, &link.sid, Err(err)),
+            Err(Stop::Quiet) => {
                 audit_event(DOWNLOAD, &self.req, &link.sid, Ok(())).with("result", "aborted")
             }
         };
@@ -98,126 +91,42 @@ impl Download {
             .emit();
     }
 
-    fn stream(&mut self, link: &Link) -> Result<(), Fail> {
+    /// Moves bytes between the file, the core and the link.
+    fn stream(&mut self, link: &Link) -> Result<(), Stop> {
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
         let bucket = p.tx();
-        let max = p.max_file_size();
+        let sid = &link.sid;
+        let mut core = DownloadCore::new(sid, self.req.clone(), p.max_file_size(), Instant::now());
         let mut buf = vec![0u8; CHUNK];
-        let mut offset: u64 = 0;
-        let mut acked: u64 = 0;
-        let mut eof_sent = false;
-        // when the server last heard from this transfer
-        let mut heard = Instant::now();
-        // Errors inside the transfer are reported against the last ack (or the request).
-        let mut last = (self.req.clone(), "get_file".to_string());
         loop {
-            while !eof_sent && offset < acked + WINDOW_CHUNKS * CHUNK as u64 {
-                // a window of sends never blocks on the peer: look for a cancel
-                if !link.alive() {
-                    return Err(Fail::Quiet);
-                }
-                let n = self.fill(&mut buf, link).map_err(|e| match e {
-                    None => Fail::Quiet,
-                    Some(err) => Fail::Reply(
-                        Box::new(last.0.clone()),
-                        last.1.clone(),
-                        FtError::ReadChunk {
-                            path: self.path.clone(),
-                            err,
-                        },
-                    ),
-                })?;
-                if n == 0 {
-                    if !link.send(&wire::with_offset("file_chunk", &link.sid, offset)) {
-                        return Err(Fail::Quiet);
+            match core.step() {
+                Step::Done => return Ok(()),
+                Step::Read => {
+                    // a window of sends never blocks on the peer: look for a cancel
+                    if !link.alive() {
+                        return Err(Stop::Quiet);
                     }
-                    eof_sent = true;
-                    break;
-                }
-                if max > 0 && offset + n as u64 > max {
-                    // The file grew past the limit while streaming (§7 #17).
-                    let err = FtError::Denied(Denial::TooLarge);
-                    return Err(Fail::Reply(Box::new(last.0.clone()), last.1.clone(), err));
-                }
-                if let Some(b) = bucket {
-                    // The server hears from a download only through chunks:
-                    // the throttling since the last one counts, not each wait.
-                    let budget = super::throttle_budget(heard);
-                    match b.reserve(n as u64, budget) {
-                        Ok(wait) if wait.is_zero() => {}
-                        Ok(wait) => {
-                            if !link.pause(wait) {
-                                return Err(Fail::Quiet);
-                            }
-                        }
-                        Err(e) => {
-                            b.exhaust();
-                            return Err(Fail::Reply(
-                                Box::new(last.0.clone()),
-                                last.1.clone(),
-                                FtError::Limit(e),
-                            ));
-                        }
+                    let n = match self.fill(&mut buf, link) {
+                        Ok(n) => n,
+                        Err(None) => return Err(Stop::Quiet),
+                        Err(Some(e)) => return Err(core.read_failed(&self.path, e)),
+                    };
+                    let out = core.read(&buf[..n], Instant::now(), bucket)?;
+                    if let Some(until) = out.not_before
+                        && !link.pause_until(until)
+                    {
+                        return Err(Stop::Quiet);
                     }
+                    if !link.send(&out.msg) {
+                        return Err(Stop::Quiet);
+                    }
+                    core.sent(Instant::now());
                 }
-                let chunk =
-                    wire::with_offset("file_chunk", &link.sid, offset).with_body(buf[..n].to_vec());
-                if !link.send(&chunk) {
-                    return Err(Fail::Quiet);
-                }
-                heard = Instant::now();
-                offset += n as u64;
-            }
-            if eof_sent && acked >= offset {
-                return Ok(());
-            }
-            let msg = match link.next() {
-                Next::Msg(m) => m,
-                Next::Stop => return Err(Fail::Quiet),
-            };
-            match msg.hdr.typ.as_str() {
-                "ack" => match offset_of(&msg) {
-                    Some(Ok(o)) => {
-                        // Only bytes that were sent can be acknowledged, and
-                        // never fewer than before: any other ack would move
-                        // the window where the peer cannot have read (a huge
-                        // one switches flow control off).
-                        let o = match u64::try_from(o) {
-                            Ok(o) if o >= acked && o <= offset => o,
-                            _ => {
-                                let err = FtError::AckOffset {
-                                    offset: o,
-                                    sent: offset,
-                                    acked,
-                                };
-                                return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
-                            }
-                        };
-                        acked = o;
-                        last = (msg.hdr, "ack".to_string());
-                    }
-                    Some(Err(())) => {
-                        let err = FtError::AckOffsetType;
-                        return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
-                    }
-                    None => {
-                        let err = FtError::AckOffsetBlank;
-                        return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
-                    }
+                Step::Receive => match link.next() {
+                    Next::Msg(m) => core.message(m)?,
+                    Next::Stop => return Err(Stop::Quiet),
                 },
-                "error" => {
-                    log::info!(
-                        "file transfer {}: the server aborted the download",
-                        link.sid
-                    );
-                    return Err(Fail::Quiet);
-                }
-                other => {
-                    let err = FtError::UnexpectedInDownload(other.to_string());
-                    let t = other.to_string();
-                    return Err(Fail::Reply(Box::new(msg.hdr), t, err));
-                }
             }
         }
     }

@@ -3,8 +3,10 @@
 //! one transfer per session, all paths resolved under the configured limits.
 
 mod download;
+mod download_core;
 mod error;
 mod upload;
+mod upload_core;
 pub mod wire;
 
 pub use self::error::FtError;
@@ -43,12 +45,6 @@ const CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// a busy device, and a limit whose refill needs the whole `MAX_WAIT` for
 /// one chunk is refused rather than decided by microseconds.
 const SEND_SLACK: Duration = Duration::from_secs(1);
-
-/// How long a transfer may still wait for the bucket when the server last
-/// heard from it at `heard`.
-fn throttle_budget(heard: std::time::Instant) -> Duration {
-    MAX_WAIT.saturating_sub(heard.elapsed() + SEND_SLACK)
-}
 
 /// Transfer threads only stream through heap buffers.
 const STACK: usize = 128 * 1024;
@@ -123,9 +119,8 @@ impl Link {
         }
     }
 
-    /// Sleeps `d` unless cancelled or disconnected (then false).
-    fn pause(&self, d: Duration) -> bool {
-        let until = std::time::Instant::now() + d;
+    /// Sleeps until `until` unless cancelled or disconnected (then false).
+    fn pause_until(&self, until: std::time::Instant) -> bool {
         loop {
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {

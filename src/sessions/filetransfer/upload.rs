@@ -14,7 +14,8 @@ use crate::limits::policy::{Denial, Plan, Wanted};
 use crate::sys::fs::{self, Stat, lstat_at, openat};
 use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
-use super::wire::{self, ACK_EVERY, GO_SETUID, Request, offset_of};
+use super::upload_core::{Stop, UploadCore};
+use super::wire::{self, GO_SETUID, Request};
 use super::{FileTransfer, FtError, Link, Next, Service, UPLOAD, audit_event};
 
 /// Temp-name attempts on EEXIST, as upstream.
@@ -195,23 +196,18 @@ impl Drop for Upload {
     }
 }
 
-enum Fail {
-    Reply(FtError),
-    Quiet,
-}
-
 impl Upload {
     fn run(mut self, link: &Link) {
         let result = self.receive(link);
         self.audit(link, &result);
         match result {
             Ok(()) => log::info!("file transfer {}: uploaded {}", link.sid, self.shown),
-            Err(Fail::Quiet) => log::info!(
+            Err(Stop::Quiet) => log::info!(
                 "file transfer {}: upload of {} aborted",
                 link.sid,
                 self.shown
             ),
-            Err(Fail::Reply(err)) => {
+            Err(Stop::Reply(err)) => {
                 // Remove the temp before telling the server, so "error" means "nothing left".
                 let req = self.req.clone();
                 let shown = self.shown.clone();
@@ -224,11 +220,11 @@ impl Upload {
 
     /// One audit line for the whole upload: the final path, size, mode and
     /// owner, or why it failed.
-    fn audit(&self, link: &Link, result: &Result<(), Fail>) {
+    fn audit(&self, link: &Link, result: &Result<(), Stop>) {
         let p = &self.svc.policy;
         let event = match result {
             Ok(()) => audit_event(UPLOAD, &self.req, &link.sid, Ok(())),
-            Err(Fail::Reply(err)) => {
+            Err(Stop::Reply(err)) => {
                 let mut e = audit_event(UPLOAD, &self.req, &link.sid, Err(err));
                 // both texts are "failed to write file chunk: transmitted bytes limit exhausted"
                 let limit_text = matches!(err, FtError::UploadTooLarge | FtError::WriteLimit(_));
@@ -243,7 +239,7 @@ impl Upload {
                 }
                 e
             }
-            Err(Fail::Quiet) => {
+            Err(Stop::Quiet) => {
                 audit_event(UPLOAD, &self.req, &link.sid, Ok(())).with("result", "aborted")
             }
         };
@@ -261,99 +257,49 @@ impl Upload {
             .emit();
     }
 
-    fn receive(&mut self, link: &Link) -> Result<(), Fail> {
-        if !link.send(&wire::with_offset("ack", &link.sid, 0)) {
-            return Err(Fail::Quiet);
+    /// Moves bytes between the link, the core and the temp file.
+    fn receive(&mut self, link: &Link) -> Result<(), Stop> {
+        if !link.send(&UploadCore::first_ack(&link.sid)) {
+            return Err(Stop::Quiet);
         }
-        // when the server last heard from this transfer
-        let mut heard = Instant::now();
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
         let bucket = p.rx();
-        let max = p.max_file_size();
-        let mut written: u64 = 0;
+        let mut core = UploadCore::new(p.max_file_size(), Instant::now());
         loop {
             let mut msg = match link.next() {
                 Next::Msg(m) => m,
-                Next::Stop => return Err(Fail::Quiet),
+                Next::Stop => return Err(Stop::Quiet),
             };
-            let mut taken = 0usize;
-            let mut fresh: u64 = 0;
-            let mut eof = false;
-            let last_hdr = loop {
-                match msg.hdr.typ.as_str() {
-                    "file_chunk" => {}
-                    "error" => return Err(Fail::Quiet),
-                    other => {
-                        return Err(Fail::Reply(FtError::UnexpectedInUpload(other.to_string())));
-                    }
+            // take what is queued, up to a batch, before acknowledging
+            loop {
+                if let Some(data) = core.chunk(msg)? {
+                    self.file
+                        .write_all(&data)
+                        .map_err(|e| Stop::Reply(FtError::WriteChunk(e)))?;
                 }
-                let Some(Ok(offset)) = offset_of(&msg) else {
-                    return Err(Fail::Reply(FtError::ChunkOffsetMissing));
-                };
-                if offset < 0 || offset as u64 != written {
-                    return Err(Fail::Reply(FtError::ChunkOffset));
-                }
-                match msg.body.as_deref() {
-                    Some(data) if !data.is_empty() => {
-                        let n = data.len() as u64;
-                        if max > 0 && written + n > max {
-                            // Upstream's text (asserted by its suite), though it names the rate limit.
-                            return Err(Fail::Reply(FtError::UploadTooLarge));
-                        }
-                        self.file
-                            .write_all(data)
-                            .map_err(|e| Fail::Reply(FtError::WriteChunk(e)))?;
-                        written += n;
-                        fresh += n;
-                    }
-                    _ => eof = true,
-                }
-                taken += 1;
-                if eof || taken >= ACK_EVERY {
-                    break msg.hdr;
+                if core.batch_full() {
+                    break;
                 }
                 match link.rx.try_recv() {
                     Ok(m) => msg = m,
-                    Err(_) => break msg.hdr,
-                }
-            };
-            if let Some(b) = bucket
-                && fresh > 0
-            {
-                // Delaying the ack throttles the sender: it stops at its window.
-                // Reserved a chunk at a time, like downloads. The server hears
-                // from an upload only through acks, so the waits since the
-                // last one add up against MAX_WAIT: when the bucket cannot
-                // pass the batch within it, the transfer ends with an error
-                // the user sees instead of the server's time-out.
-                let mut left = fresh;
-                while left > 0 {
-                    let n = left.min(super::wire::CHUNK as u64);
-                    let budget = super::throttle_budget(heard);
-                    let wait = b.reserve(n, budget).map_err(|e| {
-                        b.exhaust();
-                        Fail::Reply(FtError::WriteLimit(e))
-                    })?;
-                    if !wait.is_zero() && !link.pause(wait) {
-                        return Err(Fail::Quiet);
-                    }
-                    left -= n;
+                    Err(_) => break,
                 }
             }
-            if eof {
-                self.commit().map_err(Fail::Reply)?;
+            while let Some(until) = core.throttle(Instant::now(), bucket)? {
+                if !link.pause_until(until) {
+                    return Err(Stop::Quiet);
+                }
             }
-            let mut ack = ProtoMsg {
-                hdr: last_hdr,
-                body: None,
-            };
-            ack.hdr.typ = "ack".to_string();
-            if !link.send(&ack) {
-                return Err(Fail::Quiet);
+            let ack = core.end_batch();
+            if ack.commit {
+                self.commit().map_err(Stop::Reply)?;
             }
-            heard = Instant::now();
-            if eof {
+            if !link.send(&ack.msg) {
+                return Err(Stop::Quiet);
+            }
+            core.acked(Instant::now());
+            if ack.commit {
                 return Ok(());
             }
         }
