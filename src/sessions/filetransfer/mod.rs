@@ -12,8 +12,9 @@ pub mod wire;
 pub use self::error::FtError;
 
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
@@ -26,6 +27,7 @@ use crate::limits::policy::{Denial, Policy};
 use crate::sessions::sid8;
 use crate::sessions::{Handler, SessionCtx};
 use crate::sys::fs::{Stat, fstat};
+use crate::threads;
 use crate::wire::codec::{self, ProtoHdr, ProtoMsg};
 
 use self::wire::Request;
@@ -56,6 +58,9 @@ pub struct Service {
     uid: libc::uid_t,
     gid: libc::gid_t,
     temp_counter: AtomicU32,
+    /// Transfer threads that outlived their session's close (blocked in a
+    /// file-system call), joined once they have ended.
+    parked: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Service {
@@ -71,7 +76,29 @@ impl Service {
             uid: crate::sys::user::euid(),
             gid: crate::sys::user::egid(),
             temp_counter: AtomicU32::new(0),
+            parked: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps the handle of a thread that is still ending.
+    fn park(&self, thread: JoinHandle<()>) {
+        self.lock_parked().push(thread);
+    }
+
+    /// Joins the parked threads that have ended.
+    fn reap_parked(&self) {
+        let ended: Vec<JoinHandle<()>> = {
+            let mut parked = self.lock_parked();
+            let (ended, running) = parked.drain(..).partition(|t| t.is_finished());
+            *parked = running;
+            ended
+        };
+        ended.into_iter().for_each(join);
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        // only handles are moved under the lock: still consistent if poisoned
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A handler for one router session.
@@ -164,10 +191,14 @@ impl Link {
     }
 }
 
+/// The handler's side of a running transfer.
 struct Active {
     tx: Sender<ProtoMsg>,
-    cancel: Option<Sender<()>>,
+    /// Dropped to cancel.
+    cancel: Sender<()>,
+    /// Disconnects when the thread has let go of its link (it is ending).
     done: Receiver<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Active {
@@ -178,9 +209,41 @@ impl Active {
         )
     }
 
-    fn stop(&mut self) {
-        self.cancel.take();
-        let _ = self.done.recv_timeout(CLOSE_WAIT);
+    /// Cancels the transfer and joins its thread. The wait is bounded by
+    /// `CLOSE_WAIT`: the thread notices the cancel within `POLL` unless a
+    /// file-system call blocks it (a hung NFS server, an fsync), and such
+    /// a thread must not hold up the session's close; its handle goes to
+    /// the service, which joins it once it has ended.
+    fn stop(self, svc: &Service, sid: &str) {
+        let Active {
+            tx,
+            cancel,
+            done,
+            thread,
+        } = self;
+        drop(cancel);
+        drop(tx);
+        match done.recv_timeout(CLOSE_WAIT) {
+            Err(RecvTimeoutError::Disconnected) => join(thread),
+            _ => {
+                log::debug!(
+                    "file transfer {sid}: the transfer thread is still busy after {CLOSE_WAIT:?}; joined when it ends"
+                );
+                svc.park(thread);
+            }
+        }
+    }
+
+    /// Joins the thread of a transfer that ended by itself.
+    fn reap(self) {
+        join(self.thread);
+    }
+}
+
+/// Joins a transfer thread whose closure has returned (or is returning).
+fn join(thread: JoinHandle<()>) {
+    if thread.join().is_err() {
+        log::error!("file transfer: a transfer thread panicked");
     }
 }
 
@@ -211,12 +274,23 @@ impl FileTransfer {
     }
 
     fn busy(&mut self) -> bool {
-        match &self.active {
-            Some(a) if a.running() => true,
-            _ => {
-                self.active = None;
+        match self.active.take() {
+            Some(a) if a.running() => {
+                self.active = Some(a);
+                true
+            }
+            Some(a) => {
+                a.reap();
                 false
             }
+            None => false,
+        }
+    }
+
+    /// Cancels the running transfer (if any) and joins its thread, bounded.
+    fn stop_active(&mut self) {
+        if let Some(a) = self.active.take() {
+            a.stop(&self.svc, &self.ctx.sid);
         }
     }
 
@@ -236,15 +310,15 @@ impl FileTransfer {
             cancel: cancel_rx,
             _done: done_tx,
         };
-        std::thread::Builder::new()
-            .name(format!("ft-{}", sid8(&self.ctx.sid)))
-            .stack_size(STACK)
-            .spawn(move || body(link))
+        self.svc.reap_parked();
+        let name = format!("ft-{}", sid8(&self.ctx.sid));
+        let thread = threads::spawn(name, STACK, move || body(link))
             .map_err(|err| FtError::Spawn { what, err })?;
         self.active = Some(Active {
             tx,
-            cancel: Some(cancel_tx),
+            cancel: cancel_tx,
             done: done_rx,
+            thread,
         });
         Ok(())
     }
@@ -284,7 +358,7 @@ impl FileTransfer {
             }
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.active.as_ref() else {
             return;
         };
         // deviceconnect sends 4096-byte chunks; the transfer's queue holds up
@@ -295,23 +369,23 @@ impl FileTransfer {
             .is_some_and(|b| b.len() > MAX_MESSAGE_BODY)
         {
             let hdr = msg.hdr.clone();
-            active.stop();
-            self.active = None;
+            self.stop_active();
             self.reply_error(&hdr, &typ, &FtError::ChunkTooLarge);
             return;
         }
         match active.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Disconnected(m)) => {
-                self.active = None;
+                if let Some(a) = self.active.take() {
+                    a.reap();
+                }
                 if typ != "error" {
                     self.reply_error(&m.hdr, &typ, &FtError::NotInProgress);
                 }
             }
             Err(TrySendError::Full(m)) => {
                 // The peer ignores the window; the transfer cannot stay consistent.
-                active.stop();
-                self.active = None;
+                self.stop_active();
                 self.reply_error(&m.hdr, &typ, &FtError::QueueFull);
             }
         }
@@ -344,9 +418,14 @@ impl Handler for FileTransfer {
     }
 
     fn close(&mut self) {
-        if let Some(mut a) = self.active.take() {
-            a.stop();
-        }
+        self.stop_active();
+    }
+}
+
+impl Drop for FileTransfer {
+    /// A handler dropped without `close` still joins its transfer.
+    fn drop(&mut self) {
+        self.stop_active();
     }
 }
 
@@ -415,5 +494,68 @@ impl Service {
         let st = fstat(fd.as_fd()).map_err(Err)?;
         p.permit_download(&st).map_err(Ok)?;
         Ok((fd, st))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn handler(sid: &str) -> (FileTransfer, crate::conn::outbound::OutboundRx) {
+        let wake = Arc::new(crate::sys::wake::Wake::new().expect("eventfd"));
+        let (out, rx) = crate::conn::outbound::queue(wake);
+        let ft = FileTransfer {
+            svc: Arc::new(Service::with_policy(Policy::disabled())),
+            ctx: SessionCtx {
+                sid: sid.to_string(),
+                out,
+            },
+            active: None,
+        };
+        (ft, rx)
+    }
+
+    #[test]
+    fn close_cancels_and_joins_the_transfer_thread() {
+        let (mut ft, _rx) = handler("close-join");
+        let (seen_tx, seen_rx) = crossbeam_channel::bounded(1);
+        ft.spawn("download", move |link| {
+            // ends only on cancel
+            let _ = link.cancel.recv();
+            let _ = seen_tx.send(std::thread::current().name().map(str::to_string));
+        })
+        .expect("spawn");
+        assert!(ft.busy());
+        ft.close();
+        assert!(ft.active.is_none());
+        assert!(ft.svc.lock_parked().is_empty(), "joined, not parked");
+        let name = seen_rx.try_recv().expect("the thread ran to its end");
+        assert_eq!(name.as_deref(), Some("ft-close-jo"));
+    }
+
+    #[test]
+    fn a_thread_blocked_past_the_bound_does_not_hold_up_close_and_is_joined_later() {
+        let (mut ft, _rx) = handler("blocked");
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+        ft.spawn("upload", move |_link| {
+            // a file-system call that ignores the cancel
+            let _ = release_rx.recv();
+        })
+        .expect("spawn");
+        let started = Instant::now();
+        ft.close();
+        let took = started.elapsed();
+        assert!(took >= CLOSE_WAIT, "{took:?}");
+        assert!(took < CLOSE_WAIT + Duration::from_secs(2), "{took:?}");
+        assert_eq!(ft.svc.lock_parked().len(), 1);
+        drop(release_tx);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ft.svc.lock_parked()[0].is_finished() {
+            assert!(Instant::now() < deadline, "the thread never ended");
+            std::thread::yield_now();
+        }
+        ft.svc.reap_parked();
+        assert!(ft.svc.lock_parked().is_empty());
     }
 }
