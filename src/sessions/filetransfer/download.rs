@@ -39,8 +39,7 @@ impl FileTransfer {
         if self.busy() {
             return Err(FtError::Busy);
         }
-        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
-        if regular {
+        if crate::sys::fs::is_type(&st, libc::S_IFREG) {
             // Regular files never block; plain reads keep the loop simple.
             let _ = crate::sys::fs::set_nonblocking(fd.as_fd(), false);
         }
