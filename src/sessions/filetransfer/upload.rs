@@ -35,7 +35,7 @@ impl Service {
 }
 
 fn is_dir(st: &Stat) -> bool {
-    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+    fs::is_type(st, libc::S_IFDIR)
 }
 
 /// Go's `filepath.Base`, `None` when it is not a plain file name.
