@@ -7,11 +7,9 @@
 //! JSON reader (`config/json.rs`) into an order-preserving tree (`serde_json::Value` without
 //! `preserve_order` sorts keys and drops duplicates), which is then walked by hand.
 
-use std::ffi::{CStr, CString};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 

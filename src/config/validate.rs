@@ -76,74 +76,19 @@ fn check_shells_file(shell: &str, etc_shells: &Path) -> Result<(), ConfigError> 
 
 /// Resolve a user by name in the passwd database, with its full group list.
 fn lookup_user(name: &str) -> Result<ValidatedUser, ConfigError> {
-    let unknown = || ConfigError::UnknownUser {
-        name: name.to_string(),
-    };
-    // A name with a NUL byte cannot be in passwd.
-    let cname = CString::new(name).map_err(|_| unknown())?;
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    let (uid, gid, home) = loop {
-        // SAFETY: passwd is plain old data; zeroed is a valid initial state.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: all pointers are valid for the duration of the call and
-        // buf.len() is the real size of buf.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(ConfigError::UserLookup {
-                name: name.to_string(),
-                error: io::Error::from_raw_os_error(rc),
-            });
-        }
-        if result.is_null() {
-            return Err(unknown());
-        }
-        let home = if pwd.pw_dir.is_null() {
-            PathBuf::new()
-        } else {
-            // SAFETY: pw_dir points into buf, NUL-terminated by getpwnam_r.
-            let dir = unsafe { CStr::from_ptr(pwd.pw_dir) };
-            PathBuf::from(std::ffi::OsString::from_vec(dir.to_bytes().to_vec()))
-        };
-        break (pwd.pw_uid, pwd.pw_gid, home);
-    };
-    let groups = group_list(&cname, gid);
+    let pwd = crate::sys::passwd::user_by_name(name)
+        .map_err(|error| ConfigError::UserLookup {
+            name: name.to_string(),
+            error,
+        })?
+        .ok_or_else(|| ConfigError::UnknownUser {
+            name: name.to_string(),
+        })?;
     Ok(ValidatedUser {
         name: name.to_string(),
-        uid,
-        gid,
-        home,
-        groups,
+        uid: pwd.uid,
+        gid: pwd.gid,
+        home: pwd.home,
+        groups: crate::sys::passwd::group_list(name, pwd.gid),
     })
-}
-
-/// `getgrouplist`, growing the buffer until it fits; falls back to the primary group.
-fn group_list(cname: &CStr, gid: libc::gid_t) -> Vec<libc::gid_t> {
-    let mut cap: libc::c_int = 32;
-    loop {
-        let mut groups: Vec<libc::gid_t> = vec![0; cap as usize];
-        let mut n = cap;
-        // SAFETY: groups holds `n` entries; cname is NUL-terminated.
-        let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-        if rc >= 0 {
-            groups.truncate(n.max(0) as usize);
-            return groups;
-        }
-        if cap >= 65536 {
-            return vec![gid];
-        }
-        cap = if n > cap { n } else { cap * 2 };
-    }
 }

@@ -5,15 +5,15 @@
 //! checked on a path can be swapped before it is opened.
 
 use std::collections::VecDeque;
-use std::ffi::CString;
 use std::fmt;
 use std::io;
-
-use crate::sys::errno::go_text;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sys::errno::go_text;
+use crate::sys::fs::{fstat, is_type, openat, openat2, readlinkat};
 
 /// Symlinks followed in one resolution before giving up (the kernel's limit).
 const MAX_LINKS: usize = 40;
@@ -43,112 +43,6 @@ impl fmt::Display for PathError {
 }
 
 impl std::error::Error for PathError {}
-
-/// `fstat` on an open descriptor.
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain old data, fully written by a successful fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is a valid open descriptor and st a valid out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
-fn cstr(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// O_NOCTTY for real opens: a tty opened for a transfer must not become the
-/// daemon's controlling terminal (its hangup would SIGHUP us). openat2
-/// refuses it (EINVAL) together with O_PATH, which never acquires a tty.
-fn noctty(flags: libc::c_int) -> libc::c_int {
-    if flags & libc::O_PATH != 0 {
-        0
-    } else {
-        libc::O_NOCTTY
-    }
-}
-
-/// `openat` returning an owned descriptor.
-pub fn openat(
-    dir: RawFd,
-    name: &[u8],
-    flags: libc::c_int,
-    mode: libc::mode_t,
-) -> io::Result<OwnedFd> {
-    let name = cstr(name)?;
-    // SAFETY: name is NUL-terminated; the kernel validates dir.
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC | noctty(flags),
-            mode,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by openat and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-fn openat2(dir: RawFd, name: &[u8], flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
-    let name = cstr(name)?;
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC | noctty(flags)) as u32 as u64,
-        mode: 0,
-        resolve,
-    };
-    let mut retries = 0;
-    loop {
-        // SAFETY: name and how outlive the call; size is how's real size.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir,
-                name.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor from the kernel, owned by nobody else.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
-        }
-        let e = io::Error::last_os_error();
-        // EAGAIN: a concurrent rename raced the ".." check; the kernel asks
-        // to retry. Bounded, so a process renaming in a loop cannot spin us.
-        retries += 1;
-        if e.raw_os_error() != Some(libc::EAGAIN) || retries >= 8 {
-            return Err(e);
-        }
-    }
-}
-
-fn readlinkat(dir: RawFd, name: &[u8]) -> io::Result<Vec<u8>> {
-    let name = cstr(name)?;
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: buf is writable for buf.len() bytes; name is NUL-terminated.
-    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
-}
-
-fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
-    st.st_mode & libc::S_IFMT == t
-}
 
 struct Root {
     fd: OwnedFd,

@@ -3,8 +3,10 @@
 //! Rust and each syscall helper exists once.
 
 pub mod errno;
+pub mod fs;
 pub mod malloc;
 pub mod netlink;
+pub mod passwd;
 pub mod poll;
 pub mod signal;
 pub mod sockopt;

@@ -3,21 +3,21 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::sys::errno::go_text;
 use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
-use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
-use super::{DOWNLOAD, DownloadRefusal, FileTransfer, Link, Next, Refusal, Service, audit_event};
+use super::download_core::{DownloadCore, Step, Stop};
+use super::wire::{self, CHUNK};
+use super::{DOWNLOAD, FileTransfer, FtError, Link, Next, Service, audit_event};
 
 impl FileTransfer {
     /// Checks and opens the file, then starts the streaming thread.
     /// Every limit is applied here, before the first chunk; a refusal by
     /// the limits carries `code` 403.
-    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), DownloadRefusal> {
+    pub(super) fn start_download(&mut self, msg: &ProtoMsg) -> Result<(), FtError> {
         let req = wire::Request::decode(msg.body.as_deref())?;
         let path = req.path()?.to_vec();
         let shown = wire::shown(&path);
@@ -26,32 +26,22 @@ impl FileTransfer {
             .svc
             .check_download(&path, libc::O_RDONLY | libc::O_NONBLOCK)
             .map_err(|e| match e {
-                Refusal::Denied(_) => DownloadRefusal::denied(e.text(|os| os)),
-                Refusal::Os(_) => DownloadRefusal::from(
-                    e.text(|os| format!("failed to open file for reading: open {shown}: {os}")),
-                ),
+                Ok(denial) => FtError::Denied(denial),
+                Err(err) => FtError::OpenRead {
+                    path: shown.clone(),
+                    err,
+                },
             })?;
-        let p = &self.svc.policy;
         // a disabled policy has no buckets and no size limit (Policy::disabled)
-        if let Some(tx) = &p.tx {
-            tx.check_start()
-                .map_err(|e| DownloadRefusal::denied(e.to_string()))?;
+        if let Some(tx) = self.svc.policy.tx() {
+            tx.check_start().map_err(FtError::Limit)?;
         }
         if self.busy() {
-            return Err(DownloadRefusal::from(
-                "another file transfer is in progress".to_string(),
-            ));
+            return Err(FtError::Busy);
         }
-        let regular = st.st_mode & libc::S_IFMT == libc::S_IFREG;
-        if regular {
+        if crate::sys::fs::is_type(&st, libc::S_IFREG) {
             // Regular files never block; plain reads keep the loop simple.
-            // SAFETY: fcntl on a descriptor we own.
-            unsafe {
-                let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-                if fl >= 0 {
-                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-                }
-            }
+            let _ = crate::sys::fs::set_nonblocking(fd.as_fd(), false);
         }
         let job = Download {
             svc: Arc::clone(&self.svc),
@@ -59,7 +49,7 @@ impl FileTransfer {
             path: shown,
             req: msg.hdr.clone(),
         };
-        Ok(self.spawn("download", move |link| job.run(&link))?)
+        self.spawn("download", move |link| job.run(&link))
     }
 }
 
@@ -70,33 +60,26 @@ struct Download {
     req: ProtoHdr,
 }
 
-enum Fail {
-    /// Tell the server (against this header, with this msgtype).
-    Reply(Box<ProtoHdr>, String, String),
-    /// End quietly (cancelled, connection gone, server error).
-    Quiet,
-}
-
 impl Download {
     fn run(mut self, link: &Link) {
         let result = self.stream(link);
         self.audit(link, &result);
-        if let Err(Fail::Reply(hdr, msgtype, err)) = result {
+        if let Err(Stop::Reply(hdr, msgtype, err)) = result {
             log::info!(
                 "file transfer {}: download of {}: {err}",
                 link.sid,
                 self.path
             );
-            link.send(&wire::error_reply(&hdr, &msgtype, &err));
+            link.send(&wire::error_reply(&hdr, &msgtype, &err.to_string()));
         }
     }
 
     /// One audit line for the whole download.
-    fn audit(&self, link: &Link, result: &Result<(), Fail>) {
+    fn audit(&self, link: &Link, result: &Result<(), Stop>) {
         let event = match result {
             Ok(()) => audit_event(DOWNLOAD, &self.req, &link.sid, Ok(())),
-            Err(Fail::Reply(_, _, err)) => audit_event(DOWNLOAD, &self.req, &link.sid, Err(err)),
-            Err(Fail::Quiet) => {
+            Err(Stop::Reply(_, _, err)) => audit_event(DOWNLOAD, &self.req, &link.sid, Err(err)),
+            Err(Stop::Quiet) => {
                 audit_event(DOWNLOAD, &self.req, &link.sid, Ok(())).with("result", "aborted")
             }
         };
@@ -107,125 +90,42 @@ impl Download {
             .emit();
     }
 
-    fn stream(&mut self, link: &Link) -> Result<(), Fail> {
+    /// Moves bytes between the file, the core and the link.
+    fn stream(&mut self, link: &Link) -> Result<(), Stop> {
         let svc = Arc::clone(&self.svc);
         let p = &svc.policy;
-        let bucket = p.tx.as_ref();
-        let max = p.max_file_size;
+        let bucket = p.tx();
+        let sid = &link.sid;
+        let mut core = DownloadCore::new(sid, self.req.clone(), p.max_file_size(), Instant::now());
         let mut buf = vec![0u8; CHUNK];
-        let mut offset: u64 = 0;
-        let mut acked: u64 = 0;
-        let mut eof_sent = false;
-        // when the server last heard from this transfer
-        let mut heard = Instant::now();
-        // Errors inside the transfer are reported against the last ack (or the request).
-        let mut last = (self.req.clone(), "get_file".to_string());
         loop {
-            while !eof_sent && offset < acked + WINDOW_CHUNKS * CHUNK as u64 {
-                // a window of sends never blocks on the peer: look for a cancel
-                if !link.alive() {
-                    return Err(Fail::Quiet);
-                }
-                let n = self.fill(&mut buf, link).map_err(|e| match e {
-                    None => Fail::Quiet,
-                    Some(e) => Fail::Reply(
-                        Box::new(last.0.clone()),
-                        last.1.clone(),
-                        format!(
-                            "failed to copy file chunk to session: read {}: {}",
-                            self.path,
-                            go_text(&e)
-                        ),
-                    ),
-                })?;
-                if n == 0 {
-                    if !link.send(&wire::with_offset("file_chunk", &link.sid, offset)) {
-                        return Err(Fail::Quiet);
+            match core.step() {
+                Step::Done => return Ok(()),
+                Step::Read => {
+                    // a window of sends never blocks on the peer: look for a cancel
+                    if !link.alive() {
+                        return Err(Stop::Quiet);
                     }
-                    eof_sent = true;
-                    break;
-                }
-                if max > 0 && offset + n as u64 > max {
-                    // The file grew past the limit while streaming (§7 #17).
-                    let err = "access denied: the file size is over the limit".to_string();
-                    return Err(Fail::Reply(Box::new(last.0.clone()), last.1.clone(), err));
-                }
-                if let Some(b) = bucket {
-                    // The server hears from a download only through chunks:
-                    // the throttling since the last one counts, not each wait.
-                    let budget = super::throttle_budget(heard);
-                    match b.reserve(n as u64, budget) {
-                        Ok(wait) if wait.is_zero() => {}
-                        Ok(wait) => {
-                            if !link.pause(wait) {
-                                return Err(Fail::Quiet);
-                            }
-                        }
-                        Err(e) => {
-                            b.exhaust();
-                            return Err(Fail::Reply(
-                                Box::new(last.0.clone()),
-                                last.1.clone(),
-                                e.to_string(),
-                            ));
-                        }
+                    let n = match self.fill(&mut buf, link) {
+                        Ok(n) => n,
+                        Err(None) => return Err(Stop::Quiet),
+                        Err(Some(e)) => return Err(core.read_failed(&self.path, e)),
+                    };
+                    let out = core.read(&buf[..n], Instant::now(), bucket)?;
+                    if let Some(until) = out.not_before
+                        && !link.pause_until(until)
+                    {
+                        return Err(Stop::Quiet);
                     }
+                    if !link.send(&out.msg) {
+                        return Err(Stop::Quiet);
+                    }
+                    core.sent(Instant::now());
                 }
-                let chunk =
-                    wire::with_offset("file_chunk", &link.sid, offset).with_body(buf[..n].to_vec());
-                if !link.send(&chunk) {
-                    return Err(Fail::Quiet);
-                }
-                heard = Instant::now();
-                offset += n as u64;
-            }
-            if eof_sent && acked >= offset {
-                return Ok(());
-            }
-            let msg = match link.next() {
-                Next::Msg(m) => m,
-                Next::Stop => return Err(Fail::Quiet),
-            };
-            match msg.hdr.typ.as_str() {
-                "ack" => match offset_of(&msg) {
-                    Some(Ok(o)) => {
-                        // Only bytes that were sent can be acknowledged, and
-                        // never fewer than before: any other ack would move
-                        // the window where the peer cannot have read (a huge
-                        // one switches flow control off).
-                        let o = match u64::try_from(o) {
-                            Ok(o) if o >= acked && o <= offset => o,
-                            _ => {
-                                let err = format!(
-                                    "invalid ack offset {o}: {offset} bytes sent, {acked} acknowledged"
-                                );
-                                return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
-                            }
-                        };
-                        acked = o;
-                        last = (msg.hdr, "ack".to_string());
-                    }
-                    Some(Err(())) => {
-                        let err = "invalid offset data type: require int64".to_string();
-                        return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
-                    }
-                    None => {
-                        let err = "ack message: offset property cannot be blank".to_string();
-                        return Err(Fail::Reply(Box::new(msg.hdr), "ack".into(), err));
-                    }
+                Step::Receive => match link.next() {
+                    Next::Msg(m) => core.message(m)?,
+                    Next::Stop => return Err(Stop::Quiet),
                 },
-                "error" => {
-                    log::info!(
-                        "file transfer {}: the server aborted the download",
-                        link.sid
-                    );
-                    return Err(Fail::Quiet);
-                }
-                other => {
-                    let err = format!("received unexpected message type '{other}'; expected 'ack'");
-                    let t = other.to_string();
-                    return Err(Fail::Reply(Box::new(msg.hdr), t, err));
-                }
             }
         }
     }

@@ -3,12 +3,18 @@
 //! one transfer per session, all paths resolved under the configured limits.
 
 mod download;
+mod download_core;
+mod error;
 mod upload;
+mod upload_core;
 pub mod wire;
 
+pub use self::error::FtError;
+
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
@@ -17,11 +23,11 @@ use crate::audit::{self, Event, Outcome};
 use crate::config::LimitsConfig;
 use crate::conn::outbound::{Outbound, SendError};
 use crate::limits::bucket::MAX_WAIT;
-use crate::limits::path::{PathError, fstat};
-use crate::limits::policy::Policy;
+use crate::limits::policy::{Denial, Policy};
 use crate::sessions::sid8;
 use crate::sessions::{Handler, SessionCtx};
-use crate::sys::errno::go_text;
+use crate::sys::fs::{Stat, fstat};
+use crate::threads;
 use crate::wire::codec::{self, ProtoHdr, ProtoMsg};
 
 use self::wire::Request;
@@ -42,12 +48,6 @@ const CLOSE_WAIT: Duration = Duration::from_millis(500);
 /// one chunk is refused rather than decided by microseconds.
 const SEND_SLACK: Duration = Duration::from_secs(1);
 
-/// How long a transfer may still wait for the bucket when the server last
-/// heard from it at `heard`.
-fn throttle_budget(heard: std::time::Instant) -> Duration {
-    MAX_WAIT.saturating_sub(heard.elapsed() + SEND_SLACK)
-}
-
 /// Transfer threads only stream through heap buffers.
 const STACK: usize = 128 * 1024;
 
@@ -58,6 +58,9 @@ pub struct Service {
     uid: libc::uid_t,
     gid: libc::gid_t,
     temp_counter: AtomicU32,
+    /// Transfer threads that outlived their session's close (blocked in a
+    /// file-system call), joined once they have ended.
+    parked: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Service {
@@ -73,7 +76,29 @@ impl Service {
             uid: crate::sys::user::euid(),
             gid: crate::sys::user::egid(),
             temp_counter: AtomicU32::new(0),
+            parked: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps the handle of a thread that is still ending.
+    fn park(&self, thread: JoinHandle<()>) {
+        self.lock_parked().push(thread);
+    }
+
+    /// Joins the parked threads that have ended.
+    fn reap_parked(&self) {
+        let ended: Vec<JoinHandle<()>> = {
+            let mut parked = self.lock_parked();
+            let (ended, running) = parked.drain(..).partition(|t| t.is_finished());
+            *parked = running;
+            ended
+        };
+        ended.into_iter().for_each(join);
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        // only handles are moved under the lock: still consistent if poisoned
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A handler for one router session.
@@ -121,9 +146,8 @@ impl Link {
         }
     }
 
-    /// Sleeps `d` unless cancelled or disconnected (then false).
-    fn pause(&self, d: Duration) -> bool {
-        let until = std::time::Instant::now() + d;
+    /// Sleeps until `until` unless cancelled or disconnected (then false).
+    fn pause_until(&self, until: std::time::Instant) -> bool {
         loop {
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -167,10 +191,14 @@ impl Link {
     }
 }
 
+/// The handler's side of a running transfer.
 struct Active {
     tx: Sender<ProtoMsg>,
-    cancel: Option<Sender<()>>,
+    /// Dropped to cancel.
+    cancel: Sender<()>,
+    /// Disconnects when the thread has let go of its link (it is ending).
     done: Receiver<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Active {
@@ -181,9 +209,41 @@ impl Active {
         )
     }
 
-    fn stop(&mut self) {
-        self.cancel.take();
-        let _ = self.done.recv_timeout(CLOSE_WAIT);
+    /// Cancels the transfer and joins its thread. The wait is bounded by
+    /// `CLOSE_WAIT`: the thread notices the cancel within `POLL` unless a
+    /// file-system call blocks it (a hung NFS server, an fsync), and such
+    /// a thread must not hold up the session's close; its handle goes to
+    /// the service, which joins it once it has ended.
+    fn stop(self, svc: &Service, sid: &str) {
+        let Active {
+            tx,
+            cancel,
+            done,
+            thread,
+        } = self;
+        drop(cancel);
+        drop(tx);
+        match done.recv_timeout(CLOSE_WAIT) {
+            Err(RecvTimeoutError::Disconnected) => join(thread),
+            _ => {
+                log::debug!(
+                    "file transfer {sid}: the transfer thread is still busy after {CLOSE_WAIT:?}; joined when it ends"
+                );
+                svc.park(thread);
+            }
+        }
+    }
+
+    /// Joins the thread of a transfer that ended by itself.
+    fn reap(self) {
+        join(self.thread);
+    }
+}
+
+/// Joins a transfer thread whose closure has returned (or is returning).
+fn join(thread: JoinHandle<()>) {
+    if thread.join().is_err() {
+        log::error!("file transfer: a transfer thread panicked");
     }
 }
 
@@ -195,34 +255,51 @@ struct FileTransfer {
 }
 
 impl FileTransfer {
-    fn reply_error(&self, req: &ProtoHdr, msgtype: &str, err: &str) {
+    fn reply_error(&self, req: &ProtoHdr, msgtype: &str, err: &FtError) {
         self.reply_error_with_code(req, msgtype, err, None);
     }
 
-    fn reply_error_with_code(&self, req: &ProtoHdr, msgtype: &str, err: &str, code: Option<u16>) {
+    fn reply_error_with_code(
+        &self,
+        req: &ProtoHdr,
+        msgtype: &str,
+        err: &FtError,
+        code: Option<u16>,
+    ) {
         log::info!("file transfer {}: {msgtype}: {err}", self.ctx.sid);
-        let reply = wire::error_reply_with_code(req, msgtype, err, code);
+        let reply = wire::error_reply_with_code(req, msgtype, &err.to_string(), code);
         if let Err(e) = self.ctx.out.send(&reply) {
             log::debug!("file transfer {}: error not sent: {e}", self.ctx.sid);
         }
     }
 
     fn busy(&mut self) -> bool {
-        match &self.active {
-            Some(a) if a.running() => true,
-            _ => {
-                self.active = None;
+        match self.active.take() {
+            Some(a) if a.running() => {
+                self.active = Some(a);
+                true
+            }
+            Some(a) => {
+                a.reap();
                 false
             }
+            None => false,
+        }
+    }
+
+    /// Cancels the running transfer (if any) and joins its thread, bounded.
+    fn stop_active(&mut self) {
+        if let Some(a) = self.active.take() {
+            a.stop(&self.svc, &self.ctx.sid);
         }
     }
 
     /// Starts `body` on a named thread with a fresh link.
     fn spawn(
         &mut self,
-        what: &str,
+        what: &'static str,
         body: impl FnOnce(Link) + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<(), FtError> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let (cancel_tx, cancel_rx) = crossbeam_channel::bounded(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded(0);
@@ -233,15 +310,15 @@ impl FileTransfer {
             cancel: cancel_rx,
             _done: done_tx,
         };
-        std::thread::Builder::new()
-            .name(format!("ft-{}", sid8(&self.ctx.sid)))
-            .stack_size(STACK)
-            .spawn(move || body(link))
-            .map_err(|e| format!("failed to start the {what}: {e}"))?;
+        self.svc.reap_parked();
+        let name = format!("ft-{}", sid8(&self.ctx.sid));
+        let thread = threads::spawn(name, STACK, move || body(link))
+            .map_err(|err| FtError::Spawn { what, err })?;
         self.active = Some(Active {
             tx,
-            cancel: Some(cancel_tx),
+            cancel: cancel_tx,
             done: done_rx,
+            thread,
         });
         Ok(())
     }
@@ -252,12 +329,9 @@ impl FileTransfer {
     fn stat(&self, msg: &ProtoMsg) {
         let result = Request::decode(msg.body.as_deref()).and_then(|req| {
             let path = req.path()?.to_vec();
-            let st = stat_path(&path).map_err(|e| {
-                let p = wire::shown(&path);
-                format!(
-                    "failed to get file info from path '{p}': stat {p}: {}",
-                    go_text(&e)
-                )
+            let st = crate::sys::fs::stat(&path).map_err(|err| FtError::Stat {
+                path: wire::shown(&path),
+                err,
             })?;
             Ok(wire::file_info(&self.ctx.sid, &path, &st))
         });
@@ -280,11 +354,11 @@ impl FileTransfer {
                     self.ctx.sid
                 );
             } else {
-                self.reply_error(&msg.hdr, &typ, "no file transfer in progress");
+                self.reply_error(&msg.hdr, &typ, &FtError::NotInProgress);
             }
             return;
         }
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.active.as_ref() else {
             return;
         };
         // deviceconnect sends 4096-byte chunks; the transfer's queue holds up
@@ -295,24 +369,24 @@ impl FileTransfer {
             .is_some_and(|b| b.len() > MAX_MESSAGE_BODY)
         {
             let hdr = msg.hdr.clone();
-            active.stop();
-            self.active = None;
-            self.reply_error(&hdr, &typ, "file chunk too large");
+            self.stop_active();
+            self.reply_error(&hdr, &typ, &FtError::ChunkTooLarge);
             return;
         }
         match active.tx.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Disconnected(m)) => {
-                self.active = None;
+                if let Some(a) = self.active.take() {
+                    a.reap();
+                }
                 if typ != "error" {
-                    self.reply_error(&m.hdr, &typ, "no file transfer in progress");
+                    self.reply_error(&m.hdr, &typ, &FtError::NotInProgress);
                 }
             }
             Err(TrySendError::Full(m)) => {
                 // The peer ignores the window; the transfer cannot stay consistent.
-                active.stop();
-                self.active = None;
-                self.reply_error(&m.hdr, &typ, "too many file transfer messages queued");
+                self.stop_active();
+                self.reply_error(&m.hdr, &typ, &FtError::QueueFull);
             }
         }
     }
@@ -324,8 +398,9 @@ impl Handler for FileTransfer {
             "stat" => self.stat(&msg),
             "get_file" => {
                 if let Err(e) = self.start_download(&msg) {
-                    audit_unstarted(DOWNLOAD, &msg, &self.ctx.sid, &e.text);
-                    self.reply_error_with_code(&msg.hdr, "get_file", &e.text, e.code);
+                    audit_unstarted(DOWNLOAD, &msg, &self.ctx.sid, &e);
+                    let code = e.download_code();
+                    self.reply_error_with_code(&msg.hdr, "get_file", &e, code);
                 }
             }
             "put_file" => {
@@ -336,16 +411,21 @@ impl Handler for FileTransfer {
             }
             "ack" | "file_chunk" | "error" => self.forward_to_transfer(msg),
             other => {
-                let err = format!("session: filetransfer message type '{other}' not supported");
+                let err = FtError::Unsupported(other.to_string());
                 self.reply_error(&msg.hdr, other, &err);
             }
         }
     }
 
     fn close(&mut self) {
-        if let Some(mut a) = self.active.take() {
-            a.stop();
-        }
+        self.stop_active();
+    }
+}
+
+impl Drop for FileTransfer {
+    /// A handler dropped without `close` still joins its transfer.
+    fn drop(&mut self) {
+        self.stop_active();
     }
 }
 
@@ -355,7 +435,12 @@ const UPLOAD: &str = "file upload";
 
 /// The audit line of a transfer of `action` requested by `req`, ended by
 /// `result`: a failure whose text names a Limits rule is a refusal.
-fn audit_event(action: &'static str, req: &ProtoHdr, sid: &str, result: Result<(), &str>) -> Event {
+fn audit_event(
+    action: &'static str,
+    req: &ProtoHdr,
+    sid: &str,
+    result: Result<(), &FtError>,
+) -> Event {
     let user = req
         .props
         .iter()
@@ -364,15 +449,18 @@ fn audit_event(action: &'static str, req: &ProtoHdr, sid: &str, result: Result<(
         .unwrap_or_default();
     match result {
         Ok(()) => Event::new(action, user, sid, Outcome::Ok),
-        Err(err) => match audit::transfer_rule(err, action == UPLOAD) {
-            Some(rule) => Event::refused(action, user, sid, rule, err),
-            None => Event::new(action, user, sid, Outcome::Error).with("err", err),
-        },
+        Err(err) => {
+            let err = err.to_string();
+            match audit::transfer_rule(&err, action == UPLOAD) {
+                Some(rule) => Event::refused(action, user, sid, rule, &err),
+                None => Event::new(action, user, sid, Outcome::Error).with("err", err),
+            }
+        }
     }
 }
 
 /// The audit line of a `get_file`/`put_file` refused before it started.
-fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &str) {
+fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &FtError) {
     let req = Request::decode(msg.body.as_deref()).ok();
     let path = req
         .as_ref()
@@ -389,101 +477,85 @@ fn audit_unstarted(action: &'static str, msg: &ProtoMsg, sid: &str, err: &str) {
     e.emit();
 }
 
-/// A refusal before a transfer starts: a permit reason or an OS error.
-enum Refusal {
-    Denied(String),
-    Os(std::io::Error),
-}
-
-impl Refusal {
-    /// The reply text; `os` formats OS errors for the request at hand.
-    fn text(self, os: impl FnOnce(String) -> String) -> String {
-        match self {
-            Refusal::Denied(r) => format!("access denied: {r}"),
-            Refusal::Os(e) => os(go_text(&e)),
-        }
-    }
-}
-
-/// Why a `get_file` was refused, with the status for `code` when the
-/// limits refused it (MEN-4659: a denial is 403, not 500 "internal error").
-#[derive(Debug)]
-pub(crate) struct DownloadRefusal {
-    text: String,
-    code: Option<u16>,
-}
-
-impl From<String> for DownloadRefusal {
-    fn from(text: String) -> DownloadRefusal {
-        DownloadRefusal { text, code: None }
-    }
-}
-
-impl DownloadRefusal {
-    fn denied(text: String) -> DownloadRefusal {
-        DownloadRefusal {
-            text,
-            code: Some(wire::CODE_FORBIDDEN),
-        }
-    }
-}
-
-/// `stat(2)` following symlinks, like Go's `os.Stat`.
-fn stat_path(path: &[u8]) -> std::io::Result<libc::stat> {
-    let c = std::ffi::CString::new(path)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: stat is plain old data, fully written by a successful stat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: NUL-terminated path and a valid out pointer.
-    if unsafe { libc::stat(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
-impl From<PathError> for Refusal {
-    fn from(e: PathError) -> Refusal {
-        match e {
-            PathError::Os(e) => Refusal::Os(e),
-            other => Refusal::Denied(other.to_string()),
-        }
-    }
-}
-
 impl Service {
-    /// Opens `path` for a download and runs every permit check on the
-    /// opened descriptor.
+    /// Opens `path` for a download and asks the policy about the opened
+    /// descriptor; an OS error while opening is returned as such.
     fn check_download(
         &self,
         path: &[u8],
         flags: libc::c_int,
-    ) -> Result<(std::os::fd::OwnedFd, libc::stat), Refusal> {
+    ) -> Result<(std::os::fd::OwnedFd, Stat), Result<Denial, std::io::Error>> {
         let p = &self.policy;
         let fd = p
             .resolver_for(path)
-            .map_err(Refusal::Denied)?
-            .open(path, flags)?;
-        let st = fstat(fd.as_fd()).map_err(Refusal::Os)?;
-        if p.enabled {
-            if p.regular_files_only && st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Err(Refusal::Denied("only regular files are allowed".into()));
-            }
-            if p.owner_get
-                .as_ref()
-                .is_some_and(|ids| !ids.contains(&st.st_uid))
-            {
-                return Err(Refusal::Denied("the file owner does not match".into()));
-            }
-            if p.group_get
-                .as_ref()
-                .is_some_and(|ids| !ids.contains(&st.st_gid))
-            {
-                return Err(Refusal::Denied("the file group does not match".into()));
-            }
-            if p.max_file_size > 0 && st.st_size > 0 && st.st_size as u64 > p.max_file_size {
-                return Err(Refusal::Denied("the file size is over the limit".into()));
-            }
-        }
+            .map_err(Ok)?
+            .open(path, flags)
+            .map_err(Denial::from_path)?;
+        let st = fstat(fd.as_fd()).map_err(Err)?;
+        p.permit_download(&st).map_err(Ok)?;
         Ok((fd, st))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn handler(sid: &str) -> (FileTransfer, crate::conn::outbound::OutboundRx) {
+        let wake = Arc::new(crate::sys::wake::Wake::new().expect("eventfd"));
+        let (out, rx) = crate::conn::outbound::queue(wake);
+        let ft = FileTransfer {
+            svc: Arc::new(Service::with_policy(Policy::disabled())),
+            ctx: SessionCtx {
+                sid: sid.to_string(),
+                out,
+            },
+            active: None,
+        };
+        (ft, rx)
+    }
+
+    #[test]
+    fn close_cancels_and_joins_the_transfer_thread() {
+        let (mut ft, _rx) = handler("close-join");
+        let (seen_tx, seen_rx) = crossbeam_channel::bounded(1);
+        ft.spawn("download", move |link| {
+            // ends only on cancel
+            let _ = link.cancel.recv();
+            let _ = seen_tx.send(std::thread::current().name().map(str::to_string));
+        })
+        .expect("spawn");
+        assert!(ft.busy());
+        ft.close();
+        assert!(ft.active.is_none());
+        assert!(ft.svc.lock_parked().is_empty(), "joined, not parked");
+        let name = seen_rx.try_recv().expect("the thread ran to its end");
+        assert_eq!(name.as_deref(), Some("ft-close-jo"));
+    }
+
+    #[test]
+    fn a_thread_blocked_past_the_bound_does_not_hold_up_close_and_is_joined_later() {
+        let (mut ft, _rx) = handler("blocked");
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+        ft.spawn("upload", move |_link| {
+            // a file-system call that ignores the cancel
+            let _ = release_rx.recv();
+        })
+        .expect("spawn");
+        let started = Instant::now();
+        ft.close();
+        let took = started.elapsed();
+        assert!(took >= CLOSE_WAIT, "{took:?}");
+        assert!(took < CLOSE_WAIT + Duration::from_secs(2), "{took:?}");
+        assert_eq!(ft.svc.lock_parked().len(), 1);
+        drop(release_tx);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ft.svc.lock_parked()[0].is_finished() {
+            assert!(Instant::now() < deadline, "the thread never ended");
+            std::thread::yield_now();
+        }
+        ft.svc.reap_parked();
+        assert!(ft.svc.lock_parked().is_empty());
     }
 }

@@ -5,6 +5,8 @@
 use crate::wire::codec::{Kind, PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Reader, Value};
 use crate::wire::control::encode_map;
 
+use super::error::FtError;
+
 /// Bytes per `file_chunk` (upstream `FileTransferBufSize`).
 pub const CHUNK: usize = 4096;
 /// Download window in chunks beyond the last ack (`ACKSlidingWindowRecv`).
@@ -34,8 +36,8 @@ impl Request {
     /// `src_path` keep their bytes exactly as sent (str or bin): Linux paths
     /// are bytes and so are Go strings, so a str that is not UTF-8 still
     /// names one file, never a U+FFFD look-alike.
-    pub fn decode(body: Option<&[u8]>) -> Result<Request, String> {
-        let malformed = |e: String| format!("malformed request parameters: {e}");
+    pub fn decode(body: Option<&[u8]>) -> Result<Request, FtError> {
+        let malformed = FtError::Malformed;
         let mut rd = Reader::new(body.unwrap_or_default());
         let n = rd
             .go_map_len()
@@ -68,7 +70,7 @@ impl Request {
                 if known {
                     let kind = if string_field { "string" } else { "integer" };
                     let field = String::from_utf8_lossy(key);
-                    return Err(malformed(format!(
+                    return Err(FtError::Malformed(format!(
                         "msgpack: invalid type for {kind} field {field}"
                     )));
                 }
@@ -87,7 +89,7 @@ impl Request {
             }
         }
         if r.src_path.as_deref().is_some_and(|p| p.contains(&0)) {
-            return Err(NUL_PATH.replace("path", "src_path"));
+            return Err(FtError::PathNul("src_path"));
         }
         Ok(r)
     }
@@ -95,20 +97,15 @@ impl Request {
     /// The path, unless absent, empty, relative (the daemon never resolves
     /// a request against its own working directory) or holding a NUL byte
     /// (no file can have that name; the kernel would see a shorter one).
-    pub fn path(&self) -> Result<&[u8], String> {
+    pub fn path(&self) -> Result<&[u8], FtError> {
         match self.path.as_deref() {
-            Some(p) if p.contains(&0) => Err(NUL_PATH.to_string()),
+            Some(p) if p.contains(&0) => Err(FtError::PathNul("path")),
             Some(p) if p.starts_with(b"/") => Ok(p),
-            Some(p) if !p.is_empty() => {
-                Err("invalid request parameters: path: must be absolute".to_string())
-            }
-            _ => Err("invalid request parameters: path: cannot be blank.".to_string()),
+            Some(p) if !p.is_empty() => Err(FtError::PathRelative),
+            _ => Err(FtError::PathBlank),
         }
     }
 }
-
-/// The refusal of a path with a NUL byte.
-pub const NUL_PATH: &str = "invalid request parameters: path: must not contain a NUL byte.";
 
 /// A path for error texts and logs: UTF-8 as it is, every byte that is not
 /// part of valid UTF-8 as `\xNN` and control characters escaped, so the text
@@ -305,20 +302,25 @@ mod tests {
             ("mode", Value::U32(0o644)),
         ]);
         let r = Request::decode(Some(&body)).expect("decodes");
-        assert_eq!(r.path(), Ok(&b"/x"[..]));
+        assert_eq!(r.path().ok(), Some(&b"/x"[..]));
         assert_eq!((r.uid, r.gid, r.mode), (None, Some(u32::MAX), Some(0o644)));
-        let e = Request::decode(Some(b"\xa6foobar")).expect_err("not a map");
+        let e = Request::decode(Some(b"\xa6foobar"))
+            .expect_err("not a map")
+            .to_string();
         assert!(e.starts_with("malformed request parameters: "), "{e}");
         let e = Request::decode(None).expect_err("empty");
-        assert_eq!(e, "malformed request parameters: EOF");
+        assert_eq!(e.to_string(), "malformed request parameters: EOF");
         let blank = Request::decode(Some(&encode_map(&[("path", Value::Nil)]))).expect("nil path");
         assert_eq!(
-            blank.path().expect_err("blank"),
+            blank.path().expect_err("blank").to_string(),
             "invalid request parameters: path: cannot be blank."
         );
         let rel = Request::decode(Some(&encode_map(&[("path", Value::Str("etc/x".into()))])));
         assert_eq!(
-            rel.expect("relative path").path().expect_err("relative"),
+            rel.expect("relative path")
+                .path()
+                .expect_err("relative")
+                .to_string(),
             "invalid request parameters: path: must be absolute"
         );
     }
@@ -352,12 +354,12 @@ mod tests {
         body.extend_from_slice(b"src_path");
         body.extend_from_slice(&[0xc4, 2, 0xfc, b'x']);
         let r = Request::decode(Some(&body)).expect("decodes");
-        assert_eq!(r.path(), Ok(&b"/\xfa\xfb"[..]));
+        assert_eq!(r.path().ok(), Some(&b"/\xfa\xfb"[..]));
         assert_eq!(r.src_path.as_deref(), Some(&b"\xfcx"[..]));
         let e = Request::decode(Some(&encode_map(&[("path", Value::U8(1))])))
             .expect_err("not a string");
         assert_eq!(
-            e,
+            e.to_string(),
             "malformed request parameters: msgpack: invalid type for string field path"
         );
     }
@@ -369,7 +371,10 @@ mod tests {
         nils.extend_from_slice(&(1u32 << 20).to_be_bytes());
         nils.extend(std::iter::repeat_n(0xc0, 1 << 20));
         let only_unknown = [&[0x81][..], &nils].concat();
-        assert_eq!(Request::decode(Some(&only_unknown)), Ok(Request::default()));
+        assert_eq!(
+            Request::decode(Some(&only_unknown)).ok(),
+            Some(Request::default())
+        );
         // then "size": [1], which no field takes
         let size_array = [
             &[0x82][..],
@@ -378,11 +383,10 @@ mod tests {
         ]
         .concat();
         assert_eq!(
-            Request::decode(Some(&size_array)),
-            Err(
-                "malformed request parameters: msgpack: invalid type for integer field size"
-                    .to_string()
-            )
+            Request::decode(Some(&size_array))
+                .expect_err("array")
+                .to_string(),
+            "malformed request parameters: msgpack: invalid type for integer field size"
         );
     }
 
@@ -390,12 +394,16 @@ mod tests {
     fn a_path_with_a_nul_byte_is_refused() {
         let r = Request::decode(Some(&encode_map(&[("path", Value::Str("/a\0b".into()))])))
             .expect("decodes");
-        assert_eq!(r.path(), Err(NUL_PATH.to_string()));
+        assert_eq!(
+            r.path().expect_err("nul").to_string(),
+            "invalid request parameters: path: must not contain a NUL byte."
+        );
         let e = Request::decode(Some(&encode_map(&[
             ("path", Value::Str("/a".into())),
             ("src_path", Value::Bin(b"x\0".to_vec())),
         ])))
-        .expect_err("src_path");
+        .expect_err("src_path")
+        .to_string();
         assert!(e.contains("src_path: must not contain a NUL byte"), "{e}");
     }
 
@@ -408,8 +416,7 @@ mod tests {
 
     #[test]
     fn file_info_echoes_the_path_bytes_as_a_str() {
-        // SAFETY: stat is plain old data.
-        let st: libc::stat = unsafe { std::mem::zeroed() };
+        let st = crate::sys::fs::zeroed_stat();
         let m = file_info("s", b"/\xfa", &st);
         let body = m.body.expect("body");
         assert_eq!(
