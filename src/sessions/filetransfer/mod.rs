@@ -15,7 +15,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
 
@@ -94,6 +94,15 @@ impl Service {
             ended
         };
         ended.into_iter().for_each(join);
+    }
+
+    /// Joins what the parked threads let go of within `wait` (shutdown).
+    fn join_parked(&self, wait: Duration) {
+        let parked: Vec<JoinHandle<()>> = self.lock_parked().drain(..).collect();
+        let deadline = Instant::now() + wait;
+        for t in parked {
+            threads::join_within(t, deadline.saturating_duration_since(Instant::now()));
+        }
     }
 
     fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
@@ -292,6 +301,8 @@ impl FileTransfer {
         if let Some(a) = self.active.take() {
             a.stop(&self.svc, &self.ctx.sid);
         }
+        // a thread parked earlier may have ended since: free its stack now
+        self.svc.reap_parked();
     }
 
     /// Starts `body` on a named thread with a fresh link.
@@ -419,6 +430,12 @@ impl Handler for FileTransfer {
 
     fn close(&mut self) {
         self.stop_active();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.join_parked(CLOSE_WAIT);
     }
 }
 

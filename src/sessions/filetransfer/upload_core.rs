@@ -268,6 +268,45 @@ mod tests {
     }
 
     #[test]
+    fn a_file_of_exactly_max_file_size_is_accepted() {
+        let mut c = UploadCore::new(8, Instant::now());
+        c.chunk(chunk(0, b"abcd")).expect("within");
+        c.chunk(chunk(4, b"abcd")).expect("exactly the maximum");
+    }
+
+    #[test]
+    fn the_wait_budget_restarts_at_each_ack() {
+        let t = Instant::now();
+        let late = t + Duration::from_millis(19_500);
+        let data = vec![0u8; CHUNK];
+        let batch = |c: &mut UploadCore| {
+            for i in 0..4u64 {
+                c.chunk(chunk(i * CHUNK as u64, &data)).expect("chunk");
+            }
+        };
+        // nothing acked since `new` 19.5 s ago: a wait for the bucket
+        // would pass MAX_WAIT, so the upload ends
+        let (_clock, b) = slow_bucket();
+        let mut stale = UploadCore::new(0, t);
+        batch(&mut stale);
+        assert_eq!(
+            reply(stale.throttle(late, Some(&b))),
+            "failed to write file chunk: transmitted bytes limit exhausted"
+        );
+        // the same batch right after an ack only waits
+        let (_clock, b) = slow_bucket();
+        let mut fresh = UploadCore::new(0, t);
+        fresh.acked(late);
+        batch(&mut fresh);
+        assert!(
+            fresh
+                .throttle(late, Some(&b))
+                .expect("within budget")
+                .is_some()
+        );
+    }
+
+    #[test]
     fn the_bucket_holds_the_ack_chunk_by_chunk_and_ends_past_the_budget() {
         let (clock, b) = slow_bucket();
         let t = Instant::now();
