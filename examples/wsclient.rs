@@ -17,10 +17,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use mender_connect::conn::dial::{self, Stream};
-use mender_connect::conn::link;
-use mender_connect::conn::url::{self, Endpoint};
-use mender_connect::sys::poll::poll_one;
+use mender_connect::testing::{Endpoint, Stream, dial, end_after_read, poll_one, url};
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::{Bytes, Message, WebSocket};
@@ -129,7 +126,7 @@ fn echo(ws: &mut WebSocket<Stream>) -> Result<String, String> {
                 Ok(m) => format!("{m:?}"),
                 Err(e) => e.to_string(),
             };
-            link::end_after_read(ws, end.as_ref().err());
+            end_after_read(ws, end.as_ref().err());
             return Ok(text);
         }
     }

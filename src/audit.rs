@@ -25,8 +25,6 @@ pub enum Outcome {
     Error,
     /// A configured rule or cap refused it (the line carries `rule` and `err`).
     Refused,
-    /// It was cut short without an error (session closed, link lost).
-    Aborted,
 }
 
 impl Outcome {
@@ -35,7 +33,6 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Error => "error",
             Outcome::Refused => "refused",
-            Outcome::Aborted => "aborted",
         }
     }
 }
@@ -99,6 +96,7 @@ impl Event {
     }
 
     /// The value of field `key` (tests).
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&str> {
         self.fields
             .iter()

@@ -7,7 +7,7 @@ use mender_connect::cli::{self, Parsed};
 use mender_connect::{config, daemon, logging};
 
 fn main() -> ExitCode {
-    mender_connect::sys::malloc::tune();
+    mender_connect::tune_malloc();
     let args = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned());

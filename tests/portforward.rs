@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use mender_connect::sessions::portforward::CHUNK_MAX;
+use mender_connect::testing::CHUNK_MAX;
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
 use mender_connect::wire::control::{Accept, ControlError, encode_map};
 use testbed::{

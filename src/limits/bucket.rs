@@ -127,11 +127,13 @@ impl Bucket {
     }
 
     /// Refill rate in bytes per second.
+    #[cfg(test)]
     pub fn rate(&self) -> f64 {
         self.rate
     }
 
     /// Burst capacity in bytes.
+    #[cfg(test)]
     pub fn capacity(&self) -> f64 {
         self.capacity
     }
@@ -185,7 +187,8 @@ impl Bucket {
         s.tokens = s.tokens.min(-limit);
     }
 
-    /// Tokens currently available (negative = debt), for status output and tests.
+    /// Tokens currently available (negative = debt).
+    #[cfg(test)]
     pub fn available(&self) -> f64 {
         self.refilled().tokens
     }

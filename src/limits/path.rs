@@ -136,6 +136,7 @@ impl Resolver {
     }
 
     /// Whether a chroot applies.
+    #[cfg(test)]
     pub fn has_chroot(&self) -> bool {
         self.root.is_some()
     }
