@@ -1,13 +1,13 @@
 //! Everything about the one websocket: D-Bus auth, dialing, the connection
 //! thread, back-off.
 
-pub mod auth;
-pub mod backoff;
+pub(crate) mod auth;
+pub(crate) mod backoff;
 pub mod dial;
-pub mod link;
-pub mod netwatch;
-pub mod outbound;
-pub mod proxy;
-pub mod reframe;
-pub mod timing;
+pub(crate) mod link;
+pub(crate) mod netwatch;
+pub(crate) mod outbound;
+pub(crate) mod proxy;
+pub(crate) mod reframe;
+pub(crate) mod timing;
 pub mod url;

@@ -1,5 +1,5 @@
 //! Byte-rate limiting and path containment shared by the file-transfer sessions.
 
-pub mod bucket;
-pub mod path;
-pub mod policy;
+pub(crate) mod bucket;
+pub(crate) mod path;
+pub(crate) mod policy;

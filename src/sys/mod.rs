@@ -2,13 +2,13 @@
 //! this folder behind a safe function, so the layers above read as plain
 //! Rust and each syscall helper exists once.
 
-pub mod errno;
-pub mod fs;
-pub mod malloc;
-pub mod netlink;
-pub mod passwd;
-pub mod poll;
-pub mod signal;
-pub mod sockopt;
-pub mod user;
-pub mod wake;
+pub(crate) mod errno;
+pub(crate) mod fs;
+pub(crate) mod malloc;
+pub(crate) mod netlink;
+pub(crate) mod passwd;
+pub(crate) mod poll;
+pub(crate) mod signal;
+pub(crate) mod sockopt;
+pub(crate) mod user;
+pub(crate) mod wake;
