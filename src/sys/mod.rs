@@ -4,5 +4,7 @@
 
 pub mod errno;
 pub mod poll;
+pub mod process;
+pub mod pty;
 pub mod user;
 pub mod wake;
