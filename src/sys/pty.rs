@@ -58,22 +58,52 @@ pub fn set_winsize(master: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()
     check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }).map(|_| ())
 }
 
+/// Bytes the terminal has ready to read now (`FIONREAD`); data still on
+/// its way from the other end may not be counted yet.
+pub fn readable(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n.max(0) as usize)
+}
+
+/// Reads up to `max` bytes from `fd` onto the end of `buf`, straight into
+/// its spare room: no zero-filling and no separate read buffer, so only
+/// pages that receive data are touched. `Ok(0)` is end of file.
+pub fn read_append(fd: &impl AsRawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let want = spare.len().min(max);
+    // SAFETY: the kernel writes at most `want` bytes into the spare room.
+    let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), want) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised these n ≤ want bytes of spare room.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_pty_pair_carries_bytes_and_takes_a_size() {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let (m, s) = open_pty().expect("pty");
         set_winsize(&m, 50, 132).expect("size");
         let mut slave = std::fs::File::from(s);
         slave.write_all(b"x").expect("write");
-        let mut master = std::fs::File::from(m);
-        let mut b = [0u8; 8];
-        let r = crate::sys::poll::poll_one(master.as_raw_fd(), libc::POLLIN, 5000).expect("poll");
+        let r = crate::sys::poll::poll_one(m.as_raw_fd(), libc::POLLIN, 5000).expect("poll");
         assert_ne!(r & libc::POLLIN, 0);
-        assert_eq!(master.read(&mut b).expect("read"), 1);
-        assert_eq!(b[0], b'x');
+        assert_eq!(readable(&m).expect("fionread"), 1);
+        let mut b = b"ab".to_vec();
+        assert_eq!(read_append(&m, &mut b, 8).expect("read"), 1);
+        assert_eq!(b, b"abx");
+        let e = read_append(&m, &mut b, 8).expect_err("nothing more");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(b, b"abx");
     }
 }

@@ -167,24 +167,21 @@ impl Core {
         self.backlog.len() < BACKLOG_MAX || !connected
     }
 
-    /// Reads up to one chunk of output with `read` straight into the
-    /// backlog (no read buffer per shell). Returns what `read` returned
-    /// (`Ok(0)` is end of file) and whether this read began dropping old
-    /// output because the link is down (`connected` false).
+    /// Reads output with `read`, which appends at most one chunk to the
+    /// backlog it is given (no read buffer per shell). Returns what `read`
+    /// returned (`Ok(0)` is end of file) and whether this read began
+    /// dropping old output because the link is down (`connected` false).
     pub fn fill(
         &mut self,
-        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+        read: impl FnOnce(&mut Vec<u8>, usize) -> io::Result<usize>,
         connected: bool,
     ) -> (io::Result<usize>, bool) {
-        let len = self.backlog.len();
-        self.backlog.resize(len + CHUNK, 0);
-        let r = read(&mut self.backlog[len..]);
-        let n = *r.as_ref().unwrap_or(&0);
-        self.backlog.truncate(len + n.min(CHUNK));
+        let r = read(&mut self.backlog, CHUNK);
         if self.backlog.is_empty() {
+            // nothing read: hold no output memory while idle
             self.backlog = Vec::new();
         }
-        self.tx_bytes += n as u64;
+        self.tx_bytes += *r.as_ref().unwrap_or(&0) as u64;
         (r, self.trim(connected))
     }
 
@@ -320,9 +317,9 @@ mod tests {
     /// Feeds `bytes` as if the PTY returned them in one read.
     fn feed(c: &mut Core, bytes: &[u8], connected: bool) -> bool {
         let (r, first_drop) = c.fill(
-            |buf| {
-                let n = bytes.len().min(buf.len());
-                buf[..n].copy_from_slice(&bytes[..n]);
+            |buf, max| {
+                let n = bytes.len().min(max);
+                buf.extend_from_slice(&bytes[..n]);
                 Ok(n)
             },
             connected,
@@ -508,7 +505,7 @@ mod tests {
         feed(&mut c, b"hi", true);
         assert_eq!(c.chunk(), Some(&b"hi"[..]));
         assert!(!c.chunk_ready());
-        let (r, _) = c.fill(|_| Err(io::ErrorKind::WouldBlock.into()), true);
+        let (r, _) = c.fill(|_, _| Err(io::ErrorKind::WouldBlock.into()), true);
         assert!(r.is_err());
         assert_eq!(c.held(), 2);
     }
