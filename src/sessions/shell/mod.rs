@@ -1,7 +1,10 @@
 //! The remote terminal (proto 1, behavior.md §5.2–5.11): the table of live
 //! shells keyed by sid, limits counted from that table, and the non-blocking
 //! hand-off of every shell message from the connection thread to the shell's
-//! own thread (`session.rs`), which owns the PTY and the process (`pty.rs`).
+//! own thread (`session.rs`), which owns the PTY and the process (`pty.rs`)
+//! and does what the shell's pure state (`state.rs`: timers, input, output
+//! batching, stop) decides. Each thread's handle is kept here and joined
+//! once it has finished; `terminate_all` waits at most 900 ms for them.
 //!
 //! Differences from the reference, all compatible: a shell that exits frees
 //! its slot at once (its sid then answers a later `stop` with success for
@@ -14,9 +17,9 @@
 //! `MENDER_CONNECT_SHELL_PING_MS` shortens the 60 s health-check period for
 //! tests; the pong deadline stays 65/60 of it.
 
-mod core;
 mod pty;
 mod session;
+mod state;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};

@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::core::{BACKLOG_MAX, CHUNK, Core, Due, Flush, QUIET_GRACE, STOP_GRACE, Timers};
 use super::pty::{self, Child};
+use super::state::{BACKLOG_MAX, CHUNK, Core, Due, Flush, QUIET_GRACE, STOP_GRACE, Timers};
 use super::{Control, Inner, STOP_REPLY, output_msg, ping_msg, reply};
 use crate::audit::{Event, Outcome};
 use crate::conn::outbound::SendError;
@@ -286,12 +286,10 @@ impl Shell {
         let mut total = 0;
         while total < limit {
             // Size each read by what is there, so a short echo costs a
-            // short buffer, not a chunk; a PTY that hung up reports 0 and
-            // still needs a read to say so.
+            // short buffer, not a chunk. FIONREAD may not count output still
+            // on its way, which a read waits for, and a PTY that hung up
+            // reports 0: so read at least a byte, until EAGAIN or EIO.
             let ready = crate::sys::pty::readable(&self.child.master).unwrap_or(CHUNK);
-            if ready == 0 && total > 0 {
-                return Read::More;
-            }
             let connected = self.inner.out.is_connected();
             let master = &self.child.master;
             let (r, dropping) = self.core.fill(
