@@ -457,6 +457,7 @@ impl Inner {
     fn stop(&self, msg: &ProtoMsg) {
         let sid = &msg.hdr.sid;
         let mut t = self.lock();
+        t.join_finished();
         if sid.is_empty() {
             let user = msg.prop_str("user_id").unwrap_or("");
             if user.is_empty() {
@@ -690,5 +691,29 @@ mod tests {
             Some((7, 9))
         );
         assert_eq!(size_props(&ProtoMsg::new(PROTO_SHELL, "new", S1)), None);
+    }
+
+    #[test]
+    fn only_finished_threads_are_joined_and_a_stuck_one_is_kept() {
+        let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        let stuck = crate::threads::spawn("shell-stuck".into(), 64 * 1024, move || {
+            let _ = rx.recv();
+        })
+        .expect("spawn");
+        let done = crate::threads::spawn("shell-done".into(), 64 * 1024, || {}).expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done.is_finished() {
+            assert!(Instant::now() < deadline, "thread did not end");
+            std::thread::yield_now();
+        }
+        let mut t = Table::default();
+        t.ended.push(stuck);
+        t.ended.push(done);
+        t.join_finished();
+        assert_eq!(t.ended.len(), 1, "the stuck thread is not waited for");
+        assert_eq!(t.ended[0].thread().name(), Some("shell-stuck"));
+        drop(tx);
+        let h = t.ended.pop().expect("stuck handle");
+        h.join().expect("ends once released");
     }
 }
