@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 
@@ -117,7 +118,7 @@ impl fmt::Display for McError {
                 crate::sys::errno::go_text(e)
             ),
             McError::Failed(st) => {
-                write!(f, "{}", crate::sessions::shell::status_text(st.into_raw()))
+                write!(f, "{}", crate::sys::process::status_text(st.into_raw()))
             }
             McError::TimedOut(d) => write!(f, "timed out after {}s", d.as_secs_f64()),
             McError::Wait(e) => write!(f, "wait: {}", crate::sys::errno::go_text(e)),
@@ -156,8 +157,9 @@ pub fn run_command(settings: &Settings, typ: &str) -> Result<(), McError> {
         Ok(Some(st)) if st.success() => Ok(()),
         Ok(Some(st)) => Err(McError::Failed(st)),
         Ok(None) => {
-            // SAFETY: killpg only sends a signal; the group id is our child's pid.
-            unsafe { libc::killpg(child.id() as libc::pid_t, libc::SIGKILL) };
+            // ESRCH: the group is already gone, which is the aim
+            let _ =
+                crate::sys::process::killpg(child.id() as crate::sys::process::Pid, libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
             Err(McError::TimedOut(settings.timeout))
@@ -172,37 +174,13 @@ pub fn run_command(settings: &Settings, typ: &str) -> Result<(), McError> {
 
 /// Waits for `child` up to `timeout` on a pidfd (no polling); `None` = still running.
 fn wait_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-    let deadline = Instant::now() + timeout;
-    if fd < 0 {
-        // old kernel: fall back to polling the child's status
-        loop {
-            if let Some(st) = child.try_wait()? {
-                return Ok(Some(st));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    use crate::sys::process;
+    let pid = child.id() as process::Pid;
+    if process::wait_exited(pid, process::pidfd_open(pid).as_ref(), timeout) {
+        child.wait().map(Some)
+    } else {
+        child.try_wait()
     }
-    let fd = fd as libc::c_int;
-    let result = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-        match crate::sys::poll::poll_one(fd, libc::POLLIN, ms) {
-            Ok(0) => {}
-            Ok(_) => break child.wait().map(Some),
-            Err(e) => break Err(e),
-        }
-        if left.is_zero() || Instant::now() >= deadline {
-            break child.try_wait();
-        }
-    };
-    // SAFETY: fd is the pidfd opened above and owned here.
-    unsafe { libc::close(fd) };
-    result
 }
 
 /// The reply to a trigger: same proto, typ and sid; status 1 or 2.
@@ -226,7 +204,7 @@ pub fn audit(user_id: &str, sid: &str, typ: &str, result: &Result<(), McError>) 
             Event::refused(ACTION, user_id, sid, "pending requests cap", &e.to_string())
         }
         Err(McError::Failed(st)) => Event::new(ACTION, user_id, sid, Outcome::Error)
-            .with("status", crate::sessions::shell::status_text(st.into_raw())),
+            .with("status", crate::sys::process::status_text(st.into_raw())),
         Err(e) => Event::new(ACTION, user_id, sid, Outcome::Error).with("err", e),
     };
     e.with("trigger", typ)
@@ -240,6 +218,7 @@ pub fn factory(settings: Settings) -> Factory {
             ctx: ctx.clone(),
             settings: Arc::clone(&settings),
             worker: None,
+            thread: None,
             closed: Arc::new(AtomicBool::new(false)),
         }) as Box<dyn Handler>
     })
@@ -249,6 +228,8 @@ struct MenderClient {
     ctx: SessionCtx,
     settings: Arc<Settings>,
     worker: Option<Sender<(String, String)>>,
+    /// The worker thread; joined on close once it has finished.
+    thread: Option<JoinHandle<()>>,
     closed: Arc<AtomicBool>,
 }
 
@@ -267,32 +248,31 @@ impl MenderClient {
         let ctx = self.ctx.clone();
         let settings = Arc::clone(&self.settings);
         let closed = Arc::clone(&self.closed);
-        std::thread::Builder::new()
-            .name(format!("mc-{}", sid8(&self.ctx.sid)))
-            .stack_size(THREAD_STACK)
-            .spawn(move || {
-                // ends when the handler drops its sender
-                for (typ, user_id) in rx {
-                    // requests still queued when the session ended are dropped
-                    if closed.load(Ordering::Acquire) {
-                        break;
-                    }
-                    log::info!("mender client: running {typ}");
-                    let result = run_command(&settings, &typ);
-                    match &result {
-                        Ok(()) => log::info!("mender client: {typ} done"),
-                        Err(e) => log::warn!("mender client: {typ} failed: {e}"),
-                    }
-                    audit(&user_id, &ctx.sid, &typ, &result).emit();
-                    // after the session ended, nobody is there for the reply
-                    if !closed.load(Ordering::Acquire)
-                        && let Err(e) = ctx.out.send(&reply(&ctx.sid, &typ, &result))
-                    {
-                        log::debug!("mender client: reply not sent: {e}");
-                    }
+        let name = format!("mc-{}", sid8(&self.ctx.sid));
+        let handle = crate::threads::spawn(name, THREAD_STACK, move || {
+            // ends when the handler drops its sender
+            for (typ, user_id) in rx {
+                // requests still queued when the session ended are dropped
+                if closed.load(Ordering::Acquire) {
+                    break;
                 }
-            })
-            .map_err(McError::Thread)?;
+                log::info!("mender client: running {typ}");
+                let result = run_command(&settings, &typ);
+                match &result {
+                    Ok(()) => log::info!("mender client: {typ} done"),
+                    Err(e) => log::warn!("mender client: {typ} failed: {e}"),
+                }
+                audit(&user_id, &ctx.sid, &typ, &result).emit();
+                // after the session ended, nobody is there for the reply
+                if !closed.load(Ordering::Acquire)
+                    && let Err(e) = ctx.out.send(&reply(&ctx.sid, &typ, &result))
+                {
+                    log::debug!("mender client: reply not sent: {e}");
+                }
+            }
+        })
+        .map_err(McError::Thread)?;
+        self.thread = Some(handle);
         self.worker = Some(tx.clone());
         Ok(tx)
     }
@@ -323,7 +303,18 @@ impl Handler for MenderClient {
 
     fn close(&mut self) {
         self.closed.store(true, Ordering::Release);
+        // without its sender the worker ends after the running command,
+        // which the trigger timeout bounds
         self.worker = None;
+        match self.thread.take() {
+            // close runs on a thread that serves other sessions: join only
+            // a worker that is already done, never wait for a command
+            Some(h) if h.is_finished() => {
+                let _ = h.join();
+            }
+            Some(h) => drop(h),
+            None => {}
+        }
     }
 }
 

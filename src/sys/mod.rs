@@ -8,6 +8,8 @@ pub(crate) mod malloc;
 pub(crate) mod netlink;
 pub(crate) mod passwd;
 pub(crate) mod poll;
+pub(crate) mod process;
+pub(crate) mod pty;
 pub(crate) mod signal;
 pub(crate) mod sockopt;
 pub(crate) mod user;

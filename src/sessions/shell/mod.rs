@@ -1,7 +1,10 @@
 //! The remote terminal (proto 1, behavior.md §5.2–5.11): the table of live
 //! shells keyed by sid, limits counted from that table, and the non-blocking
 //! hand-off of every shell message from the connection thread to the shell's
-//! own thread (`session.rs`), which owns the PTY and the process (`pty.rs`).
+//! own thread (`session.rs`), which owns the PTY and the process (`pty.rs`)
+//! and does what the shell's pure state (`state.rs`: timers, input, output
+//! batching, stop) decides. Each thread's handle is kept here and joined
+//! once it has finished; `terminate_all` waits at most 900 ms for them.
 //!
 //! Differences from the reference, all compatible: a shell that exits frees
 //! its slot at once (its sid then answers a later `stop` with success for
@@ -15,15 +18,14 @@
 //! tests; the pong deadline stays 65/60 of it.
 
 mod pty;
-pub(crate) use pty::status_text;
 mod session;
+mod state;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use crossbeam_channel::Sender;
 
 use crate::audit::{Event, Outcome};
 use crate::config::{Config, ValidatedUser};
@@ -67,20 +69,20 @@ pub(crate) fn by_name(by: u8) -> &'static str {
     }
 }
 
-/// What a shell thread is told through its channel.
-#[derive(Debug)]
-pub(crate) enum Cmd {
-    Input(Vec<u8>),
-}
-
 /// The lock-free side of a shell, shared with the connection thread.
 #[derive(Debug)]
 pub(crate) struct Control {
     pub wake: Wake,
     pub stop: AtomicU8,
-    /// When the last pong arrived. A mutex held only for a load or store:
-    /// ARMv5 has no 64-bit atomics to keep a timestamp in.
+    /// When a pong arrived that the shell has not seen yet. A mutex held
+    /// only for a load or store: ARMv5 has no 64-bit atomics to keep a
+    /// timestamp in.
     pub pong_at: Mutex<Option<Instant>>,
+    /// Input the shell thread has not taken yet, in order. Empty (and
+    /// unallocated) while idle: no channel block is kept per shell.
+    pub inbox: Mutex<Vec<u8>>,
+    /// Input bytes accepted but not yet written to the PTY (inbox and the
+    /// shell's own pending input).
     pub queued: AtomicUsize,
     /// The newest requested window size, not yet applied. Only the last one
     /// matters, so a flood of resizes costs no memory.
@@ -106,20 +108,39 @@ pub(crate) struct Settings {
 
 struct Entry {
     user_id: String,
-    tx: Sender<Cmd>,
     ctl: Arc<Control>,
+    /// The shell's thread; set right after it started.
+    thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Default)]
 struct Table {
     live: HashMap<String, Entry>,
     tombs: HashMap<String, Instant>,
+    /// Threads of shells that released their slot; joined once finished.
+    ended: Vec<JoinHandle<()>>,
+    /// Shell threads whose work is not over yet (live or finishing).
+    running: usize,
+}
+
+impl Table {
+    /// Joins the ended threads that have finished; a join of a finished
+    /// thread does not wait.
+    fn join_finished(&mut self) {
+        let mut i = 0;
+        while i < self.ended.len() {
+            if self.ended[i].is_finished() {
+                let _ = self.ended.swap_remove(i).join();
+            } else {
+                i += 1;
+            }
+        }
+    }
 }
 
 pub(crate) struct Inner {
     pub settings: Settings,
     pub out: Outbound,
-    pub epoch: Instant,
     table: Mutex<Table>,
     emptied: Condvar,
 }
@@ -219,7 +240,6 @@ impl Shells {
                 settings,
                 // one lane for every shell, apart from the router sessions
                 out: out.lane(),
-                epoch: Instant::now(),
                 table: Mutex::new(Table::default()),
                 emptied: Condvar::new(),
             }),
@@ -248,7 +268,12 @@ impl Inner {
     /// if the server may still send `stop` for it.
     pub(crate) fn release(&self, sid: &str, tombstone: bool) {
         let mut t = self.lock();
-        t.live.remove(sid);
+        t.join_finished();
+        if let Some(h) = t.live.remove(sid).and_then(|e| e.thread) {
+            // a thread cannot join itself: the next release, spawn or
+            // terminate_all does
+            t.ended.push(h);
+        }
         if tombstone {
             let now = Instant::now();
             t.tombs
@@ -263,8 +288,13 @@ impl Inner {
         }
     }
 
-    pub(crate) fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// The shell thread's work is over (it returns right after).
+    pub(crate) fn thread_done(&self) {
+        let mut t = self.lock();
+        t.running = t.running.saturating_sub(1);
+        if t.running == 0 {
+            self.emptied.notify_all();
+        }
     }
 
     fn spawn(this: &Arc<Inner>, msg: &ProtoMsg) {
@@ -275,6 +305,7 @@ impl Inner {
             None => (this.settings.rows, this.settings.cols),
         };
         let mut t = this.lock();
+        t.join_finished();
         let refuse = if t.live.len() >= MAX_SHELLS {
             Some(("too many shells spawned", Some("shells per device cap")))
         } else if t.live.contains_key(sid) {
@@ -320,30 +351,42 @@ impl Inner {
             wake,
             stop: AtomicU8::new(0),
             pong_at: Mutex::new(None),
+            inbox: Mutex::new(Vec::new()),
             queued: AtomicUsize::new(0),
             resize: Mutex::new(None),
             by: AtomicU8::new(BY_OPERATOR),
         });
-        let (tx, rx) = crossbeam_channel::unbounded();
         t.tombs.remove(sid);
         t.live.insert(
             sid.clone(),
             Entry {
                 user_id: user_id.clone(),
-                tx,
                 ctl: Arc::clone(&ctl),
+                thread: None,
             },
         );
+        t.running += 1;
         drop(t);
         let who = (sid.clone(), user_id);
-        if let Err(e) = session::start(Arc::clone(this), who, ctl, rx, rows, cols) {
-            this.release(sid, false);
-            this.try_reply(reply(
-                "new",
-                sid,
-                2,
-                Some(format!("failed to start shell: {e}")),
-            ));
+        match session::start(Arc::clone(this), who, ctl, rows, cols) {
+            Ok(h) => {
+                let mut t = this.lock();
+                match t.live.get_mut(sid) {
+                    Some(e) => e.thread = Some(h),
+                    // it already ended (the shell could not start)
+                    None => t.ended.push(h),
+                }
+            }
+            Err(e) => {
+                this.release(sid, false);
+                this.thread_done();
+                this.try_reply(reply(
+                    "new",
+                    sid,
+                    2,
+                    Some(format!("failed to start shell: {e}")),
+                ));
+            }
         }
     }
 
@@ -374,9 +417,15 @@ impl Inner {
             return;
         }
         e.ctl.queued.fetch_add(body.len(), Ordering::AcqRel);
-        if e.tx.send(Cmd::Input(body)).is_ok() {
-            e.ctl.wake.wake();
+        let mut inbox = e.ctl.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        if inbox.is_empty() {
+            // the message's own buffer will do
+            *inbox = body;
+        } else {
+            inbox.extend_from_slice(&body);
         }
+        drop(inbox);
+        e.ctl.wake.wake();
     }
 
     fn resize(&self, msg: &ProtoMsg) {
@@ -408,6 +457,7 @@ impl Inner {
     fn stop(&self, msg: &ProtoMsg) {
         let sid = &msg.hdr.sid;
         let mut t = self.lock();
+        t.join_finished();
         if sid.is_empty() {
             let user = msg.prop_str("user_id").unwrap_or("");
             if user.is_empty() {
@@ -514,12 +564,14 @@ impl ShellRouter for Shells {
             e.ctl.stop.fetch_or(STOP_QUIET, Ordering::AcqRel);
             e.ctl.wake.wake();
         }
-        // Every shell stops on its own thread, all at once.
+        // Every shell stops on its own thread, all at once; a shell whose
+        // process will not die must not hold up shutdown, so the wait is
+        // bounded and such a thread is left to end on its own.
         let deadline = Instant::now() + TERMINATE_ALL_WAIT;
-        while !t.live.is_empty() {
+        while !t.live.is_empty() || t.running > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                log::warn!("{} shells still stopping", t.live.len());
+                log::warn!("{} shells still stopping", t.live.len().max(t.running));
                 break;
             }
             t = inner
@@ -527,6 +579,15 @@ impl ShellRouter for Shells {
                 .wait_timeout(t, left)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+        }
+        if t.running == 0 {
+            // every thread's work is over: these joins wait at most for
+            // a thread's exit
+            for h in t.ended.drain(..) {
+                let _ = h.join();
+            }
+        } else {
+            t.join_finished();
         }
         n
     }
@@ -630,5 +691,29 @@ mod tests {
             Some((7, 9))
         );
         assert_eq!(size_props(&ProtoMsg::new(PROTO_SHELL, "new", S1)), None);
+    }
+
+    #[test]
+    fn only_finished_threads_are_joined_and_a_stuck_one_is_kept() {
+        let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        let stuck = crate::threads::spawn("shell-stuck".into(), 64 * 1024, move || {
+            let _ = rx.recv();
+        })
+        .expect("spawn");
+        let done = crate::threads::spawn("shell-done".into(), 64 * 1024, || {}).expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done.is_finished() {
+            assert!(Instant::now() < deadline, "thread did not end");
+            std::thread::yield_now();
+        }
+        let mut t = Table::default();
+        t.ended.push(stuck);
+        t.ended.push(done);
+        t.join_finished();
+        assert_eq!(t.ended.len(), 1, "the stuck thread is not waited for");
+        assert_eq!(t.ended[0].thread().name(), Some("shell-stuck"));
+        drop(tx);
+        let h = t.ended.pop().expect("stuck handle");
+        h.join().expect("ends once released");
     }
 }

@@ -1,37 +1,43 @@
 //! One shell's thread (`shell-<sid8>`): starts the process, moves input to the
-//! PTY and output to the server, runs the health check and expiry timers and
-//! stops the shell — so nothing one shell does can hold up another.
+//! PTY and output to the server, and carries out what the shell's [`Core`]
+//! decides about health checks, expiry and stopping — so nothing one shell
+//! does can hold up another. It only moves bytes and polls.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-
 use super::pty::{self, Child};
-use super::{Cmd, Control, Inner, STOP_REPLY, output_msg, ping_msg, reply};
+use super::state::{BACKLOG_MAX, CHUNK, Core, Due, Flush, QUIET_GRACE, STOP_GRACE, Timers};
+use super::{Control, Inner, STOP_REPLY, output_msg, ping_msg, reply};
 use crate::audit::{Event, Outcome};
 use crate::conn::outbound::SendError;
 use crate::sys::poll::{PollFd, poll, timeout_ms};
+use crate::sys::process::{WaitStatus, status_text};
 use crate::wire::codec::{self, ProtoMsg};
 
-/// Largest output body per message: peers accept 8 KiB frames (protocol.md §1.5).
-const CHUNK: usize = 4096;
-/// Output kept while the link is down (oldest bytes dropped beyond this).
-const BACKLOG_MAX: usize = 64 * 1024;
 /// How long one output send may wait for room in the outbound queue before
 /// the thread looks at its commands again.
 const SEND_WAIT: Duration = Duration::from_millis(50);
-/// How often a shell holding output checks whether the link is back.
-const RELINK_POLL: Duration = Duration::from_millis(200);
-/// Signal escalation steps for a server stop and for shutdown.
-const STOP_GRACE: Duration = Duration::from_millis(1000);
-const QUIET_GRACE: Duration = Duration::from_millis(250);
-const STACK: usize = 128 * 1024;
+/// The shell thread's stack. Measured high-water mark over a whole shell's
+/// life (open, input, resize, output, stop), in /proc/PID/smaps pages of
+/// the stack mapping, including glibc's thread block at its top: 8 KiB in
+/// a release build, 16 KiB in a debug build. Only touched pages cost RSS.
+const STACK: usize = 32 * 1024;
 /// The reference's read-error text, which clients expect in a device `stop`.
 const EXIT_TEXT: &str = "read /dev/ptmx: input/output error";
+
+/// Tells the terminal the thread's work is over when it is, however it ends.
+struct Done(Arc<Inner>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.thread_done();
+    }
+}
 
 /// Starts the thread for a freshly registered shell; `who` is its sid and
 /// the server's `user_id`.
@@ -39,22 +45,21 @@ pub(super) fn start(
     inner: Arc<Inner>,
     who: (String, String),
     ctl: Arc<Control>,
-    rx: Receiver<Cmd>,
     rows: u16,
     cols: u16,
-) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(format!("shell-{}", crate::sessions::sid8(&who.0)))
-        .stack_size(STACK)
-        .spawn(move || run(inner, who, ctl, rx, rows, cols))
-        .map(|_| ())
+) -> io::Result<JoinHandle<()>> {
+    let name = format!("shell-{}", crate::sessions::sid8(&who.0));
+    crate::threads::spawn(name, STACK, move || {
+        // declared first, dropped last: after the shell and its process
+        let _done = Done(Arc::clone(&inner));
+        run(inner, who, ctl, rows, cols);
+    })
 }
 
 fn run(
     inner: Arc<Inner>,
     (sid, user_id): (String, String),
     ctl: Arc<Control>,
-    rx: Receiver<Cmd>,
     rows: u16,
     cols: u16,
 ) {
@@ -85,24 +90,20 @@ fn run(
         .with("cols", cols)
         .emit();
     send(&inner, reply("new", &sid, 1, Some("Shell started".into())));
-    let now = Instant::now();
+    let s = &inner.settings;
+    let timers = Timers {
+        ping: s.ping,
+        pong_wait: s.pong_wait,
+        expire_after: s.expire_after,
+        expire_idle: s.expire_idle,
+    };
     let mut sh = Shell {
+        core: Core::new(timers, Instant::now()),
         user_id,
-        started: now,
-        rx_bytes: 0,
-        tx_bytes: 0,
-        start_ms: inner.now_ms(),
-        next_ping: now + inner.settings.ping,
-        last_input: now,
         inner,
         sid,
         ctl,
-        rx,
         child,
-        pending: Vec::new(),
-        written: 0,
-        backlog: Vec::new(),
-        dropped: 0,
     };
     sh.main_loop();
 }
@@ -121,12 +122,6 @@ fn send(inner: &Inner, msg: ProtoMsg) {
     }
 }
 
-enum Flush {
-    Done,
-    Full,
-    Disconnected,
-}
-
 enum Read {
     More,
     Eof,
@@ -135,24 +130,11 @@ enum Read {
 struct Shell {
     inner: Arc<Inner>,
     sid: String,
-    /// The server's `user_id` of the `new`, and when the shell started.
+    /// The server's `user_id` of the `new`.
     user_id: String,
-    started: Instant,
-    /// Input bytes from the operator and output bytes read from the PTY.
-    rx_bytes: u64,
-    tx_bytes: u64,
     ctl: Arc<Control>,
-    rx: Receiver<Cmd>,
     child: Child,
-    /// Input not yet written to the PTY, `written` bytes of it already are.
-    pending: Vec<u8>,
-    written: usize,
-    /// Output not yet queued for the server.
-    backlog: Vec<u8>,
-    dropped: usize,
-    start_ms: u64,
-    next_ping: Instant,
-    last_input: Instant,
+    core: Core,
 }
 
 impl Shell {
@@ -166,53 +148,38 @@ impl Shell {
                 continue;
             }
             self.commands();
-            if self.written < self.pending.len() {
+            if self.core.wants_write() {
                 self.write_input();
             }
             let flush = self.flush(SEND_WAIT);
 
             let now = Instant::now();
-            if now >= self.health_deadline() {
-                log::warn!(
-                    "session {}, health check failed, connection with the client lost",
-                    self.sid
-                );
-                self.end_by_timer("health check failed", "health-check");
-                log::info!("session {} successfully stopped", self.sid);
-                return;
-            }
-            if self.expiry().is_some_and(|at| now >= at) {
-                log::info!("session {} expired; stopping its shell", self.sid);
-                self.end_by_timer("session expired", "expiry");
-                return;
-            }
-            if now >= self.next_ping {
-                self.ping();
-                self.next_ping += self.inner.settings.ping;
-                if self.next_ping <= now {
-                    self.next_ping = now + self.inner.settings.ping;
+            match self.core.tick(now) {
+                Due::Nothing => {}
+                Due::Ping(secs) => self.ping(secs),
+                Due::HealthCheckFailed => {
+                    log::warn!(
+                        "session {}, health check failed, connection with the client lost",
+                        self.sid
+                    );
+                    self.end_by_timer("health check failed", "health-check");
+                    log::info!("session {} successfully stopped", self.sid);
+                    return;
+                }
+                Due::Expired => {
+                    log::info!("session {} expired; stopping its shell", self.sid);
+                    self.end_by_timer("session expired", "expiry");
+                    return;
                 }
             }
 
-            let mut wait = self.next_ping.min(self.health_deadline());
-            if let Some(at) = self.expiry() {
-                wait = wait.min(at);
-            }
-            let mut timeout = wait.saturating_duration_since(now);
-            match flush {
-                Flush::Done => {}
-                Flush::Full => timeout = Duration::ZERO,
-                Flush::Disconnected => timeout = timeout.min(RELINK_POLL),
-            }
-            let connected = self.inner.out.is_connected();
-            // A full backlog with a live link is back-pressure: leave the
-            // output in the PTY until the server takes what we have.
-            let read = self.backlog.len() < BACKLOG_MAX || !connected;
+            let timeout = self.core.wait(now, flush);
+            let read = self.core.wants_read(self.inner.out.is_connected());
             let mut master_ev = 0;
             if read {
                 master_ev |= libc::POLLIN;
             }
-            if self.written < self.pending.len() {
+            if self.core.wants_write() {
                 master_ev |= libc::POLLOUT;
             }
             // Without a pidfd (old kernels) a negative fd makes poll skip it.
@@ -222,8 +189,7 @@ impl Shell {
                 PollFd::new(self.child.master.as_raw_fd(), master_ev),
                 PollFd::new(pidfd, libc::POLLIN),
             ];
-            let ms = timeout_ms(timeout.min(Duration::from_secs(3600)));
-            let rev = match poll(&mut fds, ms) {
+            let rev = match poll(&mut fds, timeout_ms(timeout)) {
                 Ok(_) => fds.map(|f| f.revents()),
                 Err(e) => {
                     log::error!("session {}: poll failed: {e}", self.sid);
@@ -248,49 +214,26 @@ impl Shell {
         }
     }
 
-    fn health_deadline(&self) -> Instant {
-        let started = self.inner.epoch + Duration::from_millis(self.start_ms);
-        let pong = *self.ctl.pong_at.lock().unwrap_or_else(|p| p.into_inner());
-        pong.map_or(started, |p| p.max(started)) + self.inner.settings.pong_wait
-    }
-
-    fn expiry(&self) -> Option<Instant> {
-        let s = &self.inner.settings;
-        if let Some(idle) = s.expire_idle {
-            return Some(self.last_input + idle);
-        }
-        s.expire_after
-            .map(|after| self.inner.epoch + Duration::from_millis(self.start_ms) + after)
-    }
-
-    fn ping(&self) {
-        let secs = self
-            .inner
-            .settings
-            .pong_wait
-            .as_millis()
-            .div_ceil(1000)
-            .max(1) as i64;
+    fn ping(&self, secs: i64) {
         if let Err(e) = self.inner.out.try_send(&ping_msg(&self.sid, secs)) {
             log::debug!("health-check ping for session {} not sent: {e}", self.sid);
         }
     }
 
+    /// Takes what the connection thread left: input, a pong, a resize.
     fn commands(&mut self) {
-        while let Ok(cmd) = self.rx.try_recv() {
-            match cmd {
-                Cmd::Input(bytes) => {
-                    self.last_input = Instant::now();
-                    self.rx_bytes += bytes.len() as u64;
-                    if self.written == self.pending.len() {
-                        // nothing pending: the message's own buffer will do
-                        self.pending = bytes;
-                        self.written = 0;
-                    } else {
-                        self.pending.extend_from_slice(&bytes);
-                    }
-                }
-            }
+        let input = std::mem::take(&mut *self.ctl.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+        let pong = self
+            .ctl
+            .pong_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if !input.is_empty() {
+            self.core.input(input, Instant::now());
+        }
+        if let Some(at) = pong {
+            self.core.pong(at);
         }
         let size = self
             .ctl
@@ -299,7 +242,7 @@ impl Shell {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some((rows, cols)) = size
-            && let Err(e) = pty::set_size(self.child.master.as_raw_fd(), rows, cols)
+            && let Err(e) = crate::sys::pty::set_winsize(&self.child.master, rows, cols)
         {
             log::error!("session {}: resize failed: {e}", self.sid);
         }
@@ -307,30 +250,17 @@ impl Shell {
 
     /// Writes as much pending input as the PTY takes; the rest waits for POLLOUT.
     fn write_input(&mut self) {
-        while self.written < self.pending.len() {
-            let rest = &self.pending[self.written..];
-            // SAFETY: writes from a valid slice to our own descriptor.
-            let n = unsafe {
-                libc::write(
-                    self.child.master.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                )
-            };
-            if n >= 0 {
-                self.written += n as usize;
-                self.ctl.queued.fetch_sub(n as usize, Ordering::AcqRel);
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return,
-                _ => {
-                    let lost = self.pending.len() - self.written;
+        while self.core.wants_write() {
+            match (&self.child.master).write(self.core.unwritten()) {
+                Ok(n) => {
+                    self.core.wrote(n);
+                    self.ctl.queued.fetch_sub(n, Ordering::AcqRel);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    let lost = self.core.write_failed();
                     self.ctl.queued.fetch_sub(lost, Ordering::AcqRel);
-                    self.pending.clear();
-                    self.written = 0;
                     send(
                         &self.inner,
                         reply(
@@ -349,116 +279,89 @@ impl Shell {
                 }
             }
         }
-        // all written: hold no input memory while idle
-        self.pending = Vec::new();
-        self.written = 0;
     }
 
     /// Reads what the PTY has (up to `limit` bytes) into the backlog.
     fn read_output(&mut self, limit: usize) -> Read {
         let mut total = 0;
         while total < limit {
-            // Read straight into the backlog's spare room: no read buffer
-            // is kept per shell, and an idle shell holds no output memory.
-            self.backlog.reserve(CHUNK);
-            let spare = self.backlog.spare_capacity_mut();
-            // SAFETY: reads into the backlog's own spare capacity, of the
-            // given length.
-            let n = unsafe {
-                libc::read(
-                    self.child.master.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                )
-            };
-            if n > 0 {
-                let n = n as usize;
-                self.tx_bytes += n as u64;
-                // SAFETY: the kernel initialised these n bytes of spare room.
-                unsafe { self.backlog.set_len(self.backlog.len() + n) };
-                total += n;
-                self.trim();
-                if self.backlog.len() >= CHUNK {
-                    // keep output moving instead of piling it up
-                    if let Flush::Full = self.flush(SEND_WAIT) {
-                        return Read::More;
-                    }
-                }
-                continue;
-            }
-            if n == 0 {
-                return Read::Eof;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Read::More,
-                // EIO: the last holder of the terminal closed it
-                _ => return Read::Eof,
-            }
-        }
-        Read::More
-    }
-
-    /// While the link is down, keep only the newest `BACKLOG_MAX` bytes.
-    fn trim(&mut self) {
-        if self.backlog.len() > BACKLOG_MAX && !self.inner.out.is_connected() {
-            let excess = self.backlog.len() - BACKLOG_MAX;
-            if self.dropped == 0 {
+            // Size each read by what is there, so a short echo costs a
+            // short buffer, not a chunk. FIONREAD may not count output still
+            // on its way, which a read waits for, and a PTY that hung up
+            // reports 0: so read at least a byte, until EAGAIN or EIO.
+            let ready = crate::sys::pty::readable(&self.child.master).unwrap_or(CHUNK);
+            let connected = self.inner.out.is_connected();
+            let master = &self.child.master;
+            let (r, dropping) = self.core.fill(
+                |buf, max| crate::sys::pty::read_append(master, buf, ready.clamp(1, max)),
+                connected,
+            );
+            if dropping {
                 log::warn!(
                     "session {}: not connected; dropping the oldest shell output beyond {} KiB",
                     self.sid,
                     BACKLOG_MAX / 1024
                 );
             }
-            self.backlog.drain(..excess);
-            self.dropped += excess;
+            match r {
+                Ok(0) => return Read::Eof,
+                Ok(n) => {
+                    total += n;
+                    // keep output moving instead of piling it up
+                    if self.core.chunk_ready() && self.flush(SEND_WAIT) == Flush::Full {
+                        return Read::More;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::More,
+                // EIO: the last holder of the terminal closed it
+                Err(_) => return Read::Eof,
+            }
         }
+        Read::More
     }
 
     /// Queues the backlog for the server in ≤ 4 KiB messages.
     fn flush(&mut self, wait: Duration) -> Flush {
-        while !self.backlog.is_empty() {
-            let n = self.backlog.len().min(CHUNK);
-            let msg = output_msg(&self.sid, self.backlog[..n].to_vec());
+        while let Some(chunk) = self.core.chunk() {
+            let n = chunk.len();
+            let msg = output_msg(&self.sid, chunk.to_vec());
             match self.inner.out.send_frame(codec::encode(&msg), wait) {
-                Ok(()) => {
-                    self.backlog.drain(..n);
-                }
+                Ok(()) => self.core.sent(n),
                 Err(SendError::Full) => return Flush::Full,
                 Err(SendError::Disconnected) => {
-                    self.trim();
+                    if self.core.trim(false) {
+                        log::warn!(
+                            "session {}: not connected; dropping the oldest shell output beyond {} KiB",
+                            self.sid,
+                            BACKLOG_MAX / 1024
+                        );
+                    }
                     return Flush::Disconnected;
                 }
             }
         }
-        if self.dropped > 0 {
+        let dropped = self.core.flushed();
+        if dropped > 0 {
             log::warn!(
                 "session {}: {} bytes of shell output were lost while disconnected",
                 self.sid,
-                self.dropped
+                dropped
             );
-            self.dropped = 0;
         }
-        // nothing in flight: hold no memory for it
-        self.backlog = Vec::new();
         Flush::Done
     }
 
     /// A stop was requested (bits of `STOP_*`). Returns false if the shell
     /// could not be ended and keeps running.
     fn stop(&mut self, bits: u8) -> bool {
-        let want_reply = bits & STOP_REPLY != 0;
-        let grace = if want_reply { STOP_GRACE } else { QUIET_GRACE };
+        let plan = Core::stop_plan(bits);
+        let want_reply = plan.reply;
         let by = super::by_name(self.ctl.by.load(Ordering::Acquire));
-        match self.child.terminate(grace) {
+        match self.child.terminate(plan.grace) {
             Ok(status) => {
                 if let Some(st) = status {
-                    log::debug!(
-                        "session {}: shell ended: {}",
-                        self.sid,
-                        pty::status_text(st)
-                    );
+                    log::debug!("session {}: shell ended: {}", self.sid, status_text(st));
                 }
                 // before the release: shutdown waits for that, then exits
                 self.audit_close(by, status);
@@ -466,8 +369,7 @@ impl Shell {
                 self.finish(want_reply, None);
                 true
             }
-            // SAFETY: kill with signal 0 only probes the pid.
-            Err(e) if unsafe { libc::kill(self.child.pid, 0) } == 0 => {
+            Err(e) if self.child.exists() => {
                 log::error!("session {}: could not terminate shell: {e}", self.sid);
                 if want_reply {
                     send(
@@ -504,24 +406,24 @@ impl Shell {
         if want_reply {
             send(&self.inner, reply("stop", &self.sid, 1, None));
         }
-        if !self.backlog.is_empty() {
+        if self.core.held() > 0 {
             log::debug!(
                 "session {}: {} bytes of output not delivered",
                 self.sid,
-                self.backlog.len()
+                self.core.held()
             );
         }
     }
 
     /// The audit line of a shell that ended; `by` says who ended it.
-    fn audit_close(&self, by: &str, status: Option<libc::c_int>) {
+    fn audit_close(&self, by: &str, status: Option<WaitStatus>) {
         Event::new("shell close", &self.user_id, &self.sid, Outcome::Ok)
             .with("pid", self.child.pid)
             .with("stopped_by", by)
-            .with_opt("status", status.map(pty::status_text))
-            .with("rx_bytes", self.rx_bytes)
-            .with("tx_bytes", self.tx_bytes)
-            .with_duration(self.started.elapsed())
+            .with_opt("status", status.map(status_text))
+            .with("rx_bytes", self.core.rx_bytes)
+            .with("tx_bytes", self.core.tx_bytes)
+            .with_duration(self.core.started().elapsed())
             .emit();
     }
 
@@ -552,11 +454,7 @@ impl Shell {
             self.child.terminate(QUIET_GRACE).ok().flatten()
         };
         match status {
-            Some(st) => log::info!(
-                "session {}: shell exited: {}",
-                self.sid,
-                pty::status_text(st)
-            ),
+            Some(st) => log::info!("session {}: shell exited: {}", self.sid, status_text(st)),
             None => log::info!("session {}: shell exited", self.sid),
         }
         // logged before the slot is freed: shutdown waits only for that
