@@ -28,6 +28,7 @@ use crate::audit::{Event, Outcome};
 use crate::sessions::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
 use crate::wire::codec::{PROTO_MENDERCLIENT, ProtoMsg, Value};
+use crate::wire::types::{menderclient as t, status};
 
 /// Candidates in order of preference (Mender 4.x+, then 3.x).
 pub const DEFAULT_PATHS: [&str; 2] = ["/usr/bin/mender-update", "/usr/bin/mender"];
@@ -187,9 +188,9 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<Option<
 pub fn reply(sid: &str, typ: &str, result: &Result<(), McError>) -> ProtoMsg {
     let msg = ProtoMsg::new(PROTO_MENDERCLIENT, typ, sid);
     match result {
-        Ok(()) => msg.with_prop("status", Value::Int(1)),
+        Ok(()) => msg.with_prop("status", Value::Int(status::NORMAL)),
         Err(e) => msg
-            .with_prop("status", Value::Int(2))
+            .with_prop("status", Value::Int(status::ERROR))
             .with_body(e.to_string().into_bytes()),
     }
 }
@@ -281,7 +282,7 @@ impl MenderClient {
 impl Handler for MenderClient {
     fn handle(&mut self, msg: ProtoMsg) {
         let typ = msg.hdr.typ.clone();
-        if typ != "check-update" && typ != "send-inventory" {
+        if typ != t::CHECK_UPDATE && typ != t::SEND_INVENTORY {
             self.send(&reply(&self.ctx.sid, &typ, &Err(McError::UnknownType)));
             return;
         }

@@ -14,6 +14,7 @@ use crate::wire::codec::{ProtoHdr, ProtoMsg};
 
 use super::FtError;
 use super::wire::{self, CHUNK, WINDOW_CHUNKS, offset_of};
+use crate::wire::types::filetransfer as t;
 
 /// How a download ends early.
 #[derive(Debug)]
@@ -72,7 +73,7 @@ impl DownloadCore {
             acked: 0,
             eof_sent: false,
             heard: now,
-            last: (req, "get_file".to_string()),
+            last: (req, t::GET_FILE.to_string()),
         }
     }
 
@@ -101,7 +102,7 @@ impl DownloadCore {
         now: Instant,
         bucket: Option<&Bucket>,
     ) -> Result<Send, Stop> {
-        let head = wire::with_offset("file_chunk", &self.sid, self.offset);
+        let head = wire::with_offset(t::FILE_CHUNK, &self.sid, self.offset);
         if data.is_empty() {
             self.eof_sent = true;
             return Ok(Send {
@@ -152,7 +153,7 @@ impl DownloadCore {
     pub fn message(&mut self, msg: ProtoMsg) -> Result<(), Stop> {
         let bad = |msg: ProtoMsg, typ: &str, err| Stop::Reply(Box::new(msg.hdr), typ.into(), err);
         match msg.hdr.typ.as_str() {
-            "ack" => match offset_of(&msg) {
+            t::ACK => match offset_of(&msg) {
                 Some(Ok(o)) => {
                     // Only bytes that were sent can be acknowledged, and
                     // never fewer than before: any other ack would move
@@ -166,16 +167,16 @@ impl DownloadCore {
                                 sent: self.offset,
                                 acked: self.acked,
                             };
-                            return Err(bad(msg, "ack", err));
+                            return Err(bad(msg, t::ACK, err));
                         }
                     }
-                    self.last = (msg.hdr, "ack".to_string());
+                    self.last = (msg.hdr, t::ACK.to_string());
                     Ok(())
                 }
-                Some(Err(())) => Err(bad(msg, "ack", FtError::AckOffsetType)),
-                None => Err(bad(msg, "ack", FtError::AckOffsetBlank)),
+                Some(Err(())) => Err(bad(msg, t::ACK, FtError::AckOffsetType)),
+                None => Err(bad(msg, t::ACK, FtError::AckOffsetBlank)),
             },
-            "error" => {
+            t::ERROR => {
                 log::info!(
                     "file transfer {}: the server aborted the download",
                     self.sid

@@ -31,6 +31,7 @@ use crate::threads;
 use crate::wire::codec::{self, ProtoHdr, ProtoMsg};
 
 use self::wire::Request;
+use crate::wire::types::filetransfer as t;
 
 /// Messages queued for a running transfer (≥ 21 chunks + EOF + slack).
 const QUEUE: usize = 64;
@@ -352,14 +353,14 @@ impl FileTransfer {
                     log::debug!("file transfer {}: file_info not sent: {e}", self.ctx.sid);
                 }
             }
-            Err(e) => self.reply_error(&msg.hdr, "stat", &e),
+            Err(e) => self.reply_error(&msg.hdr, t::STAT, &e),
         }
     }
 
     fn forward_to_transfer(&mut self, msg: ProtoMsg) {
         let typ = msg.hdr.typ.clone();
         if !self.busy() {
-            if typ == "error" {
+            if typ == t::ERROR {
                 log::info!(
                     "file transfer {}: error from the server while idle",
                     self.ctx.sid
@@ -390,7 +391,7 @@ impl FileTransfer {
                 if let Some(a) = self.active.take() {
                     a.reap();
                 }
-                if typ != "error" {
+                if typ != t::ERROR {
                     self.reply_error(&m.hdr, &typ, &FtError::NotInProgress);
                 }
             }
@@ -406,21 +407,21 @@ impl FileTransfer {
 impl Handler for FileTransfer {
     fn handle(&mut self, msg: ProtoMsg) {
         match msg.hdr.typ.as_str() {
-            "stat" => self.stat(&msg),
-            "get_file" => {
+            t::STAT => self.stat(&msg),
+            t::GET_FILE => {
                 if let Err(e) = self.start_download(&msg) {
                     audit_unstarted(DOWNLOAD, &msg, &self.ctx.sid, &e);
                     let code = e.download_code();
-                    self.reply_error_with_code(&msg.hdr, "get_file", &e, code);
+                    self.reply_error_with_code(&msg.hdr, t::GET_FILE, &e, code);
                 }
             }
-            "put_file" => {
+            t::PUT_FILE => {
                 if let Err(e) = self.start_upload(&msg) {
                     audit_unstarted(UPLOAD, &msg, &self.ctx.sid, &e);
-                    self.reply_error(&msg.hdr, "put_file", &e);
+                    self.reply_error(&msg.hdr, t::PUT_FILE, &e);
                 }
             }
-            "ack" | "file_chunk" | "error" => self.forward_to_transfer(msg),
+            t::ACK | t::FILE_CHUNK | t::ERROR => self.forward_to_transfer(msg),
             other => {
                 let err = FtError::Unsupported(other.to_string());
                 self.reply_error(&msg.hdr, other, &err);

@@ -17,6 +17,7 @@ use crate::wire::codec::{ProtoHdr, ProtoMsg};
 use super::upload_core::{Stop, UploadCore};
 use super::wire::{self, GO_SETUID, Request};
 use super::{FileTransfer, FtError, Link, Next, Service, UPLOAD, audit_event};
+use crate::wire::types::filetransfer as t;
 
 /// Temp-name attempts on EEXIST, as upstream.
 const TEMP_ATTEMPTS: u32 = 100;
@@ -208,12 +209,12 @@ impl Upload {
                 self.shown
             ),
             Err(Stop::Reply(err)) => {
-                // Remove the temp before telling the server, so "error" means "nothing left".
+                // Remove the temp before telling the server, so t::ERROR means "nothing left".
                 let req = self.req.clone();
                 let shown = self.shown.clone();
                 drop(self);
                 log::info!("file transfer {}: upload of {shown}: {err}", link.sid);
-                link.send(&wire::error_reply(&req, "put_file", &err.to_string()));
+                link.send(&wire::error_reply(&req, t::PUT_FILE, &err.to_string()));
             }
         }
     }

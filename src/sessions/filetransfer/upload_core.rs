@@ -12,6 +12,7 @@ use crate::wire::codec::ProtoMsg;
 use super::FtError;
 use super::download_core::throttle_budget;
 use super::wire::{self, ACK_EVERY, CHUNK, offset_of};
+use crate::wire::types::filetransfer as t;
 
 /// How an upload ends early.
 #[derive(Debug)]
@@ -66,15 +67,15 @@ impl UploadCore {
 
     /// The ack that invites the first chunk.
     pub fn first_ack(sid: &str) -> ProtoMsg {
-        wire::with_offset("ack", sid, 0)
+        wire::with_offset(t::ACK, sid, 0)
     }
 
     /// One message of the current batch: the bytes to append to the file,
     /// `None` at the end of the file (a chunk without body).
     pub fn chunk(&mut self, mut msg: ProtoMsg) -> Result<Option<Vec<u8>>, Stop> {
         match msg.hdr.typ.as_str() {
-            "file_chunk" => {}
-            "error" => return Err(Stop::Quiet),
+            t::FILE_CHUNK => {}
+            t::ERROR => return Err(Stop::Quiet),
             other => {
                 let t = other.to_string();
                 return Err(Stop::Reply(FtError::UnexpectedInUpload(t)));
@@ -145,8 +146,8 @@ impl UploadCore {
         let mut msg = self
             .last
             .take()
-            .unwrap_or_else(|| wire::with_offset("ack", "", self.written));
-        msg.hdr.typ = "ack".to_string();
+            .unwrap_or_else(|| wire::with_offset(t::ACK, "", self.written));
+        msg.hdr.typ = t::ACK.to_string();
         msg.body = None;
         self.taken = 0;
         self.unreserved = 0;

@@ -6,6 +6,7 @@ use crate::wire::codec::{Kind, PROTO_FILETRANSFER, ProtoHdr, ProtoMsg, Reader, V
 use crate::wire::control::encode_map;
 
 use super::error::FtError;
+use crate::wire::types::filetransfer as t;
 
 /// Bytes per `file_chunk` (upstream `FileTransferBufSize`).
 pub const CHUNK: usize = 4096;
@@ -168,7 +169,7 @@ pub fn error_reply_with_code(
 ) -> ProtoMsg {
     let mut hdr = req.clone();
     hdr.proto = PROTO_FILETRANSFER;
-    hdr.typ = "error".to_string();
+    hdr.typ = t::ERROR.to_string();
     let mut entries = vec![
         ("err", Value::Str(err.to_string())),
         ("msgtype", Value::Str(msgtype.to_string())),
@@ -263,7 +264,7 @@ pub fn file_info(sid: &str, path: &[u8], st: &libc::stat) -> ProtoMsg {
     ]);
     // encode_map's own 5-entry header is replaced by the 6-entry one above
     body.extend_from_slice(&rest[1..]);
-    ProtoMsg::new(PROTO_FILETRANSFER, "file_info", sid).with_body(body)
+    ProtoMsg::new(PROTO_FILETRANSFER, t::FILE_INFO, sid).with_body(body)
 }
 
 #[cfg(test)]

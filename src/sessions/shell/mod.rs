@@ -33,6 +33,7 @@ use crate::conn::outbound::Outbound;
 use crate::sessions::ShellRouter;
 use crate::sys::wake::Wake;
 use crate::wire::codec::{PROTO_SHELL, ProtoMsg, Value};
+use crate::wire::types::{shell as t, status};
 
 pub use pty::SpawnError;
 
@@ -161,15 +162,15 @@ pub(crate) fn reply(typ: &str, sid: &str, status: i64, body: Option<String>) -> 
 
 /// The health-check ping: `status` 3 and the pong deadline in seconds.
 pub(crate) fn ping_msg(sid: &str, timeout_secs: i64) -> ProtoMsg {
-    ProtoMsg::new(PROTO_SHELL, "ping", sid)
-        .with_prop("status", Value::Int(3))
+    ProtoMsg::new(PROTO_SHELL, t::PING, sid)
+        .with_prop("status", Value::Int(status::CONTROL))
         .with_prop("timeout", Value::Int(timeout_secs))
 }
 
 /// One piece of terminal output.
 pub(crate) fn output_msg(sid: &str, bytes: Vec<u8>) -> ProtoMsg {
-    ProtoMsg::new(PROTO_SHELL, "shell", sid)
-        .with_prop("status", Value::Int(1))
+    ProtoMsg::new(PROTO_SHELL, t::SHELL, sid)
+        .with_prop("status", Value::Int(status::NORMAL))
         .with_body(bytes)
 }
 
@@ -328,7 +329,7 @@ impl Inner {
                 None => Event::new("shell open", &user_id, sid, Outcome::Error).with("err", text),
             }
             .emit();
-            this.try_reply(reply("new", sid, 2, Some(text.to_string())));
+            this.try_reply(reply(t::NEW, sid, status::ERROR, Some(text.to_string())));
             return;
         }
         let wake = match Wake::new() {
@@ -336,9 +337,9 @@ impl Inner {
             Err(e) => {
                 drop(t);
                 this.try_reply(reply(
-                    "new",
+                    t::NEW,
                     sid,
-                    2,
+                    status::ERROR,
                     Some(format!(
                         "failed to start shell: {}",
                         crate::sys::errno::go_text(&e)
@@ -381,9 +382,9 @@ impl Inner {
                 this.release(sid, false);
                 this.thread_done();
                 this.try_reply(reply(
-                    "new",
+                    t::NEW,
                     sid,
-                    2,
+                    status::ERROR,
                     Some(format!("failed to start shell: {e}")),
                 ));
             }
@@ -396,7 +397,12 @@ impl Inner {
         let t = self.lock();
         let Some(e) = t.live.get(&sid) else {
             drop(t);
-            self.try_reply(reply("shell", &sid, 2, Some("session not found".into())));
+            self.try_reply(reply(
+                t::SHELL,
+                &sid,
+                status::ERROR,
+                Some("session not found".into()),
+            ));
             return;
         };
         if body.is_empty() {
@@ -406,9 +412,9 @@ impl Inner {
         if queued + body.len() > INPUT_BUDGET {
             drop(t);
             self.try_reply(reply(
-                "shell",
+                t::SHELL,
                 &sid,
-                2,
+                status::ERROR,
                 Some(format!(
                     "routeMessage: shell command execution error, session_id={sid}: \
                      failed to write the whole message"
@@ -491,12 +497,12 @@ impl Inner {
         drop(t);
         if known {
             // It ended by itself; the server's stop only confirms that.
-            self.try_reply(reply("stop", sid, 1, None));
+            self.try_reply(reply(t::STOP, sid, status::NORMAL, None));
         } else {
             self.try_reply(reply(
-                "stop",
+                t::STOP,
                 sid,
-                2,
+                status::ERROR,
                 Some(format!(
                     "routeMessage: StopShellMessage: session not found for id {sid}"
                 )),
@@ -521,7 +527,7 @@ pub(crate) fn size_props(msg: &ProtoMsg) -> Option<(u16, u16)> {
 impl ShellRouter for Shells {
     fn dispatch(&self, msg: ProtoMsg) {
         let inner = &self.inner;
-        if msg.hdr.sid.is_empty() && msg.hdr.typ != "stop" {
+        if msg.hdr.sid.is_empty() && msg.hdr.typ != t::STOP {
             // the server aborts the link on a shell message without sid (§1.7)
             log::warn!(
                 "ignoring shell message {:?} without session id",
@@ -530,15 +536,15 @@ impl ShellRouter for Shells {
             return;
         }
         match msg.hdr.typ.as_str() {
-            "new" => Inner::spawn(inner, &msg),
-            "shell" => inner.input(msg),
-            "resize" => inner.resize(&msg),
-            "stop" => inner.stop(&msg),
-            "pong" => inner.pong(&msg.hdr.sid),
+            t::NEW => Inner::spawn(inner, &msg),
+            t::SHELL => inner.input(msg),
+            t::RESIZE => inner.resize(&msg),
+            t::STOP => inner.stop(&msg),
+            t::PONG => inner.pong(&msg.hdr.sid),
             other => inner.try_reply(reply(
                 other,
                 &msg.hdr.sid,
-                2,
+                status::ERROR,
                 Some(format!("unknown message protocol and type: 1/{other}")),
             )),
         }

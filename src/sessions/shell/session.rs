@@ -18,6 +18,7 @@ use crate::conn::outbound::SendError;
 use crate::sys::poll::{PollFd, poll, timeout_ms};
 use crate::sys::process::{WaitStatus, status_text};
 use crate::wire::codec::{self, ProtoMsg};
+use crate::wire::types::{shell as t, status};
 
 /// How long one output send may wait for room in the outbound queue before
 /// the thread looks at its commands again.
@@ -74,7 +75,12 @@ fn run(
             inner.release(&sid, false);
             send(
                 &inner,
-                reply("new", &sid, 2, Some(format!("failed to start shell: {e}"))),
+                reply(
+                    t::NEW,
+                    &sid,
+                    status::ERROR,
+                    Some(format!("failed to start shell: {e}")),
+                ),
             );
             return;
         }
@@ -89,7 +95,10 @@ fn run(
         .with("rows", rows)
         .with("cols", cols)
         .emit();
-    send(&inner, reply("new", &sid, 1, Some("Shell started".into())));
+    send(
+        &inner,
+        reply(t::NEW, &sid, status::NORMAL, Some("Shell started".into())),
+    );
     let s = &inner.settings;
     let timers = Timers {
         ping: s.ping,
@@ -264,9 +273,9 @@ impl Shell {
                     send(
                         &self.inner,
                         reply(
-                            "shell",
+                            t::SHELL,
                             &self.sid,
-                            2,
+                            status::ERROR,
                             Some(format!(
                                 "routeMessage: shell command execution error, session_id={}: \
                                  write /dev/ptmx: {}",
@@ -375,9 +384,9 @@ impl Shell {
                     send(
                         &self.inner,
                         reply(
-                            "stop",
+                            t::STOP,
                             &self.sid,
-                            2,
+                            status::ERROR,
                             Some(format!("could not terminate shell: {e}.")),
                         ),
                     );
@@ -401,10 +410,13 @@ impl Shell {
             && !want_reply
         {
             self.flush(Duration::from_secs(1));
-            send(&self.inner, reply("stop", &self.sid, 2, Some(text.into())));
+            send(
+                &self.inner,
+                reply(t::STOP, &self.sid, status::ERROR, Some(text.into())),
+            );
         }
         if want_reply {
-            send(&self.inner, reply("stop", &self.sid, 1, None));
+            send(&self.inner, reply(t::STOP, &self.sid, status::NORMAL, None));
         }
         if self.core.held() > 0 {
             log::debug!(
