@@ -20,11 +20,20 @@ impl Drop for Counted {
 
 /// Starts `f` on a thread named `name` with a `stack`-byte stack. The owner
 /// keeps the handle and joins it on shutdown.
-pub fn spawn<F, T>(name: String, stack: usize, f: F) -> io::Result<JoinHandle<T>>
+pub fn spawn<F>(name: String, stack: usize, f: F) -> io::Result<JoinHandle<()>>
 where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
+    F: FnOnce() + Send + 'static,
 {
+    spawn_boxed(name, stack, Box::new(f))
+}
+
+/// One copy of the thread start-up code for every caller (it is large, and
+/// the binary must stay small on the target boards).
+fn spawn_boxed(
+    name: String,
+    stack: usize,
+    f: Box<dyn FnOnce() + Send + 'static>,
+) -> io::Result<JoinHandle<()>> {
     LIVE.fetch_add(1, Ordering::AcqRel);
     let spawned = std::thread::Builder::new()
         .name(name)
@@ -66,14 +75,16 @@ mod tests {
     #[test]
     fn a_thread_counts_while_it_runs_and_not_after_join() {
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        let (name_tx, name_rx) = crossbeam_channel::bounded(1);
         let h = spawn("count-test".to_string(), 64 * 1024, move || {
             let _ = rx.recv();
-            std::thread::current().name().map(str::to_string)
+            let _ = name_tx.send(std::thread::current().name().map(str::to_string));
         })
         .expect("spawn");
         // other tests' threads come and go; ours alone keeps it above zero
         assert!(live() >= 1);
         tx.send(()).expect("release");
-        assert_eq!(h.join().expect("join").as_deref(), Some("count-test"));
+        h.join().expect("join");
+        assert_eq!(name_rx.recv().expect("name").as_deref(), Some("count-test"));
     }
 }
