@@ -115,9 +115,12 @@ pub fn spawn_on_tty(exec: &Exec, tty: OwnedFd) -> Result<Pid, ExecError> {
     };
     if n == 4 {
         let pidfd = pidfd_open(pid);
-        if wait_exited(pid, pidfd.as_ref(), Duration::from_secs(2)) {
-            let _ = try_reap(pid);
+        // the child `_exit`s at once; should it not, it must not linger
+        if !wait_exited(pid, pidfd.as_ref(), Duration::from_secs(2)) {
+            let _ = kill(pid, libc::SIGKILL);
+            wait_exited(pid, pidfd.as_ref(), Duration::from_secs(2));
         }
+        let _ = try_reap(pid);
         return Err(ExecError::Exec(io::Error::from_raw_os_error(
             i32::from_ne_bytes(errno),
         )));

@@ -26,8 +26,11 @@ const SEND_WAIT: Duration = Duration::from_millis(50);
 /// The shell thread's stack. Measured high-water mark over a whole shell's
 /// life (open, input, resize, output, stop), in /proc/PID/smaps pages of
 /// the stack mapping, including glibc's thread block at its top: 8 KiB in
-/// a release build, 16 KiB in a debug build. Only touched pages cost RSS.
-const STACK: usize = 32 * 1024;
+/// a release build, 16 KiB in a debug build. Only touched pages cost RSS,
+/// so the reservation keeps 4x headroom over the debug figure for the
+/// paths that were not measured (spawn and write errors, expiry scanning
+/// /proc): an overflow would abort the whole daemon.
+const STACK: usize = 64 * 1024;
 /// The reference's read-error text, which clients expect in a device `stop`.
 const EXIT_TEXT: &str = "read /dev/ptmx: input/output error";
 
@@ -161,7 +164,9 @@ impl Shell {
                 self.write_input();
             }
             let flush = self.flush(SEND_WAIT);
-
+            // a pong that came during the flush (up to SEND_WAIT) must count
+            // before the health check is judged
+            self.take_pong();
             let now = Instant::now();
             match self.core.tick(now) {
                 Due::Nothing => {}
@@ -230,20 +235,24 @@ impl Shell {
     }
 
     /// Takes what the connection thread left: input, a pong, a resize.
-    fn commands(&mut self) {
-        let input = std::mem::take(&mut *self.ctl.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+    fn take_pong(&mut self) {
         let pong = self
             .ctl
             .pong_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if !input.is_empty() {
-            self.core.input(input, Instant::now());
-        }
         if let Some(at) = pong {
             self.core.pong(at);
         }
+    }
+
+    fn commands(&mut self) {
+        let input = std::mem::take(&mut *self.ctl.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+        if !input.is_empty() {
+            self.core.input(input, Instant::now());
+        }
+        self.take_pong();
         let size = self
             .ctl
             .resize
