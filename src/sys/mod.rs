@@ -4,5 +4,6 @@
 
 pub mod errno;
 pub mod poll;
+pub mod socket;
 pub mod user;
 pub mod wake;
