@@ -111,7 +111,6 @@ impl<T: Mailbox> Core<T> {
     }
 
     /// The thread of session `sid`, if it has one.
-    #[cfg(test)]
     pub fn mailbox(&self, sid: &str) -> Option<&T> {
         match self.slots.get(sid) {
             Some(Slot::Thread { mailbox, .. }) => Some(mailbox),

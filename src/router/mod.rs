@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::conn::link::Inbound;
 use crate::conn::outbound::Outbound;
 use crate::conn::timing::Timing;
-use crate::sessions::{Handler, Registry, SessionCtx, ShellRouter, sid8};
+use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, sid8};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
 use crate::wire::codec::{self, PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use crate::wire::control::ControlError;
@@ -41,6 +41,26 @@ enum Inbox {
 struct Entry {
     tx: Sender<Inbox>,
     depth: Arc<Depth>,
+    direct: Arc<DirectSlots>,
+}
+
+/// The [`Direct`] ways of a session's handlers, by protocol: set by its
+/// thread, used by the connection thread.
+#[derive(Default)]
+struct DirectSlots(Mutex<Vec<(u16, Arc<dyn Direct>)>>);
+
+impl DirectSlots {
+    fn lock(&self) -> MutexGuard<'_, Vec<(u16, Arc<dyn Direct>)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, proto: u16) -> Option<Arc<dyn Direct>> {
+        let slots = self.lock();
+        slots
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .map(|(_, d)| Arc::clone(d))
+    }
 }
 
 impl Mailbox for Entry {
@@ -49,17 +69,31 @@ impl Mailbox for Entry {
     }
 }
 
-/// What waits in a session's channel: messages and their body bytes.
+/// What waits in a session's channel: messages and their body bytes; and
+/// how many are not handled yet (waiting or in hand).
 #[derive(Default)]
 struct Depth {
     msgs: AtomicUsize,
     bytes: AtomicUsize,
+    unhandled: AtomicUsize,
 }
 
 impl Depth {
     fn add(&self, msg: &ProtoMsg) {
+        self.unhandled.fetch_add(1, Ordering::AcqRel);
         self.msgs.fetch_add(1, Ordering::AcqRel);
         self.bytes.fetch_add(body_len(msg), Ordering::AcqRel);
+    }
+
+    /// The session thread is done with a message it took.
+    fn handled(&self) {
+        self.unhandled.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether the session thread has nothing queued or in hand, so a
+    /// message handled elsewhere now cannot overtake one of its own.
+    fn idle(&self) -> bool {
+        self.unhandled.load(Ordering::Acquire) == 0
     }
 
     fn take(&self, msg: &ProtoMsg) {
@@ -153,7 +187,9 @@ impl Router {
             }
             return;
         }
-        Inner::deliver(&self.inner, msg);
+        if let Some(msg) = self.inner.try_direct(msg) {
+            Inner::deliver(&self.inner, msg);
+        }
     }
 
     /// Number of router sessions alive right now.
@@ -270,6 +306,24 @@ impl Inner {
         self.try_reply(reply);
     }
 
+    /// Offers `msg` to its session's [`Direct`] way when the session has
+    /// nothing queued or in hand; gives it back when it is not taken.
+    fn try_direct(&self, msg: ProtoMsg) -> Option<ProtoMsg> {
+        let direct = {
+            let core = self.lock_core();
+            let Some(e) = core.mailbox(&msg.hdr.sid).filter(|e| e.depth.idle()) else {
+                return Some(msg);
+            };
+            e.direct.get(msg.hdr.proto)
+        };
+        // Only this thread queues messages for a session, so it stays idle
+        // until the message is handled or given back.
+        match direct {
+            Some(d) => d.try_handle(msg).err(),
+            None => Some(msg),
+        }
+    }
+
     fn deliver(this: &Arc<Inner>, msg: ProtoMsg) {
         let mut core = this.lock_core();
         Inner::deliver_locked(this, &mut core, msg);
@@ -312,16 +366,21 @@ impl Inner {
         if tx.send(Inbox::Msg(msg)).is_err() {
             return;
         }
-        let worker = Arc::clone(this);
-        let thread_depth = Arc::clone(&depth);
-        let thread_sid = sid.clone();
-        let spawned =
-            crate::threads::spawn(format!("sess-{}", sid8(&sid)), SESSION_STACK, move || {
-                session_loop(&worker, &thread_sid, id, rx, &thread_depth);
-            });
+        let direct = Arc::new(DirectSlots::default());
+        let session = Session {
+            inner: Arc::clone(this),
+            sid: sid.clone(),
+            id,
+            depth: Arc::clone(&depth),
+            direct: Arc::clone(&direct),
+        };
+        let name = format!("sess-{}", sid8(&sid));
+        let spawned = crate::threads::spawn(name, SESSION_STACK, move || {
+            session_loop(&session, rx);
+        });
         match spawned {
             Ok(handle) => {
-                core.started(&sid, id, Entry { tx, depth });
+                core.started(&sid, id, Entry { tx, depth, direct });
                 let mut threads = this.lock_threads();
                 // the ended ones are joined here, so the list stays short
                 let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *threads)
@@ -359,7 +418,17 @@ impl Inner {
     }
 }
 
-fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, depth: &Depth) {
+/// What a session thread knows of itself.
+struct Session {
+    inner: Arc<Inner>,
+    sid: String,
+    id: usize,
+    depth: Arc<Depth>,
+    direct: Arc<DirectSlots>,
+}
+
+fn session_loop(s: &Session, rx: Receiver<Inbox>) {
+    let (inner, sid, id, depth) = (&s.inner, s.sid.as_str(), s.id, &*s.depth);
     let ctx = SessionCtx {
         sid: sid.to_string(),
         // its own lane: a session streaming at full speed must not starve the others
@@ -375,7 +444,9 @@ fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, d
             Ok(Inbox::Msg(msg)) => {
                 depth.take(&msg);
                 pinged = false;
-                if !handle_message(inner, &ctx, &mut handlers, msg) {
+                let go_on = handle_message(inner, &ctx, &mut handlers, &s.direct, msg);
+                depth.handled();
+                if !go_on {
                     break;
                 }
             }
@@ -405,6 +476,7 @@ fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, d
     if !shutdown {
         Inner::end_session(inner, sid, id, &rx);
     }
+    s.direct.lock().clear();
     for (_, mut h) in handlers {
         h.close();
     }
@@ -416,6 +488,7 @@ fn handle_message(
     inner: &Inner,
     ctx: &SessionCtx,
     handlers: &mut HashMap<u16, Box<dyn Handler>>,
+    direct: &DirectSlots,
     msg: ProtoMsg,
 ) -> bool {
     let proto = msg.hdr.proto;
@@ -438,6 +511,9 @@ fn handle_message(
     }
     match inner.registry.create(proto, ctx) {
         Some(mut h) => {
+            if let Some(d) = h.direct() {
+                direct.lock().push((proto, d));
+            }
             h.handle(msg);
             handlers.insert(proto, h);
         }

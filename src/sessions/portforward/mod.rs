@@ -48,13 +48,13 @@ pub use dial::{DialError, Net, Target};
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::audit::{Event, Outcome};
 use crate::sessions::sid8;
-use crate::sessions::{Factory, Handler, SessionCtx};
+use crate::sessions::{Direct, Factory, Handler, SessionCtx};
 use crate::tunables::{Lookup, positive, positive_ms};
 use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
@@ -127,7 +127,7 @@ pub fn factory(settings: Settings, allow: AllowList) -> Factory {
             settings,
             allow: Arc::clone(&allow),
             total: Arc::clone(&total),
-            conns: HashMap::new(),
+            conns: Arc::new(Conns::default()),
             next_n: 0,
         }) as Box<dyn Handler>
     })
@@ -223,12 +223,86 @@ pub fn parse_new(body: &[u8], has_id: bool) -> Result<Target, PfError> {
     Ok(Target { net, host, port })
 }
 
+/// A session's live connections by id, shared by its handler and the
+/// connection thread's fast path. Held only to look up or change the map.
+#[derive(Default)]
+struct Conns(Mutex<HashMap<String, Arc<Inbox>>>);
+
+impl Conns {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Inbox>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, cid: &str) -> Option<Arc<Inbox>> {
+        self.lock().get(cid).cloned()
+    }
+
+    fn remove(&self, cid: &str) -> Option<Arc<Inbox>> {
+        self.lock().remove(cid)
+    }
+}
+
+/// Client `forward`s and `ack`s handled on the connection thread: an
+/// established TCP connection with nothing queued ahead takes the bytes
+/// with one non-blocking write (or into its early-ack buffer), and the
+/// `ack` is queued at once; an `ack` opens the window. Anything else (a
+/// connection not up yet, gone, or over its buffer) goes to the session
+/// thread as before.
+struct FastForward {
+    sid: String,
+    out: crate::conn::outbound::Outbound,
+    conns: Arc<Conns>,
+}
+
+impl Direct for FastForward {
+    fn try_handle(&self, mut msg: ProtoMsg) -> Result<(), ProtoMsg> {
+        let is_ack = match msg.hdr.typ.as_str() {
+            "forward" => false,
+            "ack" => true,
+            _ => return Err(msg),
+        };
+        let Some(inbox) = msg
+            .prop_str("connection_id")
+            .and_then(|c| self.conns.get(c))
+        else {
+            return Err(msg);
+        };
+        if is_ack {
+            return match inbox.ack() {
+                Ack::Released => Ok(()),
+                Ack::Unexpected => {
+                    log::debug!(
+                        "port forward {}: ack with nothing in flight ignored",
+                        self.sid
+                    );
+                    Ok(())
+                }
+                Ack::Closed => Err(msg),
+            };
+        }
+        // the ack must be queued without waiting, and not past a full lane
+        if !self.out.has_room() {
+            return Err(msg);
+        }
+        let data = msg.body.take().unwrap_or_default();
+        if let Err(data) = inbox.forward_now(data) {
+            msg.body = Some(data);
+            return Err(msg);
+        }
+        let cid = msg.prop_str("connection_id").unwrap_or_default();
+        if let Err(e) = self.out.push_now(&pf_msg("ack", &self.sid, cid)) {
+            log::debug!("port forward {}: reply not sent: {e}", self.sid);
+        }
+        Ok(())
+    }
+}
+
 struct PortForward {
     ctx: SessionCtx,
     settings: Settings,
     allow: Arc<AllowList>,
     total: Arc<AtomicUsize>,
-    conns: HashMap<String, Arc<Inbox>>,
+    conns: Arc<Conns>,
     next_n: u64,
 }
 
@@ -249,7 +323,8 @@ impl PortForward {
 
     fn new_connection(&mut self, cid: &str, user_id: &str, body: &[u8]) -> Result<(), PfError> {
         let target = parse_new(body, !cid.is_empty())?;
-        if let Some(old) = self.conns.remove(cid) {
+        let old = self.conns.remove(cid);
+        if let Some(old) = old {
             // a reused id: the old socket goes, silently (its messages would
             // be mistaken for the new connection's)
             log::info!(
@@ -258,7 +333,11 @@ impl PortForward {
             );
             old.close_quietly();
         }
-        self.conns.retain(|_, ib| !ib.is_closed());
+        let live = {
+            let mut conns = self.conns.lock();
+            conns.retain(|_, ib| !ib.is_closed());
+            conns.len()
+        };
         let refuse = |rule: &str| {
             Event::refused(
                 "port forward open",
@@ -273,7 +352,7 @@ impl PortForward {
             .emit();
             PfError::TooMany
         };
-        if self.conns.len() >= self.settings.max_per_session {
+        if live >= self.settings.max_per_session {
             return Err(refuse("connections per session cap"));
         }
         let max_total = self.settings.max_total;
@@ -310,7 +389,7 @@ impl PortForward {
             inbox.close_quietly();
             return Err(PfError::Thread(e));
         }
-        self.conns.insert(cid.to_string(), inbox);
+        self.conns.lock().insert(cid.to_string(), inbox);
         Ok(())
     }
 
@@ -414,9 +493,18 @@ impl Handler for PortForward {
     }
 
     fn close(&mut self) {
-        for (_, inbox) in self.conns.drain() {
+        let conns: Vec<Arc<Inbox>> = self.conns.lock().drain().map(|(_, ib)| ib).collect();
+        for inbox in conns {
             inbox.close_quietly();
         }
+    }
+
+    fn direct(&self) -> Option<Arc<dyn Direct>> {
+        Some(Arc::new(FastForward {
+            sid: self.ctx.sid.clone(),
+            out: self.ctx.out.clone(),
+            conns: Arc::clone(&self.conns),
+        }))
     }
 }
 
