@@ -598,6 +598,102 @@ impl Write for Io {
 enum Cmd {
     Send(Message),
     Close(u16, String),
+    /// Runs on the connection thread with the websocket lent (see
+    /// [`ConnHandle::exchange`]).
+    Run(Box<dyn FnOnce(&mut Exchange<'_>) + Send>),
+}
+
+/// The websocket lent to a closure on the connection's own thread, for a
+/// client that waits for each reply (mender-cli's port forward): sending and
+/// receiving there costs no thread hand-off per round trip. Messages read
+/// here are not recorded (`frames`, `recv*`, subscribers); pings from the
+/// device are answered as usual.
+pub struct Exchange<'a> {
+    ws: &'a mut WebSocket<Io>,
+    socket: &'a TcpStream,
+}
+
+impl Exchange<'_> {
+    fn wait(&self, events: i16, deadline: Instant) -> Result<(), String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out".to_string());
+        }
+        let mut fd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the call's duration.
+        let r = unsafe { libc::poll(&mut fd, 1, ms) };
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(format!("poll: {}", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, deadline: Instant) -> Result<(), String> {
+        loop {
+            match self.ws.flush() {
+                Ok(()) => return Ok(()),
+                Err(e) if is_would_block(&e) => self.wait(libc::POLLOUT, deadline)?,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Sends `msg` as a binary message, written out before it returns.
+    pub fn send_msg(&mut self, msg: &ProtoMsg, deadline: Instant) -> Result<(), String> {
+        match self.ws.write(Message::binary(codec::encode(msg))) {
+            Ok(()) => {}
+            Err(e) if is_would_block(&e) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        self.flush(deadline)
+    }
+
+    /// Sends a websocket ping and waits for its pong (a data message
+    /// arriving first is an error).
+    pub fn ping(&mut self, payload: &[u8], deadline: Instant) -> Result<(), String> {
+        match self.ws.write(Message::Ping(payload.to_vec().into())) {
+            Ok(()) => {}
+            Err(e) if is_would_block(&e) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        self.flush(deadline)?;
+        loop {
+            match self.ws.read() {
+                Ok(Message::Pong(_)) => return Ok(()),
+                Ok(Message::Ping(_)) | Ok(Message::Frame(_)) => self.flush(deadline)?,
+                Ok(m) => return Err(format!("expected a pong, got {m:?}")),
+                Err(e) if is_would_block(&e) => self.wait(libc::POLLIN, deadline)?,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// The next data message from the device, decoded.
+    pub fn recv_msg(&mut self, deadline: Instant) -> Result<ProtoMsg, String> {
+        loop {
+            let data = match self.ws.read() {
+                Ok(Message::Binary(b)) => b.to_vec(),
+                Ok(Message::Text(t)) => t.as_bytes().to_vec(),
+                Ok(Message::Close(_)) => return Err("closed by the device".to_string()),
+                // a ping's pong is queued by tungstenite: send it on
+                Ok(_) => {
+                    self.flush(deadline)?;
+                    continue;
+                }
+                Err(e) if is_would_block(&e) => {
+                    self.wait(libc::POLLIN, deadline)?;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            return codec::decode(&data).map_err(|e| format!("undecodable message: {e}"));
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -665,6 +761,20 @@ impl ConnHandle {
     /// Sends a binary message (ignored once the connection is gone).
     pub fn send(&self, bytes: &[u8]) {
         self.command(Cmd::Send(Message::binary(bytes.to_vec())));
+    }
+
+    /// Runs `f` on the connection's thread with the websocket lent to it
+    /// (see [`Exchange`]) and returns its result; `None` when the
+    /// connection is gone. Nothing else happens on the connection meanwhile.
+    pub fn exchange<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Exchange<'_>) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.command(Cmd::Run(Box::new(move |x| {
+            let _ = tx.send(f(x));
+        })));
+        rx.recv().ok()
     }
 
     /// Sends `codec::encode(msg)` as a binary message.
@@ -1211,6 +1321,10 @@ fn run_conn(
         while let Ok(cmd) = cmds.try_recv() {
             let r = match cmd {
                 Cmd::Send(m) => ws.write(m),
+                Cmd::Run(f) => {
+                    f(&mut Exchange { ws, socket });
+                    Ok(())
+                }
                 Cmd::Close(code, reason) => ws.close(Some(CloseFrame {
                     code: CloseCode::from(code),
                     reason: reason.into(),
