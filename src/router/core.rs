@@ -220,18 +220,28 @@ impl<T: Mailbox> Core<T> {
             let Slot::Light { heard, pinged } = slot else {
                 return true;
             };
+            let timeout = || {
+                let err = ControlError {
+                    err: "session timeout".to_string(),
+                    close: true,
+                    ..ControlError::default()
+                };
+                Fired::Timeout(sid.clone(), control_error_msg(sid, &err))
+            };
             match *pinged {
+                // The tick runs on the connection thread: with no link for
+                // a while, both the ping and the end were due. A session
+                // thread would have ended meanwhile (its ping lost), so end.
+                None if now >= *heard + idle => {
+                    fired.push(timeout());
+                    return false;
+                }
                 None if now >= *heard + idle * 4 / 5 => {
                     *pinged = Some(now);
                     fired.push(Fired::Ping(ProtoMsg::new(PROTO_CONTROL, "ping", sid)));
                 }
                 Some(at) if now >= at + idle / 5 => {
-                    let err = ControlError {
-                        err: "session timeout".to_string(),
-                        close: true,
-                        ..ControlError::default()
-                    };
-                    fired.push(Fired::Timeout(sid.clone(), control_error_msg(sid, &err)));
+                    fired.push(timeout());
                     return false;
                 }
                 _ => {}
@@ -378,6 +388,19 @@ mod tests {
         assert!(c.is_empty());
         assert!(c.tick(ping_at + IDLE).is_empty());
         assert_eq!(c.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_session_whose_whole_idle_time_passed_without_a_tick_just_ends() {
+        let mut c = core();
+        let t0 = Instant::now();
+        reply(c.route(&open("s"), t0));
+        let fired = c.tick(t0 + IDLE);
+        assert!(
+            matches!(fired.as_slice(), [Fired::Timeout(sid, _)] if sid == "s"),
+            "{fired:?}"
+        );
+        assert!(c.is_empty());
     }
 
     #[test]
