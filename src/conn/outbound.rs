@@ -209,16 +209,15 @@ impl Outbound {
     /// reply that may neither wait nor be lost (an `ack` sent from the
     /// connection thread). Callers check [`has_room`](Self::has_room)
     /// first, so the share is overrun by at most one frame per such check.
+    /// Wakes nobody: only for the connection thread itself, which drains
+    /// the queue before it next waits (this saves it a syscall per frame).
     pub fn push_now(&self, msg: &ProtoMsg) -> Result<(), SendError> {
         let frame = codec::encode(msg);
-        let sh = &*self.shared;
-        let mut g = sh.lock();
+        let mut g = self.shared.lock();
         if !self.is_connected() {
             return Err(SendError::Disconnected);
         }
         g.push(self.lane, frame);
-        drop(g);
-        sh.wake.wake();
         Ok(())
     }
 

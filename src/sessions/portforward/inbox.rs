@@ -6,8 +6,8 @@
 //!
 //! Client → device fast path: once connected, a TCP connection lends the
 //! inbox a duplicate of its socket. A small `forward` that finds nothing
-//! ahead of it is written right away from the session thread with one
-//! non-blocking write, and acked at once; otherwise, while the bytes waiting
+//! ahead of it is written right away by the caller (the connection thread,
+//! or the session thread) with one non-blocking write, and acked at once; otherwise, while the bytes waiting
 //! for the target stay within `EARLY_BYTES`, it is queued already acked (a
 //! bigger socket buffer, in effect). The connection thread is then only
 //! woken for what the socket did not take at once.

@@ -14,9 +14,12 @@
 //!   unacked `forward` per connection; a duplicate or unsolicited `ack` is
 //!   ignored (the reference crashes);
 //! - a client `forward` is acked once accepted, not once written: written
-//!   at once by the session thread when the socket takes it, or buffered up
-//!   to 256 KiB per connection (see `inbox`); a later write error ends the
-//!   connection with the error and a `stop`;
+//!   at once when the socket takes it, or buffered up to 256 KiB per
+//!   connection (see `inbox`); a later write error ends the connection with
+//!   the error and a `stop`. Once a TCP connection is up, its `forward`s
+//!   and `ack`s are handled on the websocket's connection thread itself
+//!   while its session has nothing queued (`FastPath`), with non-blocking
+//!   calls only; the session thread takes everything else;
 //! - UDP datagrams are never truncated: reads use a 65535-byte buffer, larger
 //!   than any UDP payload; should the kernel still report a truncated
 //!   datagram, it is dropped with an error (`datagram of N bytes exceeds …`)
@@ -248,13 +251,13 @@ impl Conns {
 /// `ack` is queued at once; an `ack` opens the window. Anything else (a
 /// connection not up yet, gone, or over its buffer) goes to the session
 /// thread as before.
-struct FastForward {
+struct FastPath {
     sid: String,
     out: crate::conn::outbound::Outbound,
     conns: Arc<Conns>,
 }
 
-impl Direct for FastForward {
+impl Direct for FastPath {
     fn try_handle(&self, mut msg: ProtoMsg) -> Result<(), ProtoMsg> {
         let is_ack = match msg.hdr.typ.as_str() {
             "forward" => false,
@@ -500,7 +503,7 @@ impl Handler for PortForward {
     }
 
     fn direct(&self) -> Option<Arc<dyn Direct>> {
-        Some(Arc::new(FastForward {
+        Some(Arc::new(FastPath {
             sid: self.ctx.sid.clone(),
             out: self.ctx.out.clone(),
             conns: Arc::clone(&self.conns),
