@@ -53,7 +53,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::audit::{Event, Outcome};
 use crate::sessions::sid8;
@@ -132,6 +133,7 @@ pub fn factory(settings: Settings, allow: AllowList) -> Factory {
             total: Arc::clone(&total),
             conns: Arc::new(Conns::default()),
             next_n: 0,
+            threads: Vec::new(),
         }) as Box<dyn Handler>
     })
 }
@@ -307,6 +309,8 @@ struct PortForward {
     total: Arc<AtomicUsize>,
     conns: Arc<Conns>,
     next_n: u64,
+    /// Connection threads started and not joined yet.
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl PortForward {
@@ -384,15 +388,25 @@ impl PortForward {
             allow: Arc::clone(&self.allow),
             user_id: user_id.to_string(),
         };
-        let spawned = std::thread::Builder::new()
-            .name(format!("pf-{}-{}", sid8(&self.ctx.sid), self.next_n))
-            .stack_size(THREAD_STACK)
-            .spawn(move || conn::run(ctx, target));
-        if let Err(e) = spawned {
-            inbox.close_quietly();
-            return Err(PfError::Thread(e));
-        }
+        let name = format!("pf-{}-{}", sid8(&self.ctx.sid), self.next_n);
+        let handle = match crate::threads::spawn(name, THREAD_STACK, move || conn::run(ctx, target))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                inbox.close_quietly();
+                return Err(PfError::Thread(e));
+            }
+        };
         self.conns.lock().insert(cid.to_string(), inbox);
+        // the ended ones are joined here, so the list stays short
+        let (done, running) = std::mem::take(&mut self.threads)
+            .into_iter()
+            .partition::<Vec<_>, _>(JoinHandle::is_finished);
+        self.threads = running;
+        self.threads.push(handle);
+        for h in done {
+            let _ = h.join();
+        }
         Ok(())
     }
 
@@ -499,6 +513,23 @@ impl Handler for PortForward {
         let conns: Vec<Arc<Inbox>> = self.conns.lock().drain().map(|(_, ib)| ib).collect();
         for inbox in conns {
             inbox.close_quietly();
+        }
+        // A closed connection's thread ends at once, unless it is still
+        // dialing (bounded by the dial timeout): wait for that, no longer.
+        let deadline = Instant::now() + self.settings.dial_timeout;
+        while let Some(h) = self.threads.pop() {
+            while !h.is_finished() && Instant::now() < deadline {
+                // JoinHandle has no timed join: look again shortly
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                log::debug!(
+                    "port forward {}: a connection thread outlives its session",
+                    self.ctx.sid
+                );
+            }
         }
     }
 
