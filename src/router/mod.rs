@@ -5,7 +5,7 @@
 mod core;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -69,16 +69,58 @@ impl Mailbox for Entry {
     }
 }
 
-/// What waits in a session's channel: messages and their body bytes; and
-/// how many are not handled yet (waiting or in hand).
-#[derive(Default)]
+/// What waits in a session's channel: messages and their body bytes; how
+/// many are not handled yet (waiting or in hand); and when a message was
+/// last handled on the connection thread instead (its idle timer counts it).
 struct Depth {
     msgs: AtomicUsize,
     bytes: AtomicUsize,
     unhandled: AtomicUsize,
+    /// Messages handled on the connection thread.
+    touches: AtomicUsize,
+    epoch: Instant,
+    /// Milliseconds since `epoch`, modulo 2^32 (ARMv5 has no 64-bit
+    /// atomics; read with wrapping arithmetic, exact for 24 days).
+    touched_ms: AtomicU32,
 }
 
 impl Depth {
+    fn new() -> Depth {
+        Depth {
+            msgs: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            unhandled: AtomicUsize::new(0),
+            touches: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            touched_ms: AtomicU32::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u32 {
+        // truncation intended: see `touched_ms`
+        self.epoch.elapsed().as_millis() as u32
+    }
+
+    /// A message of the session was handled on the connection thread.
+    fn touch(&self) {
+        self.touched_ms.store(self.now_ms(), Ordering::Release);
+        self.touches.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many messages were handled on the connection thread so far, and
+    /// when the last one was (to the millisecond).
+    fn touched(&self) -> (usize, Instant) {
+        let n = self.touches.load(Ordering::Acquire);
+        let ago = self
+            .now_ms()
+            .wrapping_sub(self.touched_ms.load(Ordering::Acquire));
+        let now = Instant::now();
+        let at = now
+            .checked_sub(Duration::from_millis(u64::from(ago)))
+            .unwrap_or(now);
+        (n, at)
+    }
+
     fn add(&self, msg: &ProtoMsg) {
         self.unhandled.fetch_add(1, Ordering::AcqRel);
         self.msgs.fetch_add(1, Ordering::AcqRel);
@@ -309,19 +351,23 @@ impl Inner {
     /// Offers `msg` to its session's [`Direct`] way when the session has
     /// nothing queued or in hand; gives it back when it is not taken.
     fn try_direct(&self, msg: ProtoMsg) -> Option<ProtoMsg> {
-        let direct = {
+        let (direct, depth) = {
             let core = self.lock_core();
             let Some(e) = core.mailbox(&msg.hdr.sid).filter(|e| e.depth.idle()) else {
                 return Some(msg);
             };
-            e.direct.get(msg.hdr.proto)
+            let Some(d) = e.direct.get(msg.hdr.proto) else {
+                return Some(msg);
+            };
+            (d, Arc::clone(&e.depth))
         };
         // Only this thread queues messages for a session, so it stays idle
         // until the message is handled or given back.
-        match direct {
-            Some(d) => d.try_handle(msg).err(),
-            None => Some(msg),
+        let back = direct.try_handle(msg).err();
+        if back.is_none() {
+            depth.touch();
         }
+        back
     }
 
     fn deliver(this: &Arc<Inner>, msg: ProtoMsg) {
@@ -361,7 +407,7 @@ impl Inner {
         };
         let sid = msg.hdr.sid.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let depth = Arc::new(Depth::default());
+        let depth = Arc::new(Depth::new());
         depth.add(&msg);
         if tx.send(Inbox::Msg(msg)).is_err() {
             return;
@@ -436,14 +482,21 @@ fn session_loop(s: &Session, rx: Receiver<Inbox>) {
     };
     let mut handlers: HashMap<u16, Box<dyn Handler>> = HashMap::new();
     let idle = inner.timing.session_idle;
-    let mut pinged = false;
+    // the last message, and when the idle ping went out since
+    let mut heard = Instant::now();
+    let mut pinged: Option<Instant> = None;
+    let mut touches = 0;
     let mut shutdown = false;
     loop {
-        let wait = if pinged { idle / 5 } else { idle * 4 / 5 };
-        match rx.recv_timeout(wait) {
+        let due = match pinged {
+            Some(at) => at + idle / 5,
+            None => heard + idle * 4 / 5,
+        };
+        match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
             Ok(Inbox::Msg(msg)) => {
                 depth.take(&msg);
-                pinged = false;
+                heard = Instant::now();
+                pinged = None;
                 let go_on = handle_message(inner, &ctx, &mut handlers, &s.direct, msg);
                 depth.handled();
                 if !go_on {
@@ -454,8 +507,16 @@ fn session_loop(s: &Session, rx: Receiver<Inbox>) {
                 shutdown = true;
                 break;
             }
-            Err(RecvTimeoutError::Timeout) if !pinged => {
-                pinged = true;
+            Err(RecvTimeoutError::Timeout) if depth.touched().0 != touches => {
+                // Messages handled on the connection thread count too; they
+                // came after the last look (and after a ping sent then).
+                let (n, at) = depth.touched();
+                touches = n;
+                heard = heard.max(at).max(pinged.unwrap_or(heard));
+                pinged = None;
+            }
+            Err(RecvTimeoutError::Timeout) if pinged.is_none() => {
+                pinged = Some(Instant::now());
                 let ping = ProtoMsg::new(PROTO_CONTROL, "ping", sid);
                 if ctx.out.send(&ping).is_err() {
                     log::debug!("session {sid}: idle ping not sent (no connection)");
@@ -543,7 +604,7 @@ mod tests {
 
     #[test]
     fn a_session_queue_is_full_at_its_message_limit_or_its_byte_bound() {
-        let d = Depth::default();
+        let d = Depth::new();
         // one message of any size is always accepted
         assert!(!d.full_for(&fwd(SESSION_QUEUE_BYTES * 2)));
         for _ in 0..SESSION_QUEUE_LIMIT - 1 {
@@ -556,5 +617,17 @@ mod tests {
         assert!(!d.full_for(&fwd(0)));
         d.add(&fwd(SESSION_QUEUE_BYTES - 1));
         assert!(d.full_for(&fwd(2)));
+    }
+
+    #[test]
+    fn a_message_handled_on_the_connection_thread_is_counted_with_its_time() {
+        let d = Depth::new();
+        assert_eq!(d.touched().0, 0);
+        let before = Instant::now();
+        d.touch();
+        let (n, at) = d.touched();
+        assert_eq!(n, 1);
+        // to the millisecond
+        assert!(at + Duration::from_millis(1) >= before && at <= Instant::now());
     }
 }
