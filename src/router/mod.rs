@@ -361,8 +361,9 @@ impl Inner {
             };
             (d, Arc::clone(&e.depth))
         };
-        // Only this thread queues messages for a session, so it stays idle
-        // until the message is handled or given back.
+        // Only this thread queues messages for a session in the table (a
+        // session's leftovers go to its successor before that is visible
+        // here), so it stays idle until the message is handled or given back.
         let back = direct.try_handle(msg).err();
         if back.is_none() {
             depth.touch();
