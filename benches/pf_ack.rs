@@ -10,7 +10,10 @@
 //!
 //! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
 //! (`--restart`: restart the stand-in server first, as the compare bench
-//! does, so the forwards go over the daemon's second websocket) (PATH defaults
+//! does, so the forwards go over the daemon's second websocket;
+//! `--exchange`: drive the forwards and pings from the stand-in's own
+//! connection thread, as the compare bench's client→device leg does, so
+//! the client adds no thread hand-off to each round trip) (PATH defaults
 //! to this crate's release daemon; the Go daemon works too, it connects
 //! after about 10 s).
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use testbed::drive::{self, CHUNK, cpu_ms};
+use testbed::server::Exchange;
 use testbed::{AuthService, Daemon, DbusDaemon, Server, default_config};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -43,11 +47,41 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The measured loop on the stand-in's connection thread: round trips of
+/// each `forward` to its ack and, every 16th, of a websocket ping (µs).
+fn exchanged(x: &mut Exchange<'_>, frames: Vec<ProtoMsg>) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let deadline = Instant::now() + WAIT;
+    let mut rtt = Vec::with_capacity(frames.len());
+    let mut ping = Vec::with_capacity(frames.len() / 16);
+    for (i, m) in frames.iter().enumerate() {
+        let t = Instant::now();
+        x.send_msg(m, deadline)?;
+        loop {
+            let a = x.recv_msg(deadline)?;
+            if a.hdr.sid != SID || a.hdr.typ == "ping" {
+                continue;
+            }
+            if a.hdr.typ != "ack" {
+                return Err(format!("expected an ack: {a:?}"));
+            }
+            break;
+        }
+        rtt.push(t.elapsed().as_secs_f64() * 1e6);
+        if i % 16 == 0 {
+            let t = Instant::now();
+            x.ping(b"lat", deadline)?;
+            ping.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok((rtt, ping))
+}
+
 fn main() {
     let mut bin = testbed::daemon::binary().map(PathBuf::from);
     let mut n = 20_000usize;
     let mut restart = false;
     let mut shell_first = false;
+    let mut exchange = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -55,6 +89,7 @@ fn main() {
             "--n" => n = it.next().and_then(|v| v.parse().ok()).unwrap_or(n),
             "--restart" => restart = true,
             "--shell-first" => shell_first = true,
+            "--exchange" => exchange = true,
             _ => {}
         }
     }
@@ -116,28 +151,40 @@ fn main() {
         let m = drive::recv_for(&conn, SID, WAIT).expect("ack");
         assert_eq!(m.hdr.typ, "ack", "{m:?}");
     }
-    let mut rtt = Vec::with_capacity(n);
-    let mut ping = Vec::with_capacity(n / 16);
-    let mut pongs = 0;
+    let frames: Vec<ProtoMsg> = if exchange {
+        (warm..n).map(|i| fwd(i * CHUNK)).collect()
+    } else {
+        Vec::new()
+    };
     let cpu0 = cpu_ms(pid);
     let flt0 = minflt(pid);
     let t0 = Instant::now();
-    for i in warm..n {
-        // frames are built before the clock starts
-        let m = fwd(i * CHUNK);
-        let t = Instant::now();
-        conn.send_msg(&m);
-        let a = drive::recv_for(&conn, SID, WAIT).expect("ack");
-        rtt.push(t.elapsed().as_secs_f64() * 1e6);
-        assert_eq!(a.hdr.typ, "ack", "{a:?}");
-        if i % 16 == 0 {
+    let (mut rtt, mut ping) = if exchange {
+        conn.exchange(move |x| exchanged(x, frames))
+            .expect("connection")
+            .expect("exchange")
+    } else {
+        let mut rtt = Vec::with_capacity(n);
+        let mut ping = Vec::with_capacity(n / 16);
+        let mut pongs = 0;
+        for i in warm..n {
+            // frames are built before the clock starts
+            let m = fwd(i * CHUNK);
             let t = Instant::now();
-            conn.send_ping(b"lat");
-            pongs += 1;
-            assert!(conn.wait_pongs(pongs, WAIT), "no pong");
-            ping.push(t.elapsed().as_secs_f64() * 1e6);
+            conn.send_msg(&m);
+            let a = drive::recv_for(&conn, SID, WAIT).expect("ack");
+            rtt.push(t.elapsed().as_secs_f64() * 1e6);
+            assert_eq!(a.hdr.typ, "ack", "{a:?}");
+            if i % 16 == 0 {
+                let t = Instant::now();
+                conn.send_ping(b"lat");
+                pongs += 1;
+                assert!(conn.wait_pongs(pongs, WAIT), "no pong");
+                ping.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
+        (rtt, ping)
+    };
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_ms(pid) - cpu0;
     let faults = minflt(pid) - flt0;

@@ -13,8 +13,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
-use mender_connect::wire::control::Open;
+use mender_connect::wire::codec::{
+    PROTO_CONTROL, PROTO_FILETRANSFER, PROTO_SHELL, ProtoMsg, Value,
+};
+use mender_connect::wire::control::{Open, encode_map};
 use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TIMEOUT, TempDir};
 
 /// gdb reads a ~100 MB debug file on a shared 2-core machine: be generous.
@@ -143,7 +145,8 @@ fn gdb_shows_thread_names_and_daemon_functions_from_the_debug_file() {
         panic!("daemon never connected");
     };
 
-    // what deviceconnect does: open the session (router thread sess-<sid8>), then a shell
+    // what deviceconnect does: open the session, then a shell (the shell's
+    // thread is the session's only one)
     conn.send_msg(
         &ProtoMsg::new(PROTO_CONTROL, "open", SID).with_body(Open { versions: vec![1] }.encode()),
     );
@@ -155,6 +158,14 @@ fn gdb_shows_thread_names_and_daemon_functions_from_the_debug_file() {
     assert_eq!(r.prop("status").and_then(Value::as_i64), Some(1), "{r:?}");
     conn.send_msg(&shell_msg("shell").with_body(b"echo up-$((20+22))\n".to_vec()));
     wait_output(&conn, "up-42");
+    // a file transfer message starts the router session's thread sess-<sid8>
+    let path = encode_map(&[("path", Value::Str("/".into()))]);
+    conn.send_msg(
+        &ProtoMsg::new(PROTO_FILETRANSFER, "stat", SID)
+            .with_prop("user_id", Value::Str("gdb-user".into()))
+            .with_body(path),
+    );
+    wait_msg(&conn, |m| m.hdr.proto == PROTO_FILETRANSFER);
 
     let text = gdb_attach(daemon.pid(), &dir);
     let report = || format!("----- gdb output -----\n{text}----- end -----");

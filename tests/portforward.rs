@@ -860,3 +860,32 @@ fn a_target_reset_with_acked_data_still_buffered_ends_the_connection_with_a_stop
         }
     }
 }
+
+#[test]
+fn a_session_whose_messages_all_take_the_connection_threads_path_never_idles_out() {
+    // forwards and acks of an established connection are handled on the
+    // connection thread; the session's idle timer must count them
+    let bed = bed_with(
+        &default_config(),
+        &[("MENDER_CONNECT_SESSION_IDLE_MS", "1000")],
+    );
+    let echo = TcpTarget::echo();
+    let sid = uuid(1);
+    let mut link = bed.mux.link(&sid, &uuid(2));
+    link.open(echo.addr, "tcp");
+    let data = testbed::random_bytes(64 * 1024, 5);
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut rounds = 0;
+    while Instant::now() < until {
+        assert!(link.transfer(&data, data.len(), 4096).0 == data);
+        rounds += 1;
+    }
+    while let Ok(m) = bed.mux.other.try_recv() {
+        assert!(
+            m.hdr.sid != sid,
+            "after {rounds} busy rounds the session was treated as idle: {m:?}"
+        );
+    }
+    link.send("stop", None);
+    link.expect("stop");
+}

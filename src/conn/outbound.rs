@@ -200,6 +200,27 @@ impl Outbound {
         }
     }
 
+    /// Whether this lane may add a frame without waiting right now.
+    pub fn has_room(&self) -> bool {
+        self.shared.lock().has_room(self.lane)
+    }
+
+    /// Queues a small reply at once, even over the lane's share: for a
+    /// reply that may neither wait nor be lost (an `ack` sent from the
+    /// connection thread). Callers check [`has_room`](Self::has_room)
+    /// first, so the share is overrun by at most one frame per such check.
+    /// Wakes nobody: only for the connection thread itself, which drains
+    /// the queue before it next waits (this saves it a syscall per frame).
+    pub fn push_now(&self, msg: &ProtoMsg) -> Result<(), SendError> {
+        let frame = codec::encode(msg);
+        let mut g = self.shared.lock();
+        if !self.is_connected() {
+            return Err(SendError::Disconnected);
+        }
+        g.push(self.lane, frame);
+        Ok(())
+    }
+
     /// Whether a websocket is up (frames sent now have a chance to arrive).
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire) != 0
@@ -217,12 +238,14 @@ impl OutboundRx {
         frame
     }
 
-    /// Frames queued in all lanes (for tests and status).
+    /// Frames queued in all lanes.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.shared.lock().queues.values().map(VecDeque::len).sum()
     }
 
     /// Whether no frame is queued.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.shared.lock().turn.is_empty()
     }
@@ -311,6 +334,20 @@ mod tests {
         assert_eq!(rx.pop(), Some(vec![2, 1]));
         assert_eq!(rx.pop(), Some(vec![1, 2]));
         assert_eq!(rx.len(), QUEUE_FRAMES - 3);
+    }
+
+    #[test]
+    fn a_pushed_reply_gets_in_over_the_share_but_not_while_disconnected() {
+        let (tx, rx) = connected();
+        let msg = ProtoMsg::new(3, "ack", "s");
+        while tx.has_room() {
+            tx.send_frame(vec![1], Duration::ZERO).expect("room");
+        }
+        assert_eq!(tx.try_send(&msg), Err(SendError::Full));
+        tx.push_now(&msg).expect("queued over the share");
+        assert_eq!(rx.len(), QUEUE_FRAMES + 1);
+        rx.set_connected(1, false);
+        assert_eq!(tx.push_now(&msg), Err(SendError::Disconnected));
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! (protocol.md §2.5). Runs on the connection thread, so it never blocks:
 //! sessions get messages through unbounded channels whose depth it meters.
 
+mod core;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -12,10 +15,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::conn::link::Inbound;
 use crate::conn::outbound::Outbound;
 use crate::conn::timing::Timing;
-use crate::sessions::{Handler, Registry, SessionCtx, ShellRouter, sid8};
+use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, sid8};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
 use crate::wire::codec::{self, PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use crate::wire::control::ControlError;
+
+pub use self::core::MAX_SESSIONS;
+use self::core::{Core, Fired, Mailbox, Route};
 
 /// Messages a session may have waiting before it counts as broken: the
 /// protocols' own flow control keeps real peers far below this.
@@ -23,9 +29,6 @@ pub const SESSION_QUEUE_LIMIT: usize = 512;
 /// Bytes of message bodies a session may have waiting (one message of any
 /// size is always accepted), so a stalled session cannot hoard memory.
 pub const SESSION_QUEUE_BYTES: usize = 16 << 20;
-/// Router sessions alive at once; each is a thread, and the server chooses
-/// how many sids it sends.
-pub const MAX_SESSIONS: usize = 512;
 /// Stack of a router-session thread: it only dispatches.
 const SESSION_STACK: usize = 128 * 1024;
 
@@ -34,23 +37,105 @@ enum Inbox {
     Shutdown,
 }
 
+/// A session thread as the table holds it.
 struct Entry {
     tx: Sender<Inbox>,
     depth: Arc<Depth>,
-    id: usize,
+    direct: Arc<DirectSlots>,
 }
 
-/// What waits in a session's channel: messages and their body bytes.
+/// The [`Direct`] ways of a session's handlers, by protocol: set by its
+/// thread, used by the connection thread.
 #[derive(Default)]
+struct DirectSlots(Mutex<Vec<(u16, Arc<dyn Direct>)>>);
+
+impl DirectSlots {
+    fn lock(&self) -> MutexGuard<'_, Vec<(u16, Arc<dyn Direct>)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, proto: u16) -> Option<Arc<dyn Direct>> {
+        let slots = self.lock();
+        slots
+            .iter()
+            .find(|(p, _)| *p == proto)
+            .map(|(_, d)| Arc::clone(d))
+    }
+}
+
+impl Mailbox for Entry {
+    fn full_for(&self, msg: &ProtoMsg) -> bool {
+        self.depth.full_for(msg)
+    }
+}
+
+/// What waits in a session's channel: messages and their body bytes; how
+/// many are not handled yet (waiting or in hand); and when a message was
+/// last handled on the connection thread instead (its idle timer counts it).
 struct Depth {
     msgs: AtomicUsize,
     bytes: AtomicUsize,
+    unhandled: AtomicUsize,
+    /// Messages handled on the connection thread.
+    touches: AtomicUsize,
+    epoch: Instant,
+    /// Milliseconds since `epoch`, modulo 2^32 (ARMv5 has no 64-bit
+    /// atomics; read with wrapping arithmetic, exact for 24 days).
+    touched_ms: AtomicU32,
 }
 
 impl Depth {
+    fn new() -> Depth {
+        Depth {
+            msgs: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            unhandled: AtomicUsize::new(0),
+            touches: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            touched_ms: AtomicU32::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u32 {
+        // truncation intended: see `touched_ms`
+        self.epoch.elapsed().as_millis() as u32
+    }
+
+    /// A message of the session was handled on the connection thread.
+    fn touch(&self) {
+        self.touched_ms.store(self.now_ms(), Ordering::Release);
+        self.touches.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many messages were handled on the connection thread so far, and
+    /// when the last one was (to the millisecond).
+    fn touched(&self) -> (usize, Instant) {
+        let n = self.touches.load(Ordering::Acquire);
+        let ago = self
+            .now_ms()
+            .wrapping_sub(self.touched_ms.load(Ordering::Acquire));
+        let now = Instant::now();
+        let at = now
+            .checked_sub(Duration::from_millis(u64::from(ago)))
+            .unwrap_or(now);
+        (n, at)
+    }
+
     fn add(&self, msg: &ProtoMsg) {
+        self.unhandled.fetch_add(1, Ordering::AcqRel);
         self.msgs.fetch_add(1, Ordering::AcqRel);
         self.bytes.fetch_add(body_len(msg), Ordering::AcqRel);
+    }
+
+    /// The session thread is done with a message it took.
+    fn handled(&self) {
+        self.unhandled.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether the session thread has nothing queued or in hand, so a
+    /// message handled elsewhere now cannot overtake one of its own.
+    fn idle(&self) -> bool {
+        self.unhandled.load(Ordering::Acquire) == 0
     }
 
     fn take(&self, msg: &ProtoMsg) {
@@ -80,9 +165,11 @@ struct Inner {
     registry: Registry,
     shell: Option<Arc<dyn ShellRouter>>,
     timing: Timing,
-    sessions: Mutex<HashMap<String, Entry>>,
-    next_id: AtomicUsize,
-    live: (Mutex<usize>, Condvar),
+    /// Listed in handshake replies, ascending.
+    protocols: Vec<u16>,
+    core: Mutex<Core<Entry>>,
+    /// Session threads started and not joined yet.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Router {
@@ -94,22 +181,23 @@ impl Router {
         shell: Option<Arc<dyn ShellRouter>>,
         timing: Timing,
     ) -> Router {
+        let mut protocols: Vec<u16> = registry.protocols().collect();
+        if shell.is_some() {
+            protocols.push(PROTO_SHELL);
+        }
+        protocols.sort_unstable();
+        let core = Core::new(protocols.clone(), timing.session_idle);
         Router {
             inner: Arc::new(Inner {
                 out,
                 registry,
                 shell,
                 timing,
-                sessions: Mutex::new(HashMap::new()),
-                next_id: AtomicUsize::new(1),
-                live: (Mutex::new(0), Condvar::new()),
+                protocols,
+                core: Mutex::new(core),
+                threads: Mutex::new(Vec::new()),
             }),
         }
-    }
-
-    /// Protocols listed in the handshake's `accept`, ascending.
-    pub fn protocols(&self) -> Vec<u16> {
-        self.inner.protocols()
     }
 
     fn dispatch_decoded(&self, decoded: Result<ProtoMsg, codec::DecodeError>, len: usize) {
@@ -136,12 +224,14 @@ impl Router {
             }
             return;
         }
-        Inner::deliver(&self.inner, msg);
+        if let Some(msg) = self.inner.try_direct(msg) {
+            Inner::deliver(&self.inner, msg);
+        }
     }
 
     /// Number of router sessions alive right now.
     pub fn session_count(&self) -> usize {
-        self.inner.lock_sessions().len()
+        self.inner.lock_core().len()
     }
 
     /// Ends every router session and stops every shell; waits for the
@@ -151,23 +241,28 @@ impl Router {
             let n = shell.terminate_all();
             log::info!("stopped {n} shells");
         }
-        let drained: Vec<Entry> = self.inner.lock_sessions().drain().map(|(_, e)| e).collect();
+        let drained = self.inner.lock_core().drain();
         for e in drained {
             let _ = e.tx.send(Inbox::Shutdown);
         }
         let deadline = Instant::now() + wait;
-        let (lock, cv) = &self.inner.live;
-        let mut live = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while *live > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                log::warn!("{} sessions still ending at shutdown", *live);
+        let mut threads = std::mem::take(&mut *self.inner.lock_threads());
+        loop {
+            let (done, running): (Vec<_>, Vec<_>) =
+                threads.into_iter().partition(JoinHandle::is_finished);
+            for h in done {
+                let _ = h.join();
+            }
+            threads = running;
+            if threads.is_empty() {
                 break;
             }
-            live = cv
-                .wait_timeout(live, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            if Instant::now() >= deadline {
+                log::warn!("{} sessions still ending at shutdown", threads.len());
+                break;
+            }
+            // JoinHandle has no timed join: look again shortly
+            std::thread::park_timeout(Duration::from_millis(5));
         }
     }
 
@@ -193,21 +288,34 @@ impl Inbound for Router {
         let len = frame.len();
         self.dispatch_decoded(codec::decode_owned(frame), len);
     }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.inner.lock_core().next_deadline()
+    }
+
+    /// Idle pings and timeouts of sessions without a thread.
+    fn tick(&self, now: Instant) {
+        let fired = self.inner.lock_core().tick(now);
+        for f in fired {
+            match f {
+                Fired::Ping(ping) => self.inner.try_reply(ping),
+                Fired::Timeout(sid, err) => {
+                    log::info!("session {sid}: timed out");
+                    self.inner.try_reply(err);
+                }
+            }
+        }
+    }
 }
 
 impl Inner {
-    fn protocols(&self) -> Vec<u16> {
-        let mut p: Vec<u16> = self.registry.protocols().collect();
-        if self.shell.is_some() {
-            p.push(PROTO_SHELL);
-        }
-        p.sort_unstable();
-        p
+    fn lock_core(&self) -> MutexGuard<'_, Core<Entry>> {
+        // A panicking session thread must not take routing down with it.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        // A panicking session thread must not take routing down with it.
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replies from the connection thread: dropping beats blocking on the
@@ -235,72 +343,99 @@ impl Inner {
         self.try_reply(reply);
     }
 
-    fn deliver(this: &Arc<Inner>, msg: ProtoMsg) {
-        let mut sessions = this.lock_sessions();
-        Inner::deliver_locked(this, &mut sessions, msg);
+    /// Offers `msg` to its session's [`Direct`] way when the session has
+    /// nothing queued or in hand; gives it back when it is not taken.
+    fn try_direct(&self, msg: ProtoMsg) -> Option<ProtoMsg> {
+        let (direct, depth) = {
+            let core = self.lock_core();
+            let Some(e) = core.mailbox(&msg.hdr.sid).filter(|e| e.depth.idle()) else {
+                return Some(msg);
+            };
+            let Some(d) = e.direct.get(msg.hdr.proto) else {
+                return Some(msg);
+            };
+            (d, Arc::clone(&e.depth))
+        };
+        // Only this thread queues messages for a session in the table (a
+        // session's leftovers go to its successor before that is visible
+        // here), so it stays idle until the message is handled or given back.
+        let back = direct.try_handle(msg).err();
+        if back.is_none() {
+            depth.touch();
+        }
+        back
     }
 
-    fn deliver_locked(this: &Arc<Inner>, sessions: &mut HashMap<String, Entry>, msg: ProtoMsg) {
-        let sid = msg.hdr.sid.clone();
-        if let Some(e) = sessions.get(&sid) {
-            if e.depth.full_for(&msg) {
-                log::error!("session {sid}: too many messages unhandled; closing it");
-                if let Some(e) = sessions.remove(&sid) {
-                    let _ = e.tx.send(Inbox::Shutdown);
+    fn deliver(this: &Arc<Inner>, msg: ProtoMsg) {
+        let mut core = this.lock_core();
+        Inner::deliver_locked(this, &mut core, msg);
+    }
+
+    fn deliver_locked(this: &Arc<Inner>, core: &mut Core<Entry>, msg: ProtoMsg) {
+        let id = match core.route(&msg, Instant::now()) {
+            Route::Reply(reply) => {
+                if let Some(r) = reply {
+                    this.try_reply(r);
                 }
-                let err = ControlError {
-                    err: "session inbound queue full".to_string(),
-                    close: true,
-                    msgproto: msg.hdr.proto,
-                    msgtype: msg.hdr.typ.clone(),
-                    ..ControlError::default()
-                };
-                this.try_reply(control_error_msg(&sid, &err));
                 return;
             }
-            e.depth.add(&msg);
-            // cannot fail: a session leaves the table before its receiver goes
-            let _ = e.tx.send(Inbox::Msg(msg));
-            return;
-        }
-        if sessions.len() >= MAX_SESSIONS {
-            log::error!("session {sid}: {MAX_SESSIONS} sessions open; refusing another");
-            let err = ControlError {
-                err: "too many sessions".to_string(),
-                close: true,
-                msgproto: msg.hdr.proto,
-                msgtype: msg.hdr.typ.clone(),
-                ..ControlError::default()
-            };
-            this.try_reply(control_error_msg(&sid, &err));
-            return;
-        }
+            Route::Deliver(e) => {
+                e.depth.add(&msg);
+                // cannot fail: a session leaves the table before its receiver goes
+                let _ = e.tx.send(Inbox::Msg(msg));
+                return;
+            }
+            Route::Refuse(err, ended) => {
+                let sid = &msg.hdr.sid;
+                match ended {
+                    Some(e) => {
+                        log::error!("session {sid}: too many messages unhandled; closing it");
+                        let _ = e.tx.send(Inbox::Shutdown);
+                    }
+                    None => {
+                        log::error!("session {sid}: {MAX_SESSIONS} sessions open; refusing another")
+                    }
+                }
+                this.try_reply(err);
+                return;
+            }
+            Route::Start(id) => id,
+        };
+        let sid = msg.hdr.sid.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let depth = Arc::new(Depth::default());
+        let depth = Arc::new(Depth::new());
         depth.add(&msg);
-        let id = this.next_id.fetch_add(1, Ordering::Relaxed);
         if tx.send(Inbox::Msg(msg)).is_err() {
             return;
         }
-        let worker = Arc::clone(this);
-        let thread_depth = Arc::clone(&depth);
-        let thread_sid = sid.clone();
-        *this.live.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let spawned = std::thread::Builder::new()
-            .name(format!("sess-{}", sid8(&sid)))
-            .stack_size(SESSION_STACK)
-            .spawn(move || {
-                session_loop(&worker, &thread_sid, id, rx, &thread_depth);
-                let (lock, cv) = &worker.live;
-                *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                cv.notify_all();
-            });
+        let direct = Arc::new(DirectSlots::default());
+        let session = Session {
+            inner: Arc::clone(this),
+            sid: sid.clone(),
+            id,
+            depth: Arc::clone(&depth),
+            direct: Arc::clone(&direct),
+        };
+        let name = format!("sess-{}", sid8(&sid));
+        let spawned = crate::threads::spawn(name, SESSION_STACK, move || {
+            session_loop(&session, rx);
+        });
         match spawned {
-            Ok(_) => {
-                sessions.insert(sid, Entry { tx, depth, id });
+            Ok(handle) => {
+                core.started(&sid, id, Entry { tx, depth, direct });
+                let mut threads = this.lock_threads();
+                // the ended ones are joined here, so the list stays short
+                let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *threads)
+                    .into_iter()
+                    .partition(JoinHandle::is_finished);
+                *threads = running;
+                threads.push(handle);
+                drop(threads);
+                for h in done {
+                    let _ = h.join();
+                }
             }
             Err(e) => {
-                *this.live.0.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
                 log::error!("session {sid}: cannot start a thread: {e}");
                 let err = ControlError {
                     err: format!("internal error: {e}"),
@@ -315,19 +450,27 @@ impl Inner {
     /// Removes session `id` from the table; messages that reached it after it
     /// decided to end go, in order, to a fresh session for the same sid.
     fn end_session(this: &Arc<Inner>, sid: &str, id: usize, rx: &Receiver<Inbox>) {
-        let mut sessions = this.lock_sessions();
-        if sessions.get(sid).is_some_and(|e| e.id == id) {
-            sessions.remove(sid);
-        }
+        let mut core = this.lock_core();
+        core.ended(sid, id);
         while let Ok(item) = rx.try_recv() {
             if let Inbox::Msg(m) = item {
-                Inner::deliver_locked(this, &mut sessions, m);
+                Inner::deliver_locked(this, &mut core, m);
             }
         }
     }
 }
 
-fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, depth: &Depth) {
+/// What a session thread knows of itself.
+struct Session {
+    inner: Arc<Inner>,
+    sid: String,
+    id: usize,
+    depth: Arc<Depth>,
+    direct: Arc<DirectSlots>,
+}
+
+fn session_loop(s: &Session, rx: Receiver<Inbox>) {
+    let (inner, sid, id, depth) = (&s.inner, s.sid.as_str(), s.id, &*s.depth);
     let ctx = SessionCtx {
         sid: sid.to_string(),
         // its own lane: a session streaming at full speed must not starve the others
@@ -335,15 +478,24 @@ fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, d
     };
     let mut handlers: HashMap<u16, Box<dyn Handler>> = HashMap::new();
     let idle = inner.timing.session_idle;
-    let mut pinged = false;
+    // the last message, and when the idle ping went out since
+    let mut heard = Instant::now();
+    let mut pinged: Option<Instant> = None;
+    let mut touches = 0;
     let mut shutdown = false;
     loop {
-        let wait = if pinged { idle / 5 } else { idle * 4 / 5 };
-        match rx.recv_timeout(wait) {
+        let due = match pinged {
+            Some(at) => at + idle / 5,
+            None => heard + idle * 4 / 5,
+        };
+        match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
             Ok(Inbox::Msg(msg)) => {
                 depth.take(&msg);
-                pinged = false;
-                if !handle_message(inner, &ctx, &mut handlers, msg) {
+                heard = Instant::now();
+                pinged = None;
+                let go_on = handle_message(inner, &ctx, &mut handlers, &s.direct, msg);
+                depth.handled();
+                if !go_on {
                     break;
                 }
             }
@@ -351,8 +503,16 @@ fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, d
                 shutdown = true;
                 break;
             }
-            Err(RecvTimeoutError::Timeout) if !pinged => {
-                pinged = true;
+            Err(RecvTimeoutError::Timeout) if depth.touched().0 != touches => {
+                // Messages handled on the connection thread count too; they
+                // came after the last look (and after a ping sent then).
+                let (n, at) = depth.touched();
+                touches = n;
+                heard = heard.max(at).max(pinged.unwrap_or(heard));
+                pinged = None;
+            }
+            Err(RecvTimeoutError::Timeout) if pinged.is_none() => {
+                pinged = Some(Instant::now());
                 let ping = ProtoMsg::new(PROTO_CONTROL, "ping", sid);
                 if ctx.out.send(&ping).is_err() {
                     log::debug!("session {sid}: idle ping not sent (no connection)");
@@ -373,6 +533,7 @@ fn session_loop(inner: &Arc<Inner>, sid: &str, id: usize, rx: Receiver<Inbox>, d
     if !shutdown {
         Inner::end_session(inner, sid, id, &rx);
     }
+    s.direct.lock().clear();
     for (_, mut h) in handlers {
         h.close();
     }
@@ -384,11 +545,12 @@ fn handle_message(
     inner: &Inner,
     ctx: &SessionCtx,
     handlers: &mut HashMap<u16, Box<dyn Handler>>,
+    direct: &DirectSlots,
     msg: ProtoMsg,
 ) -> bool {
     let proto = msg.hdr.proto;
     if proto == PROTO_CONTROL {
-        let action = control_action(&msg, &inner.protocols());
+        let action = control_action(&msg, &inner.protocols);
         let (reply, go_on) = match action {
             ControlAction::Nothing => (None, true),
             ControlAction::Reply(r) => (Some(r), true),
@@ -406,6 +568,9 @@ fn handle_message(
     }
     match inner.registry.create(proto, ctx) {
         Some(mut h) => {
+            if let Some(d) = h.direct() {
+                direct.lock().push((proto, d));
+            }
             h.handle(msg);
             handlers.insert(proto, h);
         }
@@ -422,4 +587,43 @@ fn handle_message(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::codec::PROTO_PORTFORWARD;
+
+    fn fwd(len: usize) -> ProtoMsg {
+        ProtoMsg::new(PROTO_PORTFORWARD, "forward", "s").with_body(vec![0; len])
+    }
+
+    #[test]
+    fn a_session_queue_is_full_at_its_message_limit_or_its_byte_bound() {
+        let d = Depth::new();
+        // one message of any size is always accepted
+        assert!(!d.full_for(&fwd(SESSION_QUEUE_BYTES * 2)));
+        for _ in 0..SESSION_QUEUE_LIMIT - 1 {
+            d.add(&fwd(0));
+        }
+        assert!(!d.full_for(&fwd(0)));
+        d.add(&fwd(0));
+        assert!(d.full_for(&fwd(0)));
+        d.take(&fwd(0));
+        assert!(!d.full_for(&fwd(0)));
+        d.add(&fwd(SESSION_QUEUE_BYTES - 1));
+        assert!(d.full_for(&fwd(2)));
+    }
+
+    #[test]
+    fn a_message_handled_on_the_connection_thread_is_counted_with_its_time() {
+        let d = Depth::new();
+        assert_eq!(d.touched().0, 0);
+        let before = Instant::now();
+        d.touch();
+        let (n, at) = d.touched();
+        assert_eq!(n, 1);
+        // to the millisecond
+        assert!(at + Duration::from_millis(1) >= before && at <= Instant::now());
+    }
 }

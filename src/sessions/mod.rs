@@ -7,6 +7,7 @@ pub mod portforward;
 pub mod shell;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::conn::outbound::Outbound;
 use crate::wire::codec::ProtoMsg;
@@ -29,6 +30,20 @@ pub trait Handler: Send {
     /// The session ended (close, timeout, shutdown): release everything
     /// without sending protocol replies.
     fn close(&mut self);
+    /// A way to handle some of this protocol's messages on the connection
+    /// thread itself (see [`Direct`]); asked once, right after creation.
+    fn direct(&self) -> Option<Arc<dyn Direct>> {
+        None
+    }
+}
+
+/// Handles a message on the connection thread, sparing the hand-off to the
+/// session thread. The router only offers a message when nothing of its
+/// session is queued or being handled, so order is kept. It must never
+/// block (no waiting on a socket, a full queue or a slow lock).
+pub trait Direct: Send + Sync {
+    /// Handles `msg` at once, or hands it back for the session's thread.
+    fn try_handle(&self, msg: ProtoMsg) -> Result<(), ProtoMsg>;
 }
 
 /// Builds a protocol's handler when a session first uses that protocol.

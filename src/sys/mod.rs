@@ -11,6 +11,7 @@ pub(crate) mod poll;
 pub(crate) mod process;
 pub(crate) mod pty;
 pub(crate) mod signal;
+pub(crate) mod socket;
 pub(crate) mod sockopt;
 pub(crate) mod user;
 pub(crate) mod wake;

@@ -106,23 +106,7 @@ impl Sock {
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.read(buf),
-            Sock::Udp(s) => {
-                // SAFETY: recv writes at most buf.len() bytes into buf; with
-                // MSG_TRUNC it returns the datagram's full length.
-                let n = unsafe {
-                    libc::recv(
-                        s.as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_TRUNC,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            }
+            Sock::Udp(s) => crate::sys::socket::recv_datagram(s, buf),
         }
     }
 

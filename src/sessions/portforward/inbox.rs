@@ -6,8 +6,8 @@
 //!
 //! Client → device fast path: once connected, a TCP connection lends the
 //! inbox a duplicate of its socket. A small `forward` that finds nothing
-//! ahead of it is written right away from the session thread with one
-//! non-blocking write, and acked at once; otherwise, while the bytes waiting
+//! ahead of it is written right away by the caller (the connection thread,
+//! or the session thread) with one non-blocking write, and acked at once; otherwise, while the bytes waiting
 //! for the target stay within `EARLY_BYTES`, it is queued already acked (a
 //! bigger socket buffer, in effect). The connection thread is then only
 //! woken for what the socket did not take at once.
@@ -170,7 +170,7 @@ impl Inbox {
         if st.closed {
             return Push::Closed;
         }
-        if let Err(full) = Self::admit(&st, &item) {
+        if let Err(full) = Self::admit(&st, item.len()) {
             return full;
         }
         st.queue.push_back(item);
@@ -179,7 +179,7 @@ impl Inbox {
         Push::Queued
     }
 
-    fn admit(st: &State, item: &Item) -> Result<(), Push> {
+    fn admit(st: &State, len: usize) -> Result<(), Push> {
         let queued: usize = st.queue.iter().map(Item::len).sum();
         let unacked = st
             .queue
@@ -187,8 +187,8 @@ impl Inbox {
             .filter(|i| !matches!(i, Item::Acked(_)))
             .count();
         if unacked >= QUEUE_LIMIT
-            || (!st.queue.is_empty() && queued + item.len() > QUEUE_BYTES)
-            || (item.len() > 0 && st.writing > 0 && st.writing + queued + item.len() > QUEUE_BYTES)
+            || (!st.queue.is_empty() && queued + len > QUEUE_BYTES)
+            || (len > 0 && st.writing > 0 && st.writing + queued + len > QUEUE_BYTES)
         {
             return Err(Push::Full);
         }
@@ -198,19 +198,28 @@ impl Inbox {
     /// Handler side: a client `forward`. Written at once when the socket is
     /// lent, nothing is ahead of it and the socket takes it all; else queued,
     /// acked early while the bytes waiting stay within `EARLY_BYTES`.
-    pub fn forward(&self, mut data: Vec<u8>) -> Fwd {
+    pub fn forward(&self, data: Vec<u8>) -> Fwd {
+        match self.forward_now(data) {
+            Ok(()) => Fwd::AckNow,
+            Err(data) => Fwd::Push(self.push(Item::Forward(data))),
+        }
+    }
+
+    /// A client `forward` that can be acked at once: once the socket is
+    /// lent, written with one non-blocking write when nothing is ahead of
+    /// it, the rest (or all of it) queued while the bytes waiting stay
+    /// within `EARLY_BYTES`. Otherwise the data comes back untouched, for
+    /// [`push`](Self::push) (acked by the thread once written) or an
+    /// `unknown connection` reply. Never waits: safe on the connection
+    /// thread.
+    pub fn forward_now(&self, mut data: Vec<u8>) -> Result<(), Vec<u8>> {
         let mut st = self.lock();
-        if st.closed {
-            return Fwd::Push(Push::Closed);
+        if st.closed || data.len() > EARLY_BYTES {
+            return Err(data);
         }
         let Some(sock) = st.direct.as_ref() else {
-            drop(st);
-            return Fwd::Push(self.push(Item::Forward(data)));
+            return Err(data);
         };
-        if data.len() > EARLY_BYTES {
-            drop(st);
-            return Fwd::Push(self.push(Item::Forward(data)));
-        }
         if st.queue.is_empty() && !st.busy && !data.is_empty() {
             // Non-blocking (the socket's flag is shared with the dup): a
             // full socket costs one EAGAIN, never a wait.
@@ -219,21 +228,19 @@ impl Inbox {
                 Ok(n) if n == data.len() => {
                     st.last_direct = Some(Instant::now());
                     st.direct_bytes += n as u64;
-                    return Fwd::AckNow;
+                    return Ok(());
                 }
                 Ok(n) => {
                     st.last_direct = Some(Instant::now());
                     st.direct_bytes += n as u64;
+                    // what is left fits: nothing else waits
                     data.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // the connection's thread meets the error again and reports
                 // it the usual way (ack, then error)
-                Err(_) => {
-                    drop(st);
-                    return Fwd::Push(self.push(Item::Forward(data)));
-                }
+                Err(_) => return Err(data),
             }
         }
         let queued: usize = st.queue.iter().map(Item::len).sum();
@@ -242,23 +249,16 @@ impl Inbox {
             .iter()
             .filter(|i| matches!(i, Item::Acked(_)))
             .count();
-        let fits = early < EARLY_ITEMS && st.writing + queued + data.len() <= EARLY_BYTES;
-        let item = if fits {
-            Item::Acked(data)
-        } else {
-            Item::Forward(data)
-        };
-        if let Err(full) = Self::admit(&st, &item) {
-            return Fwd::Push(full);
+        if early >= EARLY_ITEMS || st.writing + queued + data.len() > EARLY_BYTES {
+            return Err(data);
         }
-        st.queue.push_back(item);
+        if Self::admit(&st, data.len()).is_err() {
+            return Err(data);
+        }
+        st.queue.push_back(Item::Acked(data));
         drop(st);
         self.wake.wake();
-        if fits {
-            Fwd::AckNow
-        } else {
-            Fwd::Push(Push::Queued)
-        }
+        Ok(())
     }
 
     /// Thread side: lends the connected TCP socket to the fast path (`None`
@@ -479,6 +479,41 @@ mod tests {
         assert!(ib.last_direct().is_some());
         ib.lend(None);
         assert_eq!(ib.forward(b"d".to_vec()), Fwd::Push(Push::Queued));
+    }
+
+    #[test]
+    fn forward_now_gives_the_bytes_back_untouched_unless_it_can_ack_them() {
+        let (ib, _) = inbox();
+        // not connected yet
+        assert_eq!(ib.forward_now(b"a".to_vec()), Err(b"a".to_vec()));
+        let (dev, mut target) = pair();
+        ib.lend(Some(dev));
+        // larger than the early-ack buffer
+        let big = vec![1u8; EARLY_BYTES + 1];
+        assert_eq!(ib.forward_now(big.clone()), Err(big));
+        // written at once
+        assert_eq!(ib.forward_now(b"b".to_vec()), Ok(()));
+        let mut got = [0u8; 1];
+        std::io::Read::read_exact(&mut target, &mut got).expect("read");
+        assert_eq!(&got, b"b");
+        // a target that reads nothing: never a wait, and once the buffer
+        // is full the bytes come back (the thread acks them once written)
+        let chunk = vec![7u8; 4096];
+        let t0 = Instant::now();
+        let back = loop {
+            if let Err(d) = ib.forward_now(chunk.clone()) {
+                break d;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "never full"
+            );
+        };
+        assert_eq!(back, chunk);
+        assert_eq!(ib.push(Item::Stop), Push::Queued);
+        // closed: back as well
+        ib.close_quietly();
+        assert_eq!(ib.forward_now(b"c".to_vec()), Err(b"c".to_vec()));
     }
 
     #[test]

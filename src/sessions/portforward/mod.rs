@@ -14,9 +14,12 @@
 //!   unacked `forward` per connection; a duplicate or unsolicited `ack` is
 //!   ignored (the reference crashes);
 //! - a client `forward` is acked once accepted, not once written: written
-//!   at once by the session thread when the socket takes it, or buffered up
-//!   to 256 KiB per connection (see `inbox`); a later write error ends the
-//!   connection with the error and a `stop`;
+//!   at once when the socket takes it, or buffered up to 256 KiB per
+//!   connection (see `inbox`); a later write error ends the connection with
+//!   the error and a `stop`. Once a TCP connection is up, its `forward`s
+//!   and `ack`s are handled on the websocket's connection thread itself
+//!   while its session has nothing queued (`FastPath`), with non-blocking
+//!   calls only; the session thread takes everything else;
 //! - UDP datagrams are never truncated: reads use a 65535-byte buffer, larger
 //!   than any UDP payload; should the kernel still report a truncated
 //!   datagram, it is dropped with an error (`datagram of N bytes exceeds …`)
@@ -43,19 +46,20 @@ mod dial;
 mod inbox;
 
 pub use allow::AllowList;
-pub use conn::{CHUNK_MAX, TCP_CHUNK_MIN, UDP_BUF};
-pub use dial::{DialError, Net, Target};
+pub use conn::CHUNK_MAX;
+pub use dial::{Net, Target};
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::audit::{Event, Outcome};
 use crate::knobs::{Lookup, positive, positive_ms};
 use crate::sessions::sid8;
-use crate::sessions::{Factory, Handler, SessionCtx};
+use crate::sessions::{Direct, Factory, Handler, SessionCtx};
 use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
 
@@ -127,8 +131,9 @@ pub fn factory(settings: Settings, allow: AllowList) -> Factory {
             settings,
             allow: Arc::clone(&allow),
             total: Arc::clone(&total),
-            conns: HashMap::new(),
+            conns: Arc::new(Conns::default()),
             next_n: 0,
+            threads: Vec::new(),
         }) as Box<dyn Handler>
     })
 }
@@ -223,13 +228,89 @@ pub fn parse_new(body: &[u8], has_id: bool) -> Result<Target, PfError> {
     Ok(Target { net, host, port })
 }
 
+/// A session's live connections by id, shared by its handler and the
+/// connection thread's fast path. Held only to look up or change the map.
+#[derive(Default)]
+struct Conns(Mutex<HashMap<String, Arc<Inbox>>>);
+
+impl Conns {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Inbox>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, cid: &str) -> Option<Arc<Inbox>> {
+        self.lock().get(cid).cloned()
+    }
+
+    fn remove(&self, cid: &str) -> Option<Arc<Inbox>> {
+        self.lock().remove(cid)
+    }
+}
+
+/// Client `forward`s and `ack`s handled on the connection thread: an
+/// established TCP connection with nothing queued ahead takes the bytes
+/// with one non-blocking write (or into its early-ack buffer), and the
+/// `ack` is queued at once; an `ack` opens the window. Anything else (a
+/// connection not up yet, gone, or over its buffer) goes to the session
+/// thread as before.
+struct FastPath {
+    sid: String,
+    out: crate::conn::outbound::Outbound,
+    conns: Arc<Conns>,
+}
+
+impl Direct for FastPath {
+    fn try_handle(&self, mut msg: ProtoMsg) -> Result<(), ProtoMsg> {
+        let is_ack = match msg.hdr.typ.as_str() {
+            "forward" => false,
+            "ack" => true,
+            _ => return Err(msg),
+        };
+        let Some(inbox) = msg
+            .prop_str("connection_id")
+            .and_then(|c| self.conns.get(c))
+        else {
+            return Err(msg);
+        };
+        if is_ack {
+            return match inbox.ack() {
+                Ack::Released => Ok(()),
+                Ack::Unexpected => {
+                    log::debug!(
+                        "port forward {}: ack with nothing in flight ignored",
+                        self.sid
+                    );
+                    Ok(())
+                }
+                Ack::Closed => Err(msg),
+            };
+        }
+        // the ack must be queued without waiting, and not past a full lane
+        if !self.out.has_room() {
+            return Err(msg);
+        }
+        let data = msg.body.take().unwrap_or_default();
+        if let Err(data) = inbox.forward_now(data) {
+            msg.body = Some(data);
+            return Err(msg);
+        }
+        let cid = msg.prop_str("connection_id").unwrap_or_default();
+        if let Err(e) = self.out.push_now(&pf_msg("ack", &self.sid, cid)) {
+            log::debug!("port forward {}: reply not sent: {e}", self.sid);
+        }
+        Ok(())
+    }
+}
+
 struct PortForward {
     ctx: SessionCtx,
     settings: Settings,
     allow: Arc<AllowList>,
     total: Arc<AtomicUsize>,
-    conns: HashMap<String, Arc<Inbox>>,
+    conns: Arc<Conns>,
     next_n: u64,
+    /// Connection threads started and not joined yet.
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl PortForward {
@@ -249,7 +330,8 @@ impl PortForward {
 
     fn new_connection(&mut self, cid: &str, user_id: &str, body: &[u8]) -> Result<(), PfError> {
         let target = parse_new(body, !cid.is_empty())?;
-        if let Some(old) = self.conns.remove(cid) {
+        let old = self.conns.remove(cid);
+        if let Some(old) = old {
             // a reused id: the old socket goes, silently (its messages would
             // be mistaken for the new connection's)
             log::info!(
@@ -258,7 +340,11 @@ impl PortForward {
             );
             old.close_quietly();
         }
-        self.conns.retain(|_, ib| !ib.is_closed());
+        let live = {
+            let mut conns = self.conns.lock();
+            conns.retain(|_, ib| !ib.is_closed());
+            conns.len()
+        };
         let refuse = |rule: &str| {
             Event::refused(
                 "port forward open",
@@ -273,7 +359,7 @@ impl PortForward {
             .emit();
             PfError::TooMany
         };
-        if self.conns.len() >= self.settings.max_per_session {
+        if live >= self.settings.max_per_session {
             return Err(refuse("connections per session cap"));
         }
         let max_total = self.settings.max_total;
@@ -302,15 +388,25 @@ impl PortForward {
             allow: Arc::clone(&self.allow),
             user_id: user_id.to_string(),
         };
-        let spawned = std::thread::Builder::new()
-            .name(format!("pf-{}-{}", sid8(&self.ctx.sid), self.next_n))
-            .stack_size(THREAD_STACK)
-            .spawn(move || conn::run(ctx, target));
-        if let Err(e) = spawned {
-            inbox.close_quietly();
-            return Err(PfError::Thread(e));
+        let name = format!("pf-{}-{}", sid8(&self.ctx.sid), self.next_n);
+        let handle = match crate::threads::spawn(name, THREAD_STACK, move || conn::run(ctx, target))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                inbox.close_quietly();
+                return Err(PfError::Thread(e));
+            }
+        };
+        self.conns.lock().insert(cid.to_string(), inbox);
+        // the ended ones are joined here, so the list stays short
+        let (done, running) = std::mem::take(&mut self.threads)
+            .into_iter()
+            .partition::<Vec<_>, _>(JoinHandle::is_finished);
+        self.threads = running;
+        self.threads.push(handle);
+        for h in done {
+            let _ = h.join();
         }
-        self.conns.insert(cid.to_string(), inbox);
         Ok(())
     }
 
@@ -414,9 +510,35 @@ impl Handler for PortForward {
     }
 
     fn close(&mut self) {
-        for (_, inbox) in self.conns.drain() {
+        let conns: Vec<Arc<Inbox>> = self.conns.lock().drain().map(|(_, ib)| ib).collect();
+        for inbox in conns {
             inbox.close_quietly();
         }
+        // A closed connection's thread ends at once, unless it is still
+        // dialing (bounded by the dial timeout): wait for that, no longer.
+        let deadline = Instant::now() + self.settings.dial_timeout;
+        while let Some(h) = self.threads.pop() {
+            while !h.is_finished() && Instant::now() < deadline {
+                // JoinHandle has no timed join: look again shortly
+                std::thread::park_timeout(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                log::debug!(
+                    "port forward {}: a connection thread outlives its session",
+                    self.ctx.sid
+                );
+            }
+        }
+    }
+
+    fn direct(&self) -> Option<Arc<dyn Direct>> {
+        Some(Arc::new(FastPath {
+            sid: self.ctx.sid.clone(),
+            out: self.ctx.out.clone(),
+            conns: Arc::clone(&self.conns),
+        }))
     }
 }
 

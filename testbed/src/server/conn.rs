@@ -2,6 +2,7 @@
 //! commands to its thread, and what it recorded, waited on with deadlines.
 
 use super::event::{Event, Frame, Subscribers, UpgradeRequest, publish};
+use super::exchange::Exchange;
 use super::wait_on;
 use crossbeam_channel::{Receiver, Sender};
 use mender_connect::wire::codec::{self, ProtoMsg};
@@ -18,6 +19,9 @@ use tungstenite::Message;
 pub(super) enum Cmd {
     Send(Message),
     Close(u16, String),
+    /// Runs on the connection thread with the websocket lent (see
+    /// [`ConnHandle::exchange`]).
+    Run(Box<dyn FnOnce(&mut Exchange<'_>) + Send>),
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +91,20 @@ impl ConnHandle {
     /// Sends a binary message (ignored once the connection is gone).
     pub fn send(&self, bytes: &[u8]) {
         self.command(Cmd::Send(Message::binary(bytes.to_vec())));
+    }
+
+    /// Runs `f` on the connection's thread with the websocket lent to it
+    /// (see [`Exchange`]) and returns its result; `None` when the
+    /// connection is gone. Nothing else happens on the connection meanwhile.
+    pub fn exchange<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Exchange<'_>) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.command(Cmd::Run(Box::new(move |x| {
+            let _ = tx.send(f(x));
+        })));
+        rx.recv().ok()
     }
 
     /// Sends `codec::encode(msg)` as a binary message.

@@ -4,6 +4,7 @@
 
 use super::conn::{Cmd, ConnHandle};
 use super::event::{Event, Frame, Subscribers, publish};
+use super::exchange::Exchange;
 use super::io::Io;
 use crossbeam_channel::Receiver;
 use std::io::{self, Read};
@@ -16,7 +17,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-fn is_would_block(e: &WsError) -> bool {
+pub(super) fn is_would_block(e: &WsError) -> bool {
     matches!(e, WsError::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
 
@@ -37,6 +38,10 @@ pub(super) fn run_conn(
         while let Ok(cmd) = cmds.try_recv() {
             let r = match cmd {
                 Cmd::Send(m) => ws.write(m),
+                Cmd::Run(f) => {
+                    f(&mut Exchange { ws, socket });
+                    Ok(())
+                }
                 Cmd::Close(code, reason) => ws.close(Some(CloseFrame {
                     code: CloseCode::from(code),
                     reason: reason.into(),

@@ -22,6 +22,7 @@
 mod conn;
 mod conn_loop;
 mod event;
+mod exchange;
 mod handshake;
 mod hook;
 mod io;
@@ -29,6 +30,7 @@ mod listener;
 
 pub use conn::ConnHandle;
 pub use event::{Event, Frame, UpgradeRequest};
+pub use exchange::Exchange;
 pub use hook::{HttpHook, HttpRequest, HttpStream, WsDriver};
 pub use listener::{Connections, Server};
 

@@ -1,0 +1,42 @@
+//! Socket calls std does not offer: reading a UDP datagram while learning
+//! its real length (port forward, see `sessions::portforward`).
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+
+/// Receives one datagram from the connected socket `sock` into `buf`.
+/// Returns the datagram's full length (`MSG_TRUNC`), which exceeds
+/// `buf.len()` when the kernel had to cut it.
+pub fn recv_datagram(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    let fd = sock.as_fd().as_raw_fd();
+    // SAFETY: recv writes at most buf.len() bytes into buf, which we borrow
+    // mutably; the fd is borrowed from a live socket for the call.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    #[test]
+    fn a_datagram_larger_than_the_buffer_reports_its_real_length() {
+        let a = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        b.connect(a.local_addr().expect("addr")).expect("connect");
+        a.connect(b.local_addr().expect("addr")).expect("connect");
+        b.send(&[7u8; 100]).expect("send");
+        b.send(b"hi").expect("send");
+        let mut buf = [0u8; 10];
+        assert_eq!(recv_datagram(&a, &mut buf).expect("recv"), 100);
+        assert_eq!(buf, [7u8; 10]);
+        assert_eq!(recv_datagram(&a, &mut buf).expect("recv"), 2);
+        assert_eq!(&buf[..2], b"hi");
+    }
+}
