@@ -7,16 +7,16 @@
 //! link, address and route groups; the decoding is a pure function.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use crate::sys::netlink;
 use crate::sys::poll::{PollFd, poll};
 use crate::sys::wake::Wake;
+use crate::sys::{netlink, socket};
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
@@ -112,7 +112,7 @@ fn watch(sock: &OwnedFd, stop: &Wake, events: &Sender<()>) {
         if fds[1].revents() != 0 {
             return;
         }
-        match netlink::recv(sock.as_fd(), &mut buf) {
+        match socket::recv(sock, &mut buf, libc::MSG_DONTWAIT) {
             Ok(n) => {
                 if gained(&buf[..n]) && !notify(events) {
                     return;

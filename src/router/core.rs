@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
 use crate::wire::codec::{PROTO_CONTROL, ProtoMsg};
 use crate::wire::control::ControlError;
+use crate::wire::types::control;
 
 /// Router sessions alive at once; the server chooses how many sids it sends.
 pub const MAX_SESSIONS: usize = 512;
@@ -238,7 +239,11 @@ impl<T: Mailbox> Core<T> {
                 }
                 None if now >= *heard + idle * 4 / 5 => {
                     *pinged = Some(now);
-                    fired.push(Fired::Ping(ProtoMsg::new(PROTO_CONTROL, "ping", sid)));
+                    fired.push(Fired::Ping(ProtoMsg::new(
+                        PROTO_CONTROL,
+                        control::PING,
+                        sid,
+                    )));
                 }
                 Some(at) if now >= at + idle / 5 => {
                     fired.push(timeout());

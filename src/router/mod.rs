@@ -22,6 +22,7 @@ use crate::wire::control::ControlError;
 
 pub use self::core::MAX_SESSIONS;
 use self::core::{Core, Fired, Mailbox, Route};
+use crate::wire::types::{control, status};
 
 /// Messages a session may have waiting before it counts as broken: the
 /// protocols' own flow control keeps real peers far below this.
@@ -336,7 +337,7 @@ impl Inner {
             return;
         }
         let reply = ProtoMsg::new(PROTO_SHELL, &msg.hdr.typ, &msg.hdr.sid)
-            .with_prop("status", Value::Int(2))
+            .with_prop("status", Value::Int(status::ERROR))
             .with_body(
                 format!("unknown message protocol and type: 1/{}", msg.hdr.typ).into_bytes(),
             );
@@ -513,7 +514,7 @@ fn session_loop(s: &Session, rx: Receiver<Inbox>) {
             }
             Err(RecvTimeoutError::Timeout) if pinged.is_none() => {
                 pinged = Some(Instant::now());
-                let ping = ProtoMsg::new(PROTO_CONTROL, "ping", sid);
+                let ping = ProtoMsg::new(PROTO_CONTROL, control::PING, sid);
                 if ctx.out.send(&ping).is_err() {
                     log::debug!("session {sid}: idle ping not sent (no connection)");
                 }

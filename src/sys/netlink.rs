@@ -1,7 +1,7 @@
 //! The rtnetlink subscription socket (link, address and route changes).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// A `NETLINK_ROUTE` socket bound to the multicast `groups`.
 pub fn route_socket(groups: u32) -> io::Result<OwnedFd> {
@@ -34,22 +34,4 @@ pub fn route_socket(groups: u32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(sock)
-}
-
-/// Receives one datagram into `buf` without blocking on an empty socket
-/// (`WouldBlock`); returns its length.
-pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: recv writes at most buf.len() bytes into buf.
-    let n = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }

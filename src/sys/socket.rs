@@ -1,23 +1,29 @@
-//! Socket calls std does not offer: reading a UDP datagram while learning
-//! its real length (port forward, see `sessions::portforward`).
+//! `recv(2)` with the flags std does not offer: a UDP datagram's real
+//! length (port forward), a non-blocking read of a netlink socket.
 
 use std::io;
 use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 
-/// Receives one datagram from the connected socket `sock` into `buf`.
-/// Returns the datagram's full length (`MSG_TRUNC`), which exceeds
-/// `buf.len()` when the kernel had to cut it.
-pub fn recv_datagram(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+/// Receives one datagram from `sock` into `buf` with `flags`; returns what
+/// recv returned (with `MSG_TRUNC`, the datagram's full length).
+pub fn recv(sock: &impl AsFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     let fd = sock.as_fd().as_raw_fd();
     // SAFETY: recv writes at most buf.len() bytes into buf, which we borrow
     // mutably; the fd is borrowed from a live socket for the call.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
     }
+}
+
+/// Receives one datagram from the connected socket `sock` into `buf`.
+/// Returns the datagram's full length (`MSG_TRUNC`), which exceeds
+/// `buf.len()` when the kernel had to cut it.
+pub fn recv_datagram(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv(sock, buf, libc::MSG_TRUNC)
 }
 
 #[cfg(test)]

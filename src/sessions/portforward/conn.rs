@@ -16,6 +16,7 @@ use crate::audit::{Event, Outcome};
 use crate::conn::outbound::Outbound;
 use crate::sys::poll::{PollFd, poll, timeout_ms};
 use crate::wire::codec::ProtoMsg;
+use crate::wire::types::portforward as t;
 
 /// First read size for TCP: what the reference uses, and plenty for
 /// interactive traffic, so idle connections stay small.
@@ -103,7 +104,7 @@ pub fn run(ctx: ConnCtx, target: Target) {
             }
             .emit();
             if let Some(left) = inbox.finish() {
-                ctx.send_error(&e.to_string(), "new");
+                ctx.send_error(&e.to_string(), t::NEW);
                 ctx.unknown(left);
             }
             return;
@@ -122,7 +123,7 @@ pub fn run(ctx: ConnCtx, target: Target) {
     audit(Outcome::Ok).with("peer", sock.endpoints()).emit();
     // The reply goes out before anything read from the target (protocol.md
     // §3.3 SHOULD): this thread sends both, in this order.
-    ctx.send(&pf_msg("new", &ctx.sid, &ctx.cid));
+    ctx.send(&pf_msg(t::NEW, &ctx.sid, &ctx.cid));
     // Only now may `forward`s be acked before this thread has written them
     // (an ack must not overtake the `new` reply).
     if let Sock::Tcp(s) = &sock {
@@ -166,14 +167,14 @@ pub fn run(ctx: ConnCtx, target: Target) {
         End::Quiet => {}
         End::StopRequested => {
             if let Some(left) = inbox.finish() {
-                ctx.send(&pf_msg("stop", &ctx.sid, &ctx.cid));
+                ctx.send(&pf_msg(t::STOP, &ctx.sid, &ctx.cid));
                 ctx.unknown(left);
             }
         }
         End::Target(why) => {
             log::info!("port forward {}/{}: {why}; stopping", ctx.sid, ctx.cid);
             if let Some(left) = inbox.finish() {
-                ctx.send(&pf_msg("stop", &ctx.sid, &ctx.cid));
+                ctx.send(&pf_msg(t::STOP, &ctx.sid, &ctx.cid));
                 ctx.unknown(left);
             }
         }
@@ -305,7 +306,7 @@ impl Pump<'_> {
                     self.inbox.written();
                     self.last_activity = Instant::now();
                     if !acked {
-                        self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
+                        self.ctx.send(&pf_msg(t::ACK, &self.ctx.sid, &self.ctx.cid));
                     }
                 }
                 false
@@ -330,9 +331,9 @@ impl Pump<'_> {
                 );
                 log::info!("port forward {}/{}: {text}", self.ctx.sid, self.ctx.cid);
                 if !acked {
-                    self.ctx.send(&pf_msg("ack", &self.ctx.sid, &self.ctx.cid));
+                    self.ctx.send(&pf_msg(t::ACK, &self.ctx.sid, &self.ctx.cid));
                 }
-                self.ctx.send_error(&text, "forward");
+                self.ctx.send_error(&text, t::FORWARD);
                 if acked {
                     self.failed = Some(text);
                 }
@@ -353,7 +354,7 @@ impl Pump<'_> {
                 // rather than pass on a truncated one.
                 let text = format!("datagram of {n} bytes exceeds {cap} bytes; dropped");
                 log::warn!("port forward {}/{}: {text}", self.ctx.sid, self.ctx.cid);
-                self.ctx.send_error(&text, "forward");
+                self.ctx.send_error(&text, t::FORWARD);
                 None
             }
             Ok(n) => {
@@ -367,7 +368,7 @@ impl Pump<'_> {
                 // take it back once encoded.
                 let mut data = std::mem::take(&mut self.buf);
                 data.truncate(n);
-                let mut msg = pf_msg("forward", &self.ctx.sid, &self.ctx.cid).with_body(data);
+                let mut msg = pf_msg(t::FORWARD, &self.ctx.sid, &self.ctx.cid).with_body(data);
                 self.ctx.send(&msg);
                 let mut next = cap;
                 if n == cap && cap < CHUNK_MAX && matches!(self.sock, Sock::Tcp(_)) {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::sys::wake::Wake;
+use crate::wire::types::portforward as t;
 
 /// Server messages queued per connection before the client counts as having
 /// broken flow control (transfer.md §4.3 suggests 4: forward + stop + slack).
@@ -61,8 +62,8 @@ impl Item {
     /// The message type this item came from (for error replies).
     pub fn typ(&self) -> &'static str {
         match self {
-            Item::Forward(_) | Item::Acked(_) => "forward",
-            Item::Stop => "stop",
+            Item::Forward(_) | Item::Acked(_) => t::FORWARD,
+            Item::Stop => t::STOP,
         }
     }
 }

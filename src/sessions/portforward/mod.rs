@@ -63,6 +63,7 @@ use crate::sessions::{Direct, Factory, Handler, SessionCtx};
 use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
 
+use crate::wire::types::portforward as t;
 use conn::ConnCtx;
 use inbox::{Ack, Fwd, Inbox, Item, Push};
 
@@ -189,7 +190,7 @@ pub(crate) fn pf_msg(typ: &str, sid: &str, cid: &str) -> ProtoMsg {
 
 /// An error reply: body `{err, msgtype}`; props only `connection_id`, when known.
 pub(crate) fn error_msg(sid: &str, cid: Option<&str>, err: &str, msgtype: &str) -> ProtoMsg {
-    let mut msg = ProtoMsg::new(PROTO_PORTFORWARD, "error", sid).with_body(encode_map(&[
+    let mut msg = ProtoMsg::new(PROTO_PORTFORWARD, t::ERROR, sid).with_body(encode_map(&[
         ("err", Value::Str(err.to_string())),
         ("msgtype", Value::Str(msgtype.to_string())),
     ]));
@@ -262,8 +263,8 @@ struct FastPath {
 impl Direct for FastPath {
     fn try_handle(&self, mut msg: ProtoMsg) -> Result<(), ProtoMsg> {
         let is_ack = match msg.hdr.typ.as_str() {
-            "forward" => false,
-            "ack" => true,
+            t::FORWARD => false,
+            t::ACK => true,
             _ => return Err(msg),
         };
         let Some(inbox) = msg
@@ -295,7 +296,7 @@ impl Direct for FastPath {
             return Err(msg);
         }
         let cid = msg.prop_str("connection_id").unwrap_or_default();
-        if let Err(e) = self.out.push_now(&pf_msg("ack", &self.sid, cid)) {
+        if let Err(e) = self.out.push_now(&pf_msg(t::ACK, &self.sid, cid)) {
             log::debug!("port forward {}: reply not sent: {e}", self.sid);
         }
         Ok(())
@@ -412,12 +413,12 @@ impl PortForward {
 
     fn forward(&mut self, cid: &str, data: Vec<u8>) {
         let Some(inbox) = self.conns.get(cid) else {
-            self.reply_error(cid, &PfError::UnknownConnection, "forward");
+            self.reply_error(cid, &PfError::UnknownConnection, t::FORWARD);
             return;
         };
         match inbox.forward(data) {
-            Fwd::AckNow => self.send(&pf_msg("ack", &self.ctx.sid, cid)),
-            Fwd::Push(p) => self.pushed(cid, p, "forward"),
+            Fwd::AckNow => self.send(&pf_msg(t::ACK, &self.ctx.sid, cid)),
+            Fwd::Push(p) => self.pushed(cid, p, t::FORWARD),
         }
     }
 
@@ -443,14 +444,14 @@ impl PortForward {
                     inbox.close_quietly();
                 }
                 self.reply_error(cid, &PfError::QueueFull, typ);
-                self.send(&pf_msg("stop", &self.ctx.sid, cid));
+                self.send(&pf_msg(t::STOP, &self.ctx.sid, cid));
             }
         }
     }
 
     fn ack(&mut self, cid: &str) {
         let Some(inbox) = self.conns.get(cid) else {
-            self.reply_error(cid, &PfError::UnknownConnection, "ack");
+            self.reply_error(cid, &PfError::UnknownConnection, t::ACK);
             return;
         };
         match inbox.ack() {
@@ -461,7 +462,7 @@ impl PortForward {
             ),
             Ack::Closed => {
                 self.conns.remove(cid);
-                self.reply_error(cid, &PfError::UnknownConnection, "ack");
+                self.reply_error(cid, &PfError::UnknownConnection, t::ACK);
             }
         }
     }
@@ -475,7 +476,7 @@ impl Handler for PortForward {
             .to_string();
         let typ = msg.hdr.typ.as_str();
         match typ {
-            "new" => {
+            t::NEW => {
                 let body = msg.body.as_deref().unwrap_or_default();
                 let user_id = msg.prop_str("user_id").unwrap_or_default();
                 if let Err(e) = self.new_connection(&cid, user_id, body) {
@@ -486,13 +487,13 @@ impl Handler for PortForward {
                             .with("err", &e)
                             .emit();
                     }
-                    self.reply_error(&cid, &e, "new");
+                    self.reply_error(&cid, &e, t::NEW);
                 }
             }
-            "forward" => self.forward(&cid, msg.body.unwrap_or_default()),
-            "stop" => self.queue(&cid, Item::Stop),
-            "ack" => self.ack(&cid),
-            "error" => {
+            t::FORWARD => self.forward(&cid, msg.body.unwrap_or_default()),
+            t::STOP => self.queue(&cid, Item::Stop),
+            t::ACK => self.ack(&cid),
+            t::ERROR => {
                 let text = msg
                     .body
                     .as_deref()
