@@ -221,6 +221,25 @@ impl Outbound {
         Ok(())
     }
 
+    /// Queues a reply that must not wait (the router's, on the connection
+    /// thread): over the lane's fair share when the other lanes are busy,
+    /// but never past `cap` frames in this lane, so a server that floods
+    /// without reading cannot grow the queue without bound.
+    pub fn push_within(&self, msg: &ProtoMsg, cap: usize) -> Result<(), SendError> {
+        let frame = codec::encode(msg);
+        let mut g = self.shared.lock();
+        if !self.is_connected() {
+            return Err(SendError::Disconnected);
+        }
+        if g.len(self.lane) >= cap {
+            return Err(SendError::Full);
+        }
+        g.push(self.lane, frame);
+        drop(g);
+        self.shared.wake.wake();
+        Ok(())
+    }
+
     /// Whether a websocket is up (frames sent now have a chance to arrive).
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire) != 0
@@ -305,6 +324,30 @@ mod tests {
         );
         rx.set_connected(1, false);
         assert!(rx.is_empty());
+    }
+
+    #[test]
+    fn push_within_goes_over_the_share_of_busy_lanes_but_not_past_its_cap() {
+        let (tx, rx) = connected();
+        let lanes: Vec<Outbound> = (0..8).map(|_| tx.lane()).collect();
+        for l in &lanes {
+            while l.has_room() {
+                l.send_frame(vec![0], Duration::ZERO).expect("room");
+            }
+        }
+        let reply = ProtoMsg::new(0xFFFF, "accept", "s");
+        let mut held = 0;
+        while tx.try_send(&reply).is_ok() {
+            held += 1;
+        }
+        // its share of nine busy lanes
+        assert_eq!(held, QUEUE_FRAMES / 9);
+        for _ in held..20 {
+            tx.push_within(&reply, 20).expect("within the cap");
+        }
+        assert_eq!(tx.push_within(&reply, 20), Err(SendError::Full));
+        rx.set_connected(1, false);
+        assert_eq!(tx.push_within(&reply, 20), Err(SendError::Disconnected));
     }
 
     #[test]

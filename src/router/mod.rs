@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::conn::link::Inbound;
-use crate::conn::outbound::Outbound;
+use crate::conn::outbound::{Outbound, QUEUE_FRAMES};
 use crate::conn::timing::Timing;
 use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, sid8};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
@@ -322,7 +322,11 @@ impl Inner {
     /// Replies from the connection thread: dropping beats blocking on the
     /// queue this very thread drains.
     fn try_reply(&self, msg: ProtoMsg) {
-        if let Err(e) = self.out.try_send(&msg) {
+        // One reply per inbound message, or per thread-less session per
+        // tick: they may go over the lane's share (a burst of handshakes
+        // while other sessions stream must not lose its accepts), up to a
+        // bound that keeps a flooding server from growing the queue.
+        if let Err(e) = self.out.push_within(&msg, QUEUE_FRAMES + MAX_SESSIONS) {
             log::warn!("reply to session {:?} dropped: {e}", msg.hdr.sid);
         }
     }
@@ -495,10 +499,16 @@ fn session_loop(s: &Session, rx: Receiver<Inbox>) {
                 heard = Instant::now();
                 pinged = None;
                 let go_on = handle_message(inner, &ctx, &mut handlers, &s.direct, msg);
-                depth.handled();
                 if !go_on {
+                    // Before the session counts as idle: a message arriving
+                    // before end_session must wait in the channel (for a
+                    // fresh session), not take the connection thread's path
+                    // into handlers that are about to close.
+                    s.direct.lock().clear();
+                    depth.handled();
                     break;
                 }
+                depth.handled();
             }
             Ok(Inbox::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                 shutdown = true;
@@ -520,6 +530,7 @@ fn session_loop(s: &Session, rx: Receiver<Inbox>) {
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
+                s.direct.lock().clear();
                 log::info!("session {sid}: timed out");
                 let err = ControlError {
                     err: "session timeout".to_string(),
