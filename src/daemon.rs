@@ -114,6 +114,9 @@ struct Supervisor {
     auth: Auth,
     link: Option<Link>,
     link_seq: usize,
+    /// The current link completed its upgrade and runs its loop, which
+    /// also runs the router's timers; without one the supervisor runs them.
+    link_up: bool,
     creds: Option<(String, String)>,
     authorized: bool,
     backoff: Backoff,
@@ -169,6 +172,7 @@ pub fn run(cfg: &Config, user: &ValidatedUser) -> Result<(), DaemonError> {
         auth,
         link: None,
         link_seq: 0,
+        link_up: false,
         creds: None,
         authorized: false,
         backoff: Backoff::new(base, backoff::seed()),
@@ -220,10 +224,15 @@ impl Supervisor {
         loop {
             // checked every round: a busy channel must not starve the pings
             self.watchdog();
-            let next = match (self.retry_at, self.next_watchdog) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // Sessions without a thread keep their idle timers while the
+            // link is down (they time out on time, as threads would).
+            let router_due = (!self.link_up)
+                .then(|| self.router.next_deadline())
+                .flatten();
+            let next = [self.retry_at, self.next_watchdog, router_due]
+                .into_iter()
+                .flatten()
+                .min();
             let timeout = next.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(Instant::now())
             });
@@ -421,6 +430,7 @@ impl Supervisor {
                     // Go's wording with the URL as D-Bus gave it (meta-mender greps it).
                     log::info!("eventLoop: Connection established with {url}");
                 }
+                self.link_up = true;
                 self.fetch_pending = false;
                 self.last_error = None;
                 self.set_status(format!("connected to {}", self.link_url));
@@ -430,6 +440,7 @@ impl Supervisor {
                     return; // a link we already replaced
                 }
                 self.link = None;
+                self.link_up = false;
                 if let Some(l) = lived {
                     self.backoff.connection_lived(l);
                 }
@@ -494,6 +505,10 @@ impl Supervisor {
     }
 
     fn on_timer(&mut self) {
+        let now = Instant::now();
+        if !self.link_up && self.router.next_deadline().is_some_and(|d| now >= d) {
+            self.router.tick(now);
+        }
         let Some(at) = self.retry_at else { return };
         if Instant::now() < at {
             return;

@@ -310,6 +310,37 @@ fn idle_router_session_is_pinged_then_timed_out() {
 }
 
 #[test]
+fn a_session_without_a_thread_times_out_while_the_link_is_down_and_stays_quiet_after() {
+    let mut bed = bed_with(&[("MENDER_CONNECT_SESSION_IDLE_MS", "1000")]);
+    let conn = bed.server.wait_connection(TIMEOUT).expect("connection");
+    // a control message alone opens a session without a thread of its own
+    conn.send_msg(&ProtoMsg::new(PROTO_CONTROL, "pong", "quiet"));
+    let port = bed.server.port();
+    bed.server.stop();
+    assert!(conn.wait_closed(TIMEOUT));
+    // on time, as a session thread would, although no link runs its timers
+    let down = Instant::now();
+    assert!(
+        bed.daemon
+            .wait_log("session quiet: timed out", Duration::from_secs(5)),
+        "the session did not time out while the link was down"
+    );
+    assert!(
+        down.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        down.elapsed()
+    );
+    let server = Server::start_plain_on(port);
+    let conn = server
+        .wait_connection(Duration::from_secs(10))
+        .expect("reconnected");
+    conn.send_msg(&ProtoMsg::new(PROTO_CONTROL, "ping", "probe"));
+    // replies leave in order: a late timeout error would come first
+    let first = conn.recv_msg(TIMEOUT).expect("a reply");
+    assert_eq!(first, ProtoMsg::new(PROTO_CONTROL, "pong", "probe"));
+}
+
+#[test]
 fn sigterm_closes_the_websocket_and_exits_0_within_2_seconds() {
     let mut bed = bed_with(&[]);
     let conn = bed.server.wait_connection(TIMEOUT).expect("connection");

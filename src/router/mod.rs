@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::conn::link::Inbound;
-use crate::conn::outbound::{Outbound, QUEUE_FRAMES};
+use crate::conn::outbound::{Outbound, QUEUE_FRAMES, SendError};
 use crate::conn::timing::Timing;
 use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, sid8};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
@@ -326,8 +326,16 @@ impl Inner {
         // tick: they may go over the lane's share (a burst of handshakes
         // while other sessions stream must not lose its accepts), up to a
         // bound that keeps a flooding server from growing the queue.
-        if let Err(e) = self.out.push_within(&msg, QUEUE_FRAMES + MAX_SESSIONS) {
-            log::warn!("reply to session {:?} dropped: {e}", msg.hdr.sid);
+        match self.out.push_within(&msg, QUEUE_FRAMES + MAX_SESSIONS) {
+            Ok(()) => {}
+            // as the session threads' sends: nothing to reply over
+            Err(SendError::Disconnected) => {
+                log::debug!(
+                    "reply to session {:?} not sent (no connection)",
+                    msg.hdr.sid
+                );
+            }
+            Err(e) => log::warn!("reply to session {:?} dropped: {e}", msg.hdr.sid),
         }
     }
 
