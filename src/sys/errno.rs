@@ -33,17 +33,20 @@ pub fn signal_text(sig: libc::c_int) -> String {
         if p.is_null() {
             format!("signal {sig}")
         } else {
-            CStr::from_ptr(p).to_string_lossy().to_lowercase()
+            CStr::from_ptr(p).to_string_lossy().to_ascii_lowercase()
         }
     }
 }
 
+/// The daemon never calls `setlocale`, so libc's texts are the C locale's
+/// ASCII (as Go's are): ASCII case rules suffice, and spare the binary
+/// Unicode's case tables.
 fn lower_first(s: &str) -> String {
-    let mut chars = s.chars();
-    match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => String::new(),
+    let mut out = s.to_string();
+    if let Some(first) = out.get_mut(..1) {
+        first.make_ascii_lowercase();
     }
+    out
 }
 
 #[cfg(test)]
