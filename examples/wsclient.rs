@@ -88,7 +88,7 @@ fn would_block(e: &tungstenite::Error) -> bool {
 /// Runs one case: echoes every message until the link ends, then ends it the
 /// way the daemon's connection thread does.
 fn echo(ws: &mut WebSocket<Stream>) -> Result<String, String> {
-    ws.get_ref()
+    ws.get_mut()
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
     let sock = ws.get_ref().as_raw_fd();

@@ -14,6 +14,7 @@ use tungstenite::http::HeaderValue;
 use tungstenite::protocol::WebSocketConfig;
 
 use super::reframe::Reframer;
+use super::sock::Sock;
 use super::url::Endpoint;
 
 /// The whole dial (resolve, connect, TLS, upgrade) must finish within this.
@@ -37,9 +38,9 @@ pub struct Stream {
 #[derive(Debug)]
 enum Io {
     /// `ws://`: no TLS state is ever created.
-    Plain(TcpStream),
+    Plain(Sock),
     /// `wss://` via the system OpenSSL.
-    Tls(Box<native_tls::TlsStream<TcpStream>>),
+    Tls(Box<native_tls::TlsStream<Sock>>),
 }
 
 impl Stream {
@@ -52,14 +53,17 @@ impl Stream {
 
     fn tcp(&self) -> &TcpStream {
         match &self.io {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.get_ref(),
+            Io::Plain(s) => s.tcp(),
+            Io::Tls(s) => s.get_ref().tcp(),
         }
     }
 
     /// Switches the TCP socket to non-blocking for the poll loop.
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        self.tcp().set_nonblocking(on)
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
+        match &mut self.io {
+            Io::Plain(s) => s.set_nonblocking(on),
+            Io::Tls(s) => s.get_mut().set_nonblocking(on),
+        }
     }
 
     /// Closes the TCP connection in both directions.
@@ -200,15 +204,17 @@ pub fn dial(
         // libssl's CA store (design.md "TLS").
         let connector =
             native_tls::TlsConnector::new().map_err(|e| DialError::Tls(e.to_string()))?;
-        let tls = connector.connect(&ep.host, tcp).map_err(|e| match e {
-            native_tls::HandshakeError::Failure(e) => DialError::Tls(e.to_string()),
-            native_tls::HandshakeError::WouldBlock(_) => {
-                DialError::Tls("handshake timed out".to_string())
-            }
-        })?;
+        let tls = connector
+            .connect(&ep.host, Sock::new(tcp))
+            .map_err(|e| match e {
+                native_tls::HandshakeError::Failure(e) => DialError::Tls(e.to_string()),
+                native_tls::HandshakeError::WouldBlock(_) => {
+                    DialError::Tls("handshake timed out".to_string())
+                }
+            })?;
         Stream::new(Io::Tls(Box::new(tls)))
     } else {
-        Stream::new(Io::Plain(tcp))
+        Stream::new(Io::Plain(Sock::new(tcp)))
     };
     let mut request = ep
         .url

@@ -9,5 +9,6 @@ pub(crate) mod netwatch;
 pub(crate) mod outbound;
 pub(crate) mod proxy;
 pub(crate) mod reframe;
+pub(crate) mod sock;
 pub(crate) mod timing;
 pub mod url;

@@ -211,8 +211,7 @@ impl Outbound {
     /// first, so the share is overrun by at most one frame per such check.
     /// Wakes nobody: only for the connection thread itself, which drains
     /// the queue before it next waits (this saves it a syscall per frame).
-    pub fn push_now(&self, msg: &ProtoMsg) -> Result<(), SendError> {
-        let frame = codec::encode(msg);
+    pub fn push_frame_now(&self, frame: Vec<u8>) -> Result<(), SendError> {
         let mut g = self.shared.lock();
         if !self.is_connected() {
             return Err(SendError::Disconnected);
@@ -387,10 +386,14 @@ mod tests {
             tx.send_frame(vec![1], Duration::ZERO).expect("room");
         }
         assert_eq!(tx.try_send(&msg), Err(SendError::Full));
-        tx.push_now(&msg).expect("queued over the share");
+        tx.push_frame_now(codec::encode(&msg))
+            .expect("queued over the share");
         assert_eq!(rx.len(), QUEUE_FRAMES + 1);
         rx.set_connected(1, false);
-        assert_eq!(tx.push_now(&msg), Err(SendError::Disconnected));
+        assert_eq!(
+            tx.push_frame_now(codec::encode(&msg)),
+            Err(SendError::Disconnected)
+        );
     }
 
     #[test]

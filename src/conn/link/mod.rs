@@ -208,7 +208,7 @@ fn run(
         Ok(ws) => ws,
         Err(e) => return (LinkEnd::Dial(e), None),
     };
-    if let Err(e) = ws.get_ref().set_nonblocking(true) {
+    if let Err(e) = ws.get_mut().set_nonblocking(true) {
         return (LinkEnd::Setup(e), None);
     }
     if stop.load(Ordering::Acquire) {

@@ -137,6 +137,9 @@ pub struct Inbox {
     state: Mutex<State>,
     wake: Wake,
     slots: Arc<AtomicUsize>,
+    /// The connection's `ack`, encoded once: the connection thread sends it
+    /// for every client forward.
+    ack: Vec<u8>,
 }
 
 impl Inbox {
@@ -146,7 +149,19 @@ impl Inbox {
             state: Mutex::new(State::default()),
             wake: Wake::new()?,
             slots,
+            ack: Vec::new(),
         })
+    }
+
+    /// Keeps `frame` as the connection's encoded `ack`.
+    pub fn with_ack(mut self, frame: Vec<u8>) -> Inbox {
+        self.ack = frame;
+        self
+    }
+
+    /// The connection's encoded `ack` (empty unless set).
+    pub fn ack_frame(&self) -> &[u8] {
+        &self.ack
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

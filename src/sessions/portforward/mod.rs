@@ -60,7 +60,7 @@ use crate::audit::{Event, Outcome};
 use crate::knobs::{Lookup, positive, positive_ms};
 use crate::sessions::sid8;
 use crate::sessions::{Direct, Factory, Handler, SessionCtx};
-use crate::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use crate::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
 
 use crate::wire::types::portforward as t;
@@ -295,8 +295,7 @@ impl Direct for FastPath {
             msg.body = Some(data);
             return Err(msg);
         }
-        let cid = msg.prop_str("connection_id").unwrap_or_default();
-        if let Err(e) = self.out.push_now(&pf_msg(t::ACK, &self.sid, cid)) {
+        if let Err(e) = self.out.push_frame_now(inbox.ack_frame().to_vec()) {
             log::debug!("port forward {}: reply not sent: {e}", self.sid);
         }
         Ok(())
@@ -372,8 +371,9 @@ impl PortForward {
         if taken.is_err() {
             return Err(refuse("connections in total cap"));
         }
+        let ack = codec::encode(&pf_msg(t::ACK, &self.ctx.sid, cid));
         let inbox = match Inbox::new(Arc::clone(&self.total)) {
-            Ok(ib) => Arc::new(ib),
+            Ok(ib) => Arc::new(ib.with_ack(ack)),
             Err(e) => {
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(PfError::Thread(e));
