@@ -67,6 +67,13 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
+    /// Waits (bounded) until bytes the peer wrote can be read.
+    fn wait_readable(sock: &Sock) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(sock.tcp());
+        let r = crate::sys::poll::poll_one(fd, libc::POLLIN, 5000).expect("poll");
+        assert_ne!(r & libc::POLLIN, 0, "nothing to read within 5 s");
+    }
+
     fn pair() -> (Sock, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
@@ -80,29 +87,14 @@ mod tests {
         sock.set_nonblocking(true).expect("nonblocking");
         peer.write_all(b"abc").expect("write");
         let mut buf = [0u8; 16];
-        // wait for the bytes (blocking reads are not what is tested here)
-        while crate::sys::poll::poll_one(
-            std::os::fd::AsRawFd::as_raw_fd(sock.tcp()),
-            libc::POLLIN,
-            1000,
-        )
-        .expect("poll")
-            == 0
-        {}
+        wait_readable(&sock);
         assert_eq!(sock.read(&mut buf).expect("read"), 3);
         peer.write_all(b"de").expect("write");
         // drained by the short read: no syscall, WouldBlock
         let e = sock.read(&mut buf).expect_err("skipped");
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         // what came meanwhile is read on the next call (poll reports it)
-        while crate::sys::poll::poll_one(
-            std::os::fd::AsRawFd::as_raw_fd(sock.tcp()),
-            libc::POLLIN,
-            1000,
-        )
-        .expect("poll")
-            == 0
-        {}
+        wait_readable(&sock);
         assert_eq!(sock.read(&mut buf).expect("read"), 2);
         assert_eq!(&buf[..2], b"de");
     }
@@ -123,14 +115,7 @@ mod tests {
         sock.set_nonblocking(true).expect("nonblocking");
         peer.write_all(b"abcd").expect("write");
         let mut buf = [0u8; 2];
-        while crate::sys::poll::poll_one(
-            std::os::fd::AsRawFd::as_raw_fd(sock.tcp()),
-            libc::POLLIN,
-            1000,
-        )
-        .expect("poll")
-            == 0
-        {}
+        wait_readable(&sock);
         assert_eq!(sock.read(&mut buf).expect("read"), 2);
         assert_eq!(sock.read(&mut buf).expect("read"), 2);
     }
