@@ -21,8 +21,9 @@ pub fn recv(sock: &impl AsFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<
 
 /// Receives one datagram from the connected socket `sock` into `buf`.
 /// Returns the datagram's full length (`MSG_TRUNC`), which exceeds
-/// `buf.len()` when the kernel had to cut it.
-pub fn recv_datagram(sock: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+/// `buf.len()` when the kernel had to cut it. UDP only: on a stream socket
+/// `MSG_TRUNC` would discard the bytes.
+pub fn recv_datagram(sock: &std::net::UdpSocket, buf: &mut [u8]) -> io::Result<usize> {
     recv(sock, buf, libc::MSG_TRUNC)
 }
 
