@@ -361,7 +361,7 @@ impl Supervisor {
         self.authorized = false;
         self.awaiting_refresh = false;
         self.retry_at = None;
-        if let Some(link) = self.link.take() {
+        if let Some(link) = self.take_link() {
             link.stop_and_join(SHUTDOWN_LINK);
         }
     }
@@ -369,7 +369,7 @@ impl Supervisor {
     fn connect_now(&mut self) {
         self.awaiting_refresh = false;
         self.retry_at = None;
-        if let Some(old) = self.link.take() {
+        if let Some(old) = self.take_link() {
             old.stop_and_join(SHUTDOWN_LINK);
         }
         let Some((token, server_url)) = self.creds.clone() else {
@@ -491,7 +491,7 @@ impl Supervisor {
                 if l.dialing_since()
                     .is_some_and(|t| now.duration_since(t) >= DIAL_STUCK) =>
             {
-                if let Some(old) = self.link.take() {
+                if let Some(old) = self.take_link() {
                     old.stop_and_join(SHUTDOWN_LINK);
                 }
             }
@@ -523,12 +523,19 @@ impl Supervisor {
         }
     }
 
+    /// Drops the current link from our books: its loop no longer runs the
+    /// router's timers, so the supervisor does until the next link is up.
+    fn take_link(&mut self) -> Option<Link> {
+        self.link_up = false;
+        self.link.take()
+    }
+
     fn shutdown(&mut self) {
         if let Some(n) = &self.notify {
             n.send("STOPPING=1\nSTATUS=shutting down");
         }
         self.router.shutdown(SHUTDOWN_SESSIONS);
-        if let Some(link) = self.link.take() {
+        if let Some(link) = self.take_link() {
             link.stop_and_join(SHUTDOWN_LINK);
         }
     }

@@ -313,8 +313,13 @@ fn idle_router_session_is_pinged_then_timed_out() {
 fn a_session_without_a_thread_times_out_while_the_link_is_down_and_stays_quiet_after() {
     let mut bed = bed_with(&[("MENDER_CONNECT_SESSION_IDLE_MS", "1000")]);
     let conn = bed.server.wait_connection(TIMEOUT).expect("connection");
-    // a control message alone opens a session without a thread of its own
-    conn.send_msg(&ProtoMsg::new(PROTO_CONTROL, "pong", "quiet"));
+    // a control message alone opens a session without a thread of its own;
+    // its reply proves the daemon has it before the link goes down
+    conn.send_msg(&ProtoMsg::new(PROTO_CONTROL, "ping", "quiet"));
+    let pong = conn
+        .recv_msg_matching(TIMEOUT, |m| m.hdr.sid == "quiet")
+        .expect("pong");
+    assert_eq!(pong, ProtoMsg::new(PROTO_CONTROL, "pong", "quiet"));
     let port = bed.server.port();
     bed.server.stop();
     assert!(conn.wait_closed(TIMEOUT));

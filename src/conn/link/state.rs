@@ -37,7 +37,9 @@ pub(super) struct PumpState {
     last_heard: Instant,
     next_ping: Instant,
     write_blocked: bool,
-    more_to_read: bool,
+    /// Go round again without sleeping in `poll` (more may be readable, or
+    /// queued frames wait for the socket that just drained).
+    again: bool,
 }
 
 impl PumpState {
@@ -48,19 +50,19 @@ impl PumpState {
             last_heard: now,
             next_ping: now + timing.ping_period,
             write_blocked: false,
-            more_to_read: true,
+            again: true,
         }
     }
 
     /// A new round of reads starts; reading stops at `WouldBlock` or after
     /// the burst, whichever comes first.
     pub fn start_round(&mut self) {
-        self.more_to_read = true;
+        self.again = true;
     }
 
     /// A read found nothing more: the next `poll` may sleep.
     pub fn drained(&mut self) {
-        self.more_to_read = false;
+        self.again = false;
     }
 
     /// One message read at `now`. Only the server's pings and pongs prove
@@ -85,6 +87,12 @@ impl PumpState {
 
     /// The last flush left bytes in the socket's way (`true`) or not.
     pub fn flushed(&mut self, blocked: bool) {
+        if self.write_blocked && !blocked {
+            // The socket took what was pending; frames queued meanwhile
+            // were not taken (writes were held), and their producers wait
+            // for room without waking anyone: go round again at once.
+            self.again = true;
+        }
         self.write_blocked = blocked;
     }
 
@@ -115,7 +123,7 @@ impl PumpState {
         }
         let until = self.next_ping.min(self.last_heard + self.timing.pong_wait);
         let until = also.map_or(until, |d| until.min(d));
-        let timeout_ms = if self.more_to_read {
+        let timeout_ms = if self.again {
             0
         } else {
             until
@@ -212,6 +220,22 @@ mod tests {
         );
         s.flushed(false);
         assert!(s.may_write());
+    }
+
+    #[test]
+    fn a_socket_that_drains_its_backlog_takes_queued_frames_without_sleeping() {
+        let t0 = Instant::now();
+        let mut s = PumpState::new(timing(), t0);
+        s.drained();
+        s.flushed(true);
+        s.drained();
+        // frames queued while writes were held: the next round must not sleep
+        s.flushed(false);
+        assert_eq!(s.poll_plan(t0, None).timeout_ms, 0);
+        s.start_round();
+        s.drained();
+        s.flushed(false);
+        assert_eq!(s.poll_plan(t0, None).timeout_ms, 54_000);
     }
 
     #[test]
