@@ -9,11 +9,12 @@
 //! Prints every round, then a table of medians and ours/theirs ratios.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
+use testbed::bench::median;
 use testbed::drive::{self, cpu_ms, proc_kib};
 use testbed::server::Exchange;
 use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TempDir, default_config};
@@ -131,36 +132,6 @@ const FIGURES: &[Figure] = &[
         lower_better: true,
     },
 ];
-
-struct Args {
-    ours: PathBuf,
-    theirs: PathBuf,
-    rounds: usize,
-}
-
-fn args() -> Args {
-    let mut ours = None;
-    let mut theirs = None;
-    let mut rounds = 3;
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--ours" => ours = it.next().map(PathBuf::from),
-            "--theirs" => theirs = it.next().map(PathBuf::from),
-            "--rounds" => rounds = it.next().and_then(|v| v.parse().ok()).unwrap_or(3),
-            _ => {} // cargo passes --bench
-        }
-    }
-    let ours = ours
-        .or_else(|| testbed::daemon::binary().map(PathBuf::from))
-        .expect("--ours PATH");
-    let theirs = theirs.unwrap_or_else(|| PathBuf::from("/usr/bin/mender-connect"));
-    Args {
-        ours,
-        theirs,
-        rounds: rounds.max(1),
-    }
-}
 
 fn stripped_kib(bin: &Path) -> f64 {
     let dir = TempDir::new("cmp-strip");
@@ -423,17 +394,6 @@ fn run(bin: &Path) -> Vec<f64> {
     ]
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
 fn fmt(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
@@ -451,7 +411,7 @@ fn spread(v: &[f64]) -> String {
 }
 
 fn main() {
-    let a = args();
+    let a = testbed::bench::pair_args();
     let names = ["ours", "Go 2.1.0"];
     let bins = [a.ours.clone(), a.theirs.clone()];
     for b in &bins {

@@ -11,9 +11,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use testbed::bench::median;
 
 use testbed::drive::cpu_ms;
 use testbed::{AuthService, Daemon, DbusDaemon, Management, Server, TempDir, default_config};
@@ -103,26 +105,10 @@ fn run(bin: &Path, cli: &Path) -> (f64, f64) {
     (mib / secs, cpu / mib)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
 fn main() {
-    let mut ours = testbed::daemon::binary().map(PathBuf::from);
-    let mut theirs = None;
-    let mut rounds = 3;
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--ours" => ours = it.next().map(PathBuf::from),
-            "--theirs" => theirs = it.next().map(PathBuf::from),
-            "--rounds" => rounds = it.next().and_then(|v| v.parse().ok()).unwrap_or(3),
-            _ => {}
-        }
-    }
-    let bins = [ours.expect("--ours PATH"), theirs.expect("--theirs PATH")];
+    let pair = testbed::bench::pair_args();
+    let rounds = pair.rounds;
+    let bins = [pair.ours, pair.theirs];
     let cli = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|d| d.join("mender-cli"))
         .find(|p| p.is_file())

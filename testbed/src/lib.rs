@@ -11,6 +11,7 @@
 //! deadline; nothing sleeps to synchronise.
 
 pub mod auth;
+pub mod bench;
 pub mod daemon;
 pub mod dbus;
 pub mod drive;
