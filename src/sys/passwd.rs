@@ -21,14 +21,32 @@ pub struct Passwd {
     pub home: PathBuf,
 }
 
+/// Runs a reentrant passwd/group lookup with a buffer that doubles while
+/// the call says ERANGE (up to `MAX_BUF`). `call` returns the lookup's
+/// result, or its nonzero return code.
+fn with_buffer<T>(
+    mut call: impl FnMut(&mut [libc::c_char]) -> Result<Option<T>, libc::c_int>,
+) -> io::Result<Option<T>> {
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        match call(&mut buf) {
+            Err(libc::ERANGE) if buf.len() < MAX_BUF => {
+                let grown = buf.len() * 2;
+                buf.resize(grown, 0);
+            }
+            Err(rc) => return Err(io::Error::from_raw_os_error(rc)),
+            Ok(found) => return Ok(found),
+        }
+    }
+}
+
 /// Looks `name` up in passwd: `Ok(None)` when there is no such user (a
 /// name with a NUL byte cannot be in passwd), `Err` when the lookup failed.
 pub fn user_by_name(name: &str) -> io::Result<Option<Passwd>> {
     let Ok(c) = CString::new(name) else {
         return Ok(None);
     };
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
+    with_buffer(|buf| {
         // SAFETY: passwd is plain old data; zeroed is a valid initial state.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut res: *mut libc::passwd = std::ptr::null_mut();
@@ -36,12 +54,8 @@ pub fn user_by_name(name: &str) -> io::Result<Option<Passwd>> {
         let rc = unsafe {
             libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut res)
         };
-        if rc == libc::ERANGE && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
         if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
+            return Err(rc);
         }
         if res.is_null() {
             return Ok(None);
@@ -54,12 +68,12 @@ pub fn user_by_name(name: &str) -> io::Result<Option<Passwd>> {
             let dir = unsafe { CStr::from_ptr(pwd.pw_dir) };
             PathBuf::from(std::ffi::OsString::from_vec(dir.to_bytes().to_vec()))
         };
-        return Ok(Some(Passwd {
+        Ok(Some(Passwd {
             uid: pwd.pw_uid,
             gid: pwd.pw_gid,
             home,
-        }));
-    }
+        }))
+    })
 }
 
 /// The gid of group `name`: `Ok(None)` when there is no such group.
@@ -67,8 +81,7 @@ pub fn group_by_name(name: &str) -> io::Result<Option<libc::gid_t>> {
     let Ok(c) = CString::new(name) else {
         return Ok(None);
     };
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
+    with_buffer(|buf| {
         // SAFETY: group is plain old data; zeroed is a valid initial state.
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut res: *mut libc::group = std::ptr::null_mut();
@@ -76,15 +89,11 @@ pub fn group_by_name(name: &str) -> io::Result<Option<libc::gid_t>> {
         let rc = unsafe {
             libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut res)
         };
-        if rc == libc::ERANGE && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
         if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
+            return Err(rc);
         }
-        return Ok((!res.is_null()).then_some(grp.gr_gid));
-    }
+        Ok((!res.is_null()).then_some(grp.gr_gid))
+    })
 }
 
 /// Every group of user `name` whose primary group is `gid` (`getgrouplist`,
