@@ -108,7 +108,11 @@ fn test_mender_connect_reconnect() {
 
 #[test]
 fn unauthorizing_with_a_shell_open_reports_it_terminated() {
-    let c = testbed::env::connected(&default_config(), &[], "token-sh");
+    // Debian's /bin/sh (dash) refuses the default `--login` and exits at
+    // once; the shell must still be open when the token goes
+    let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
+    cfg["ShellArguments"] = serde_json::json!([]);
+    let c = testbed::env::connected(&cfg.to_string(), &[], "token-sh");
     let mut daemon = c.daemon;
     let sid = "6f1c0d2e-0000-4000-8000-00000000d00d";
     testbed::drive::shell_open(&c.conn, sid, TIMEOUT).expect("shell");
