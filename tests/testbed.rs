@@ -478,3 +478,28 @@ fn daemon_helper_runs_a_process_and_cleans_up() {
     drop(d);
     assert!(!dir.exists());
 }
+
+#[test]
+fn is_pattern_accepts_the_pattern_at_any_offset_and_rejects_any_changed_byte() {
+    use testbed::drive::{is_pattern, pattern};
+    for (from, len) in [
+        (0, 0),
+        (0, 1),
+        (250, 3),
+        (7, 4096),
+        (1 << 20, 40_000),
+        (3, 251 * 64),
+    ] {
+        let mut data = pattern(from, len);
+        assert!(is_pattern(from, &data), "offset {from}, {len} bytes");
+        if len == 0 {
+            continue;
+        }
+        assert!(!is_pattern(from + 1, &data), "offset {from}+1, {len} bytes");
+        for at in [0, len / 2, len - 1] {
+            data[at] ^= 0x80;
+            assert!(!is_pattern(from, &data), "byte {at} of {len} changed");
+            data[at] ^= 0x80;
+        }
+    }
+}

@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::conn::link::Inbound;
 use crate::conn::outbound::{Outbound, QUEUE_FRAMES, SendError};
 use crate::conn::timing::Timing;
-use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, sid8};
+use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, Taken, sid8};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
 use crate::wire::codec::{self, PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use crate::wire::control::ControlError;
@@ -171,6 +171,8 @@ struct Inner {
     core: Mutex<Core<Entry>>,
     /// Session threads started and not joined yet.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Direct ways with work left for after this round's replies.
+    after: Mutex<Vec<Arc<dyn Direct>>>,
 }
 
 impl Router {
@@ -197,6 +199,7 @@ impl Router {
                 protocols,
                 core: Mutex::new(core),
                 threads: Mutex::new(Vec::new()),
+                after: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -294,6 +297,22 @@ impl Inbound for Router {
         self.inner.lock_core().next_deadline()
     }
 
+    /// The direct ways' writes that waited for their acks to go out.
+    fn after_write(&self) {
+        let mut due = std::mem::take(&mut *self.inner.lock_after());
+        if due.is_empty() {
+            return;
+        }
+        for d in due.drain(..) {
+            d.after_write();
+        }
+        // keep the allocation for the next round
+        let mut after = self.inner.lock_after();
+        if after.is_empty() {
+            *after = due;
+        }
+    }
+
     /// Idle pings and timeouts of sessions without a thread.
     fn tick(&self, now: Instant) {
         let fired = self.inner.lock_core().tick(now);
@@ -372,11 +391,20 @@ impl Inner {
         // Only this thread queues messages for a session in the table (a
         // session's leftovers go to its successor before that is visible
         // here), so it stays idle until the message is handled or given back.
-        let back = direct.try_handle(msg).err();
-        if back.is_none() {
-            depth.touch();
+        match direct.try_handle(msg) {
+            Ok(taken) => {
+                depth.touch();
+                if taken == Taken::AfterWrite {
+                    self.lock_after().push(direct);
+                }
+                None
+            }
+            Err(back) => Some(back),
         }
-        back
+    }
+
+    fn lock_after(&self) -> MutexGuard<'_, Vec<Arc<dyn Direct>>> {
+        self.after.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn deliver(this: &Arc<Inner>, msg: ProtoMsg) {
@@ -613,6 +641,64 @@ fn handle_message(
 mod tests {
     use super::*;
     use crate::wire::codec::PROTO_PORTFORWARD;
+
+    /// A handler whose direct way records what it did, and when.
+    struct Recorder(Arc<Mutex<Vec<&'static str>>>);
+
+    impl Handler for Recorder {
+        fn handle(&mut self, _msg: ProtoMsg) {
+            self.0.lock().expect("log").push("thread");
+        }
+        fn close(&mut self) {}
+        fn direct(&self) -> Option<Arc<dyn Direct>> {
+            Some(Arc::new(Recorder(Arc::clone(&self.0))))
+        }
+    }
+
+    impl Direct for Recorder {
+        fn try_handle(&self, _msg: ProtoMsg) -> Result<Taken, ProtoMsg> {
+            self.0.lock().expect("log").push("direct");
+            Ok(Taken::AfterWrite)
+        }
+        fn after_write(&self) {
+            self.0.lock().expect("log").push("after");
+        }
+    }
+
+    #[test]
+    fn work_a_direct_way_leaves_for_after_the_write_runs_only_then_and_once() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut registry = Registry::new();
+        let l = Arc::clone(&log);
+        registry.register(
+            PROTO_PORTFORWARD,
+            Box::new(move |_| Box::new(Recorder(Arc::clone(&l)))),
+        );
+        let wake = Arc::new(crate::sys::wake::Wake::new().expect("eventfd"));
+        let (out, _rx) = crate::conn::outbound::queue(wake);
+        let router = Router::new(out, registry, None, Timing::default());
+        let frame = || codec::encode(&fwd(4));
+        // the first message starts the session thread, which lends the
+        // direct way once its handler exists
+        router.frame(frame());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            router.frame(frame());
+            if log.lock().expect("log").contains(&"direct") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never handled directly");
+            std::thread::yield_now();
+        }
+        assert!(!log.lock().expect("log").contains(&"after"));
+        router.after_write();
+        router.after_write();
+        let log = log.lock().expect("log");
+        assert_eq!(log.iter().filter(|e| **e == "after").count(), 1);
+        assert_eq!(log.last(), Some(&"after"));
+        drop(log);
+        router.shutdown(Duration::from_secs(5));
+    }
 
     fn fwd(len: usize) -> ProtoMsg {
         ProtoMsg::new(PROTO_PORTFORWARD, "forward", "s").with_body(vec![0; len])

@@ -43,7 +43,22 @@ pub trait Handler: Send {
 /// block (no waiting on a socket, a full queue or a slow lock).
 pub trait Direct: Send + Sync {
     /// Handles `msg` at once, or hands it back for the session's thread.
-    fn try_handle(&self, msg: ProtoMsg) -> Result<(), ProtoMsg>;
+    fn try_handle(&self, msg: ProtoMsg) -> Result<Taken, ProtoMsg>;
+
+    /// Finishes what [`Taken::AfterWrite`] left: called on the connection
+    /// thread once the replies queued meanwhile were handed to the socket.
+    /// Must not block either.
+    fn after_write(&self) {}
+}
+
+/// What a [`Direct`] way did with a message it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Handled completely.
+    Done,
+    /// Its reply is queued; the rest waits for
+    /// [`after_write`](Direct::after_write), so the reply leaves first.
+    AfterWrite,
 }
 
 /// Builds a protocol's handler when a session first uses that protocol.

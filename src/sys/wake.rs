@@ -51,6 +51,20 @@ impl Wake {
     }
 }
 
+#[cfg(test)]
+impl Wake {
+    /// Clears the readable state; whether it was set.
+    pub fn drain_was_signalled(&self) -> bool {
+        let mut fds = [crate::sys::poll::PollFd::new(
+            self.as_raw_fd(),
+            libc::POLLIN,
+        )];
+        let set = crate::sys::poll::poll(&mut fds, 0).is_ok() && fds[0].revents() != 0;
+        self.drain();
+        set
+    }
+}
+
 impl AsRawFd for Wake {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()

@@ -125,6 +125,12 @@ pub trait Inbound: Send + Sync {
 
     /// Runs the timers due at `now`; replies it queues go out this round.
     fn tick(&self, _now: Instant) {}
+
+    /// Runs once per round after the queued frames were handed to the
+    /// socket, and once more when the link ends: for work that should
+    /// follow the replies out (a write the early `ack` acknowledges, so the
+    /// client's next step overlaps it).
+    fn after_write(&self) {}
 }
 
 /// The supervisor's handle on one connection thread.

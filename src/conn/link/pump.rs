@@ -30,6 +30,20 @@ pub(super) fn pump(
     stop: &AtomicBool,
     live: &Liveness,
 ) -> LinkEnd {
+    let end = rounds(ws, out, inbound, timing, stop, live);
+    // work left behind a reply still runs when the reply never went out
+    inbound.after_write();
+    end
+}
+
+fn rounds(
+    ws: &mut WebSocket<Stream>,
+    out: &OutboundRx,
+    inbound: &dyn Inbound,
+    timing: Timing,
+    stop: &AtomicBool,
+    live: &Liveness,
+) -> LinkEnd {
     let sock = ws.get_ref().as_raw_fd();
     let wake = out.wake.as_raw_fd();
     let mut state = PumpState::new(timing, Instant::now());
@@ -103,6 +117,7 @@ pub(super) fn pump(
             Err(e) if is_would_block(&e) => state.flushed(true),
             Err(e) => return LinkEnd::Write(e),
         }
+        inbound.after_write();
         let plan = state.poll_plan(now, inbound.next_deadline());
         let mut fds = [
             PollFd::new(sock, plan.events),

@@ -7,10 +7,13 @@
 //! Client → device fast path: once connected, a TCP connection lends the
 //! inbox a duplicate of its socket. A small `forward` that finds nothing
 //! ahead of it is written right away by the caller (the connection thread,
-//! or the session thread) with one non-blocking write, and acked at once; otherwise, while the bytes waiting
-//! for the target stay within `EARLY_BYTES`, it is queued already acked (a
-//! bigger socket buffer, in effect). The connection thread is then only
-//! woken for what the socket did not take at once.
+//! or the session thread) with one non-blocking write, and acked at once;
+//! otherwise, while the bytes waiting for the target stay within
+//! `EARLY_BYTES`, it is queued already acked (a bigger socket buffer, in
+//! effect). The websocket's connection thread holds the bytes instead of
+//! writing them (`forward_early`) and writes them once the `ack` is out
+//! (`flush`). The connection's thread is only woken for what the socket did
+//! not take at once.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -129,6 +132,8 @@ struct State {
     last_direct: Option<Instant>,
     /// Bytes the fast path wrote (the audit line counts them with the thread's).
     direct_bytes: u64,
+    /// The queue's head waits for [`Inbox::flush`] rather than the thread.
+    held: bool,
 }
 
 /// Shared between a connection's handler entry and its thread.
@@ -275,6 +280,71 @@ impl Inbox {
         drop(st);
         self.wake.wake();
         Ok(())
+    }
+
+    /// A client `forward` to ack at once, for the connection thread: like
+    /// [`forward_now`](Self::forward_now), but when the bytes would be
+    /// written at once they are held instead (`Ok(true)`), for
+    /// [`flush`](Self::flush) to write once the `ack` is out. Held bytes
+    /// are queued already acked, so the thread, should it run first, writes
+    /// them itself, in order.
+    pub fn forward_early(&self, data: Vec<u8>) -> Result<bool, Vec<u8>> {
+        let mut st = self.lock();
+        if st.closed
+            || data.is_empty()
+            || data.len() > EARLY_BYTES
+            || st.direct.is_none()
+            || !st.queue.is_empty()
+            || st.busy
+        {
+            drop(st);
+            return self.forward_now(data).map(|()| false);
+        }
+        st.queue.push_back(Item::Acked(data));
+        st.held = true;
+        Ok(true)
+    }
+
+    /// Writes the bytes [`forward_early`](Self::forward_early) held, with
+    /// non-blocking writes; what the socket does not take (or an error) is
+    /// left to the connection's thread, which is then woken.
+    pub fn flush(&self) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if !std::mem::take(&mut st.held) || st.closed || st.busy {
+            // closed: the thread's `finish` has the queue; busy: the
+            // thread took the bytes and writes them itself
+            return;
+        }
+        let mut wrote = 0;
+        if let Some(sock) = st.direct.as_ref() {
+            let mut w = sock;
+            while let Some(Item::Acked(data)) = st.queue.front_mut() {
+                match w.write(data) {
+                    Ok(n) if n == data.len() => {
+                        wrote += n;
+                        st.queue.pop_front();
+                    }
+                    Ok(n) => {
+                        wrote += n;
+                        data.drain(..n);
+                        break;
+                    }
+                    // a full socket or an error: the thread meets it again
+                    // and reports it the usual way
+                    Err(_) => break,
+                }
+            }
+        }
+        if wrote > 0 {
+            st.last_direct = Some(Instant::now());
+            st.direct_bytes += wrote as u64;
+        }
+        let rest = !st.queue.is_empty();
+        drop(guard);
+        if rest {
+            self.wake.wake();
+        }
     }
 
     /// Thread side: lends the connected TCP socket to the fast path (`None`
@@ -530,6 +600,117 @@ mod tests {
         // closed: back as well
         ib.close_quietly();
         assert_eq!(ib.forward_now(b"c".to_vec()), Err(b"c".to_vec()));
+    }
+
+    /// Bytes readable on `target` right now.
+    fn readable(target: &mut TcpStream) -> Vec<u8> {
+        target.set_nonblocking(true).expect("nonblocking");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(target, &mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[test]
+    fn an_early_forward_reaches_the_target_only_at_the_flush_and_only_once() {
+        let (ib, _) = inbox();
+        let (dev, mut target) = pair();
+        ib.lend(Some(dev));
+        assert_eq!(ib.forward_early(b"ab".to_vec()), Ok(true));
+        // loopback delivers at once: nothing was written yet
+        assert!(readable(&mut target).is_empty());
+        // the thread was not woken for it
+        assert!(!ib.wake.drain_was_signalled());
+        ib.flush();
+        ib.flush();
+        target.set_nonblocking(false).expect("blocking");
+        let mut got = [0u8; 2];
+        std::io::Read::read_exact(&mut target, &mut got).expect("read");
+        assert_eq!(&got, b"ab");
+        assert!(readable(&mut target).is_empty());
+        assert_eq!(ib.direct_bytes(), 2);
+        assert_eq!(
+            ib.next(true),
+            Next::Go {
+                item: None,
+                awaiting_ack: false
+            }
+        );
+    }
+
+    #[test]
+    fn held_bytes_the_thread_takes_first_are_not_written_again_by_the_flush() {
+        let (ib, _) = inbox();
+        let (dev, mut target) = pair();
+        ib.lend(Some(dev));
+        assert_eq!(ib.forward_early(b"x".to_vec()), Ok(true));
+        // a forward behind held bytes waits behind them
+        assert_eq!(ib.forward_early(b"y".to_vec()), Ok(false));
+        let Next::Go {
+            item: Some(Item::Acked(first)),
+            ..
+        } = ib.next(true)
+        else {
+            panic!("the held bytes come first");
+        };
+        assert_eq!(first, b"x");
+        // the thread is writing them: the flush leaves them to it
+        ib.flush();
+        assert!(readable(&mut target).is_empty());
+        ib.written();
+        assert_eq!(
+            ib.next(true),
+            Next::Go {
+                item: Some(Item::Acked(b"y".to_vec())),
+                awaiting_ack: false
+            }
+        );
+    }
+
+    #[test]
+    fn what_a_full_socket_does_not_take_at_the_flush_goes_to_the_woken_thread() {
+        let (ib, _) = inbox();
+        let (dev, target) = pair();
+        ib.lend(Some(dev));
+        // fill the socket: the target reads nothing
+        let chunk = vec![9u8; 64 * 1024];
+        let t0 = Instant::now();
+        while let Ok(true) = ib.forward_early(chunk.clone()) {
+            ib.flush();
+            if ib.wake.drain_was_signalled() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "never full"
+            );
+        }
+        // the rest waits, acked, for the thread
+        let Next::Go {
+            item: Some(Item::Acked(rest)),
+            ..
+        } = ib.next(true)
+        else {
+            panic!("the unwritten bytes are queued for the thread");
+        };
+        assert!(!rest.is_empty() && rest.len() <= chunk.len());
+        drop(target);
+    }
+
+    #[test]
+    fn a_closed_connection_holds_nothing_and_its_flush_writes_nothing() {
+        let (ib, _) = inbox();
+        let (dev, mut target) = pair();
+        ib.lend(Some(dev));
+        assert_eq!(ib.forward_early(b"z".to_vec()), Ok(true));
+        ib.close_quietly();
+        ib.flush();
+        assert!(readable(&mut target).is_empty());
+        assert_eq!(ib.forward_early(b"w".to_vec()), Err(b"w".to_vec()));
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //!   the error and a `stop`. Once a TCP connection is up, its `forward`s
 //!   and `ack`s are handled on the websocket's connection thread itself
 //!   while its session has nothing queued (`FastPath`), with non-blocking
-//!   calls only; the session thread takes everything else;
+//!   calls only; the session thread takes everything else. There the `ack`
+//!   goes out before the bytes are written (right after, in the same round),
+//!   so the client's next `forward` overlaps the target's write;
 //! - UDP datagrams are never truncated: reads use a 65535-byte buffer, larger
 //!   than any UDP payload; should the kernel still report a truncated
 //!   datagram, it is dropped with an error (`datagram of N bytes exceeds …`)
@@ -59,7 +61,7 @@ use std::time::{Duration, Instant};
 use crate::audit::{Event, Outcome};
 use crate::knobs::{Lookup, positive, positive_ms};
 use crate::sessions::sid8;
-use crate::sessions::{Direct, Factory, Handler, SessionCtx};
+use crate::sessions::{Direct, Factory, Handler, SessionCtx, Taken};
 use crate::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
 
@@ -249,19 +251,40 @@ impl Conns {
 }
 
 /// Client `forward`s and `ack`s handled on the connection thread: an
-/// established TCP connection with nothing queued ahead takes the bytes
-/// with one non-blocking write (or into its early-ack buffer), and the
-/// `ack` is queued at once; an `ack` opens the window. Anything else (a
-/// connection not up yet, gone, or over its buffer) goes to the session
-/// thread as before.
+/// established TCP connection takes the bytes into its early-ack buffer and
+/// the `ack` is queued at once; the bytes are written with one non-blocking
+/// write once the `ack` went out (`after_write`), so the client's next
+/// `forward` is on its way while the target takes this one. An `ack` opens
+/// the window. Anything else (a connection not up yet, gone, or over its
+/// buffer) goes to the session thread as before.
 struct FastPath {
     sid: String,
     out: crate::conn::outbound::Outbound,
     conns: Arc<Conns>,
+    /// Connections holding bytes for `after_write`.
+    later: Mutex<Vec<Arc<Inbox>>>,
+}
+
+impl FastPath {
+    fn lock_later(&self) -> MutexGuard<'_, Vec<Arc<Inbox>>> {
+        self.later.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Direct for FastPath {
-    fn try_handle(&self, mut msg: ProtoMsg) -> Result<(), ProtoMsg> {
+    fn after_write(&self) {
+        let mut later = std::mem::take(&mut *self.lock_later());
+        for inbox in later.drain(..) {
+            inbox.flush();
+        }
+        // keep the allocation for the next round
+        let mut slot = self.lock_later();
+        if slot.is_empty() {
+            *slot = later;
+        }
+    }
+
+    fn try_handle(&self, mut msg: ProtoMsg) -> Result<Taken, ProtoMsg> {
         let is_ack = match msg.hdr.typ.as_str() {
             t::FORWARD => false,
             t::ACK => true,
@@ -275,13 +298,13 @@ impl Direct for FastPath {
         };
         if is_ack {
             return match inbox.ack() {
-                Ack::Released => Ok(()),
+                Ack::Released => Ok(Taken::Done),
                 Ack::Unexpected => {
                     log::debug!(
                         "port forward {}: ack with nothing in flight ignored",
                         self.sid
                     );
-                    Ok(())
+                    Ok(Taken::Done)
                 }
                 Ack::Closed => Err(msg),
             };
@@ -291,14 +314,21 @@ impl Direct for FastPath {
             return Err(msg);
         }
         let data = msg.body.take().unwrap_or_default();
-        if let Err(data) = inbox.forward_now(data) {
-            msg.body = Some(data);
-            return Err(msg);
-        }
+        let held = match inbox.forward_early(data) {
+            Ok(held) => held,
+            Err(data) => {
+                msg.body = Some(data);
+                return Err(msg);
+            }
+        };
         if let Err(e) = self.out.push_frame_now(inbox.ack_frame().to_vec()) {
             log::debug!("port forward {}: reply not sent: {e}", self.sid);
         }
-        Ok(())
+        if !held {
+            return Ok(Taken::Done);
+        }
+        self.lock_later().push(inbox);
+        Ok(Taken::AfterWrite)
     }
 }
 
@@ -539,6 +569,7 @@ impl Handler for PortForward {
             sid: self.ctx.sid.clone(),
             out: self.ctx.out.clone(),
             conns: Arc::clone(&self.conns),
+            later: Mutex::new(Vec::new()),
         }))
     }
 }
