@@ -13,11 +13,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mender_connect::wire::codec::{PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::codec::{self, PROTO_CONTROL, PROTO_PORTFORWARD, ProtoMsg, Value};
 use testbed::bench::median;
 use testbed::drive::{self, cpu_ms, proc_kib};
 use testbed::server::Exchange;
 use testbed::{AuthService, ConnHandle, Daemon, DbusDaemon, Server, TempDir, default_config};
+use tungstenite::Bytes;
 
 const MIB: usize = 1 << 20;
 /// Size of each port-forward and file-transfer run.
@@ -247,10 +248,10 @@ fn port_forward(conn: &ConnHandle, pid: u32) -> [(f64, f64); 2] {
     let sink = drive::pf_sink(l, BULK);
     drive::pf_new(conn, &s, "up", addr, WAIT).expect("new");
     let mut got = None;
-    // built before the clock starts: the client only moves bytes
-    let data = drive::pattern(0, BULK);
+    // encoded before the clock starts: the client only moves bytes
+    let frames = forwards(&s, "up", &drive::pattern(0, BULK));
     let up = timed(pid, BULK, || {
-        pf_send_fast(conn, &s, "up", data)?;
+        pf_send_fast(conn, &s, frames)?;
         got = Some(sink.join().map_err(|_| "sink panicked")?);
         Ok(())
     });
@@ -265,19 +266,28 @@ fn port_forward(conn: &ConnHandle, pid: u32) -> [(f64, f64); 2] {
     [down, up]
 }
 
-/// mender-cli's way of sending (`CHUNK`-byte `forward`s, one in flight),
-/// driven from the stand-in server's own connection thread so the client
-/// adds no thread hand-off to each round trip (both daemons alike).
-fn pf_send_fast(conn: &ConnHandle, sid: &str, cid: &str, data: Vec<u8>) -> Result<(), String> {
-    let (sid, cid) = (sid.to_string(), cid.to_string());
-    let run = move |x: &mut Exchange<'_>| -> Result<(), String> {
-        let deadline = Instant::now() + WAIT;
-        for (i, chunk) in data.chunks(drive::CHUNK).enumerate() {
-            let msg = ProtoMsg::new(PROTO_PORTFORWARD, "forward", sid.as_str())
-                .with_prop("connection_id", Value::Str(cid.clone()))
+/// `data` as mender-cli's `forward`s (`CHUNK` bytes each), encoded.
+fn forwards(sid: &str, cid: &str, data: &[u8]) -> Vec<Bytes> {
+    data.chunks(drive::CHUNK)
+        .map(|chunk| {
+            let msg = ProtoMsg::new(PROTO_PORTFORWARD, "forward", sid)
+                .with_prop("connection_id", Value::Str(cid.to_string()))
                 .with_prop("user_id", Value::Str("bench-user".into()))
                 .with_body(chunk.to_vec());
-            x.send_msg(&msg, deadline)?;
+            codec::encode(&msg).into()
+        })
+        .collect()
+}
+
+/// mender-cli's way of sending (`forward`s one in flight), driven from the
+/// stand-in server's own connection thread so the client adds no thread
+/// hand-off to each round trip (both daemons alike).
+fn pf_send_fast(conn: &ConnHandle, sid: &str, frames: Vec<Bytes>) -> Result<(), String> {
+    let sid = sid.to_string();
+    let run = move |x: &mut Exchange<'_>| -> Result<(), String> {
+        let deadline = Instant::now() + WAIT;
+        for (i, frame) in frames.into_iter().enumerate() {
+            x.send_encoded(frame, deadline)?;
             loop {
                 let m = x.recv_msg(deadline)?;
                 if m.hdr.sid != sid || m.hdr.proto == PROTO_CONTROL {

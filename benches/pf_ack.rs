@@ -21,10 +21,11 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mender_connect::wire::codec::{PROTO_PORTFORWARD, ProtoMsg, Value};
+use mender_connect::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
 use testbed::drive::{self, CHUNK, cpu_ms};
 use testbed::server::Exchange;
 use testbed::{AuthService, Daemon, DbusDaemon, Server, default_config};
+use tungstenite::Bytes;
 
 const WAIT: Duration = Duration::from_secs(60);
 const SID: &str = "cccccccc-0000-4000-8000-000000000001";
@@ -42,6 +43,18 @@ fn minflt(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of the live threads, ns-precise (sum_exec_runtime), in ms.
+fn sched_ms(pid: u32) -> f64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e6
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -49,13 +62,13 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// The measured loop on the stand-in's connection thread: round trips of
 /// each `forward` to its ack and, every 16th, of a websocket ping (µs).
-fn exchanged(x: &mut Exchange<'_>, frames: Vec<ProtoMsg>) -> Result<(Vec<f64>, Vec<f64>), String> {
+fn exchanged(x: &mut Exchange<'_>, frames: Vec<Bytes>) -> Result<(Vec<f64>, Vec<f64>), String> {
     let deadline = Instant::now() + WAIT;
     let mut rtt = Vec::with_capacity(frames.len());
     let mut ping = Vec::with_capacity(frames.len() / 16);
-    for (i, m) in frames.iter().enumerate() {
+    for (i, m) in frames.into_iter().enumerate() {
         let t = Instant::now();
-        x.send_msg(m, deadline)?;
+        x.send_encoded(m, deadline)?;
         loop {
             let a = x.recv_msg(deadline)?;
             if a.hdr.sid != SID || a.hdr.typ == "ping" {
@@ -151,12 +164,15 @@ fn main() {
         let m = drive::recv_for(&conn, SID, WAIT).expect("ack");
         assert_eq!(m.hdr.typ, "ack", "{m:?}");
     }
-    let frames: Vec<ProtoMsg> = if exchange {
-        (warm..n).map(|i| fwd(i * CHUNK)).collect()
+    let frames: Vec<Bytes> = if exchange {
+        (warm..n)
+            .map(|i| codec::encode(&fwd(i * CHUNK)).into())
+            .collect()
     } else {
         Vec::new()
     };
     let cpu0 = cpu_ms(pid);
+    let sch0 = sched_ms(pid);
     let flt0 = minflt(pid);
     let t0 = Instant::now();
     let (mut rtt, mut ping) = if exchange {
@@ -187,6 +203,7 @@ fn main() {
     };
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_ms(pid) - cpu0;
+    let sch = sched_ms(pid) - sch0;
     let faults = minflt(pid) - flt0;
     let (got, intact, sock) = sink.join().expect("sink");
     assert!(got == total && intact, "{got} bytes, intact {intact}");
@@ -211,6 +228,11 @@ fn main() {
         "  daemon CPU: {:.1} us per forward = {:.1} ms/MiB",
         cpu * 1000.0 / fwds,
         cpu / (fwds * CHUNK as f64 / (1 << 20) as f64)
+    );
+    println!(
+        "  daemon CPU (schedstat): {:.1} us per forward = {:.1} ms/MiB",
+        sch * 1000.0 / fwds,
+        sch / (fwds * CHUNK as f64 / (1 << 20) as f64)
     );
     println!(
         "  daemon minor page faults: {:.2} per forward",

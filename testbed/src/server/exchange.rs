@@ -9,7 +9,7 @@ use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Bytes, Message, WebSocket};
 
 /// The websocket lent to a closure on the connection's own thread, for a
 /// client that waits for each reply (mender-cli's port forward): sending and
@@ -53,7 +53,13 @@ impl Exchange<'_> {
 
     /// Sends `msg` as a binary message, written out before it returns.
     pub fn send_msg(&mut self, msg: &ProtoMsg, deadline: Instant) -> Result<(), String> {
-        match self.ws.write(Message::binary(codec::encode(msg))) {
+        self.send_encoded(codec::encode(msg).into(), deadline)
+    }
+
+    /// Sends an already encoded message (a bench encodes before its clock
+    /// starts), written out before it returns.
+    pub fn send_encoded(&mut self, frame: Bytes, deadline: Instant) -> Result<(), String> {
+        match self.ws.write(Message::Binary(frame)) {
             Ok(()) => {}
             Err(e) if is_would_block(&e) => {}
             Err(e) => return Err(e.to_string()),
