@@ -299,10 +299,13 @@ impl Inbound for Router {
 
     /// The direct ways' writes that waited for their acks to go out.
     fn after_write(&self) {
-        let mut due = std::mem::take(&mut *self.inner.lock_after());
-        if due.is_empty() {
-            return;
-        }
+        let mut due = {
+            let mut after = self.inner.lock_after();
+            if after.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *after)
+        };
         for d in due.drain(..) {
             d.after_write();
         }

@@ -46,8 +46,8 @@ pub trait Direct: Send + Sync {
     fn try_handle(&self, msg: ProtoMsg) -> Result<Taken, ProtoMsg>;
 
     /// Finishes what [`Taken::AfterWrite`] left: called on the connection
-    /// thread once the replies queued meanwhile were handed to the socket.
-    /// Must not block either.
+    /// thread after its attempt to write the replies queued meanwhile (a
+    /// full socket may still hold them back). Must not block either.
     fn after_write(&self) {}
 }
 

@@ -126,10 +126,10 @@ pub trait Inbound: Send + Sync {
     /// Runs the timers due at `now`; replies it queues go out this round.
     fn tick(&self, _now: Instant) {}
 
-    /// Runs once per round after the queued frames were handed to the
-    /// socket, and once more when the link ends: for work that should
-    /// follow the replies out (a write the early `ack` acknowledges, so the
-    /// client's next step overlaps it).
+    /// Runs once per round after the round's attempt to write the queued
+    /// frames (they may still wait for a full socket), and once more when
+    /// the link ends: for work that should follow the replies out (a write
+    /// the early `ack` acknowledges, so the client's next step overlaps it).
     fn after_write(&self) {}
 }
 
@@ -334,6 +334,46 @@ mod tests {
         assert_eq!(sockopt(&ws, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
         assert_eq!(sockopt(&ws, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
         close_gracefully(&mut ws);
+        let _ = server.join();
+    }
+
+    /// Records what the pump hands over, in order.
+    #[derive(Default)]
+    struct Events(std::sync::Mutex<Vec<&'static str>>);
+
+    impl Inbound for Events {
+        fn frame(&self, _frame: Vec<u8>) {
+            self.0.lock().expect("events").push("frame");
+        }
+        fn after_write(&self) {
+            self.0.lock().expect("events").push("after");
+        }
+    }
+
+    #[test]
+    fn work_left_for_after_the_write_runs_when_the_link_ends_in_the_same_round() {
+        // a data message and the server's close in one segment: the pump
+        // returns from the round that read the message
+        let raw = vec![0x82, 0x03, 1, 2, 3, 0x88, 0x02, 0x03, 0xe8];
+        let (port, server) = server_seeing_close(raw);
+        let mut ws = dial_local(port);
+        ws.get_mut().set_nonblocking(true).expect("nonblocking");
+        let wake = Arc::new(crate::sys::wake::Wake::new().expect("eventfd"));
+        let (_out, rx) = crate::conn::outbound::queue(wake);
+        let events = Events::default();
+        let end = pump::pump(
+            &mut ws,
+            &rx,
+            &events,
+            Timing::default(),
+            &AtomicBool::new(false),
+            &Liveness::new(),
+        );
+        assert!(matches!(end, LinkEnd::ClosedByServer(_)), "{end}");
+        let ev = events.0.lock().expect("events");
+        let last_frame = ev.iter().rposition(|e| *e == "frame").expect("a frame");
+        assert_eq!(&ev[last_frame + 1..], ["after"], "{ev:?}");
+        drop(ev);
         let _ = server.join();
     }
 

@@ -273,7 +273,13 @@ impl FastPath {
 
 impl Direct for FastPath {
     fn after_write(&self) {
-        let mut later = std::mem::take(&mut *self.lock_later());
+        let mut later = {
+            let mut slot = self.lock_later();
+            if slot.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *slot)
+        };
         for inbox in later.drain(..) {
             inbox.flush();
         }
