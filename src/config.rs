@@ -243,7 +243,7 @@ pub enum ConfigError {
         value: i64,
     },
     /// An entry of `PortForward.AllowedTargets` does not parse.
-    AllowedTarget(crate::sessions::portforward::allow::EntryError),
+    AllowedTarget(allow::EntryError),
 }
 
 impl ConfigError {
@@ -269,7 +269,7 @@ impl ConfigError {
             | ConfigError::UnknownUser { .. }
             | ConfigError::UserLookup { .. } => Some("User"),
             ConfigError::NegativeReconnectInterval { .. } => Some("ReconnectIntervalSeconds"),
-            ConfigError::AllowedTarget(_) => Some(crate::sessions::portforward::allow::KEY),
+            ConfigError::AllowedTarget(_) => Some(allow::KEY),
             _ => None,
         }
     }
@@ -1030,6 +1030,7 @@ fn set_strings(v: &Json, dst: &mut Option<Vec<String>>, at: &Loc) -> Result<(), 
 // written, and reports syntax errors with Go's scanner texts.
 // ---------------------------------------------------------------------------
 
+pub(crate) mod allow;
 mod json;
 #[cfg(test)]
 mod tests;

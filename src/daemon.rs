@@ -68,10 +68,10 @@ pub fn registry(cfg: &Config, tun: &Tunables) -> Registry {
     }
     if !cfg.port_forward.disable {
         // validated at start; should it still fail here, fail closed
-        let allow = portforward::AllowList::parse(&cfg.port_forward.allowed_targets)
+        let allow = crate::config::allow::AllowList::parse(&cfg.port_forward.allowed_targets)
             .unwrap_or_else(|e| {
                 log::error!("{e}; port forwarding refuses every target");
-                portforward::AllowList::deny_all()
+                crate::config::allow::AllowList::deny_all()
             });
         r.register(
             PROTO_PORTFORWARD,

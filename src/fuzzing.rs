@@ -99,7 +99,8 @@ pub fn config(data: &[u8]) {
 }
 
 fn allow_list(entries: &[String]) {
-    use crate::sessions::portforward::{AllowList, Net};
+    use crate::config::allow::AllowList;
+    use crate::wire::types::portforward::Net;
     let Ok(list) = AllowList::parse(entries) else {
         return;
     };

@@ -39,7 +39,7 @@ pub fn validate(cfg: &Config, etc_shells: &Path) -> Result<ValidatedUser, Config
 /// Every `PortForward.AllowedTargets` entry must parse (checked even when
 /// port forwarding is disabled, so a typo surfaces before it is enabled).
 pub fn check_allowed_targets(cfg: &Config) -> Result<(), ConfigError> {
-    crate::sessions::portforward::AllowList::parse(&cfg.port_forward.allowed_targets)
+    super::allow::AllowList::parse(&cfg.port_forward.allowed_targets)
         .map(|_| ())
         .map_err(ConfigError::AllowedTarget)
 }

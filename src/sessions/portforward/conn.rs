@@ -8,11 +8,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::allow::{self, AllowList};
 use super::dial::{self, Net, Sock, Target};
 use super::inbox::{Inbox, Item, Next};
 use super::{Settings, error_msg, pf_msg};
 use crate::audit::{Event, Outcome};
+use crate::config::allow::{self, AllowList};
 use crate::conn::outbound::Outbound;
 use crate::sys::poll::{PollFd, poll, timeout_ms};
 use crate::wire::codec::ProtoMsg;

@@ -8,27 +8,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::allow::{AllowList, Verdict};
+use crate::config::allow::{AllowList, Verdict};
 use crate::sys::errno::go_text;
-
-/// Transport of a forwarded connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Net {
-    /// A TCP stream.
-    Tcp,
-    /// A connected UDP socket: one `forward` body is one datagram.
-    Udp,
-}
-
-impl Net {
-    /// `tcp` / `udp` (the wire name and Go's network name).
-    pub fn name(self) -> &'static str {
-        match self {
-            Net::Tcp => "tcp",
-            Net::Udp => "udp",
-        }
-    }
-}
+pub use crate::wire::types::portforward::Net;
 
 /// Where a `new` asks to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]

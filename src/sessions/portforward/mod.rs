@@ -33,7 +33,7 @@
 //! - a `new` reusing a live `connection_id` closes the old socket first;
 //! - errors carry `connection_id` in props when there is one (transfer.md
 //!   §1.4 SHOULD), otherwise the shape is the reference's `{err, msgtype}`;
-//! - `PortForward.AllowedTargets` (see `allow`) restricts targets: a `new`
+//! - `PortForward.AllowedTargets` (see `config::allow`) restricts targets: a `new`
 //!   outside it gets `port forward to <host>:<port> is not allowed` and no
 //!   socket is opened (the reference has no such key and ignores it).
 //!
@@ -42,12 +42,10 @@
 //! (ack timeout), `MENDER_CONNECT_PF_DIAL_MS` (dial timeout),
 //! `MENDER_CONNECT_PF_MAX_PER_SESSION`, `MENDER_CONNECT_PF_MAX_TOTAL`.
 
-pub mod allow;
 mod conn;
 mod dial;
 mod inbox;
 
-pub use allow::AllowList;
 pub use conn::CHUNK_MAX;
 pub use dial::{Net, Target};
 
@@ -59,6 +57,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::audit::{Event, Outcome};
+use crate::config::allow::AllowList;
 use crate::knobs::{Lookup, positive, positive_ms};
 use crate::sessions::sid8;
 use crate::sessions::{Direct, Factory, Handler, SessionCtx, Taken};

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use super::dial::Net;
+use crate::wire::types::portforward::Net;
 
 /// The config key, as named in errors and audit lines.
 pub const KEY: &str = "PortForward.AllowedTargets";
