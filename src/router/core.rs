@@ -66,6 +66,11 @@ pub enum Fired {
     Timeout(String, ProtoMsg),
 }
 
+/// The control error that ends an idle session, as the reference sends it.
+pub(super) fn session_timeout(sid: &str) -> ProtoMsg {
+    control_error_msg(sid, &ControlError::new("session timeout", true))
+}
+
 /// The session table and its timers.
 pub struct Core<T> {
     slots: HashMap<String, Slot<T>>,
@@ -221,14 +226,7 @@ impl<T: Mailbox> Core<T> {
             let Slot::Light { heard, pinged } = slot else {
                 return true;
             };
-            let timeout = || {
-                let err = ControlError {
-                    err: "session timeout".to_string(),
-                    close: true,
-                    ..ControlError::default()
-                };
-                Fired::Timeout(sid.clone(), control_error_msg(sid, &err))
-            };
+            let timeout = || Fired::Timeout(sid.clone(), session_timeout(sid));
             match *pinged {
                 // The tick runs on the connection thread: with no link for
                 // a while, both the ping and the end were due. A session
@@ -389,7 +387,13 @@ mod tests {
             panic!("expected a timeout: {fired:?}");
         };
         assert_eq!(sid, "s");
-        assert_eq!(error_text(m), "session timeout");
+        // the reference's bytes: {err: "session timeout", close: true}
+        let body = m.body.as_deref().unwrap_or_default();
+        assert_eq!(
+            body,
+            b"\x82\xa3err\xafsession timeout\xa5close\xc3".as_slice()
+        );
+        assert_eq!((m.hdr.proto, m.hdr.typ.as_str()), (PROTO_CONTROL, "error"));
         assert!(c.is_empty());
         assert!(c.tick(ping_at + IDLE).is_empty());
         assert_eq!(c.next_deadline(), None);

@@ -571,12 +571,7 @@ fn session_loop(s: &Session, rx: Receiver<Inbox>) {
             Err(RecvTimeoutError::Timeout) => {
                 s.direct.lock().clear();
                 log::info!("session {sid}: timed out");
-                let err = ControlError {
-                    err: "session timeout".to_string(),
-                    close: true,
-                    ..ControlError::default()
-                };
-                let _ = ctx.out.send(&control_error_msg(sid, &err));
+                let _ = ctx.out.send(&core::session_timeout(sid));
                 break;
             }
         }
