@@ -27,6 +27,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::audit::{Event, Outcome};
 use crate::sessions::sid8;
 use crate::sessions::{Factory, Handler, SessionCtx};
+use crate::threads;
 use crate::wire::codec::{PROTO_MENDERCLIENT, ProtoMsg, Value};
 use crate::wire::types::{menderclient as t, status};
 
@@ -36,6 +37,8 @@ pub const DEFAULT_PATHS: [&str; 2] = ["/usr/bin/mender-update", "/usr/bin/mender
 const QUEUE_LIMIT: usize = 8;
 /// The worker only waits on a child.
 const THREAD_STACK: usize = 64 * 1024;
+/// How long a stopping daemon waits for a trigger command still running.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// Where the client binary may be and how long it may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +217,7 @@ pub fn audit(user_id: &str, sid: &str, typ: &str, result: &Result<(), McError>) 
 /// The handler factory.
 pub fn factory(settings: Settings) -> Factory {
     let settings = Arc::new(settings);
+    let parked = Arc::new(threads::Parked::new(SHUTDOWN_WAIT));
     Box::new(move |ctx: &SessionCtx| {
         Box::new(MenderClient {
             ctx: ctx.clone(),
@@ -221,6 +225,7 @@ pub fn factory(settings: Settings) -> Factory {
             worker: None,
             thread: None,
             closed: Arc::new(AtomicBool::new(false)),
+            parked: Arc::clone(&parked),
         }) as Box<dyn Handler>
     })
 }
@@ -232,6 +237,9 @@ struct MenderClient {
     /// The worker thread; joined on close once it has finished.
     thread: Option<JoinHandle<()>>,
     closed: Arc<AtomicBool>,
+    /// Workers still running a command when their session closed; joined
+    /// once done (at the latest when the daemon stops).
+    parked: Arc<threads::Parked>,
 }
 
 impl MenderClient {
@@ -307,15 +315,12 @@ impl Handler for MenderClient {
         // without its sender the worker ends after the running command,
         // which the trigger timeout bounds
         self.worker = None;
-        match self.thread.take() {
-            // close runs on a thread that serves other sessions: join only
-            // a worker that is already done, never wait for a command
-            Some(h) if h.is_finished() => {
-                let _ = h.join();
-            }
-            Some(h) => drop(h),
-            None => {}
+        // close runs on a thread that serves other sessions: join only a
+        // worker that is already done, never wait for a command
+        if let Some(h) = self.thread.take() {
+            self.parked.park(h);
         }
+        self.parked.reap();
     }
 }
 

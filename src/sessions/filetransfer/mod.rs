@@ -12,10 +12,10 @@ pub mod wire;
 pub use self::error::FtError;
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
 
@@ -61,7 +61,7 @@ pub struct Service {
     temp_counter: AtomicU32,
     /// Transfer threads that outlived their session's close (blocked in a
     /// file-system call), joined once they have ended.
-    parked: Mutex<Vec<JoinHandle<()>>>,
+    parked: threads::Parked,
 }
 
 impl Service {
@@ -77,38 +77,8 @@ impl Service {
             uid: crate::sys::user::euid(),
             gid: crate::sys::user::egid(),
             temp_counter: AtomicU32::new(0),
-            parked: Mutex::new(Vec::new()),
+            parked: threads::Parked::new(CLOSE_WAIT),
         }
-    }
-
-    /// Keeps the handle of a thread that is still ending.
-    fn park(&self, thread: JoinHandle<()>) {
-        self.lock_parked().push(thread);
-    }
-
-    /// Joins the parked threads that have ended.
-    fn reap_parked(&self) {
-        let ended: Vec<JoinHandle<()>> = {
-            let mut parked = self.lock_parked();
-            let (ended, running) = parked.drain(..).partition(|t| t.is_finished());
-            *parked = running;
-            ended
-        };
-        ended.into_iter().for_each(join);
-    }
-
-    /// Joins what the parked threads let go of within `wait` (shutdown).
-    fn join_parked(&self, wait: Duration) {
-        let parked: Vec<JoinHandle<()>> = self.lock_parked().drain(..).collect();
-        let deadline = Instant::now() + wait;
-        for t in parked {
-            threads::join_within(t, deadline.saturating_duration_since(Instant::now()));
-        }
-    }
-
-    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
-        // only handles are moved under the lock: still consistent if poisoned
-        self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A handler for one router session.
@@ -239,7 +209,7 @@ impl Active {
                 log::debug!(
                     "file transfer {sid}: the transfer thread is still busy after {CLOSE_WAIT:?}; joined when it ends"
                 );
-                svc.park(thread);
+                svc.parked.park(thread);
             }
         }
     }
@@ -303,7 +273,7 @@ impl FileTransfer {
             a.stop(&self.svc, &self.ctx.sid);
         }
         // a thread parked earlier may have ended since: free its stack now
-        self.svc.reap_parked();
+        self.svc.parked.reap();
     }
 
     /// Starts `body` on a named thread with a fresh link.
@@ -322,7 +292,7 @@ impl FileTransfer {
             cancel: cancel_rx,
             _done: done_tx,
         };
-        self.svc.reap_parked();
+        self.svc.parked.reap();
         let name = format!("ft-{}", sid8(&self.ctx.sid));
         let thread = threads::spawn(name, STACK, move || body(link))
             .map_err(|err| FtError::Spawn { what, err })?;
@@ -434,12 +404,6 @@ impl Handler for FileTransfer {
     }
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.join_parked(CLOSE_WAIT);
-    }
-}
-
 impl Drop for FileTransfer {
     /// A handler dropped without `close` still joins its transfer.
     fn drop(&mut self) {
@@ -547,7 +511,7 @@ mod tests {
         assert!(ft.busy());
         ft.close();
         assert!(ft.active.is_none());
-        assert!(ft.svc.lock_parked().is_empty(), "joined, not parked");
+        assert!(ft.svc.parked.is_empty(), "joined, not parked");
         let name = seen_rx.try_recv().expect("the thread ran to its end");
         assert_eq!(name.as_deref(), Some("ft-close-jo"));
     }
@@ -566,14 +530,18 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= CLOSE_WAIT, "{took:?}");
         assert!(took < CLOSE_WAIT + Duration::from_secs(2), "{took:?}");
-        assert_eq!(ft.svc.lock_parked().len(), 1);
+        assert_eq!(ft.svc.parked.len(), 1);
+        ft.svc.parked.reap();
+        assert_eq!(ft.svc.parked.len(), 1, "still running: kept");
         drop(release_tx);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ft.svc.lock_parked()[0].is_finished() {
+        loop {
+            ft.svc.parked.reap();
+            if ft.svc.parked.is_empty() {
+                break;
+            }
             assert!(Instant::now() < deadline, "the thread never ended");
             std::thread::yield_now();
         }
-        ft.svc.reap_parked();
-        assert!(ft.svc.lock_parked().is_empty());
     }
 }
