@@ -131,13 +131,14 @@ impl Drop for Parked {
 }
 
 fn joined(thread: JoinHandle<()>) {
+    let name = thread.thread().name().unwrap_or("?").to_string();
     if let Err(p) = thread.join() {
         let what = p
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_default();
-        log::error!("a thread panicked: {what}");
+        log::error!("thread {name} panicked: {what}");
     }
 }
 
@@ -191,11 +192,13 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
         let ending = spawn("parked-drop".to_string(), 64 * 1024, move || {
-            let _ = rx.recv_timeout(Duration::from_millis(50));
+            let _ = rx.recv_timeout(Duration::from_millis(300));
             let _ = done_tx.send(());
         })
         .expect("spawn");
         parked.park(ending);
+        // kept, so the drop below is what waits for it
+        assert_eq!(parked.len(), 1);
         drop(parked);
         assert!(
             done_rx.try_recv().is_ok(),

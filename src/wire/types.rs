@@ -59,25 +59,6 @@ pub mod filetransfer {
     pub const ACK: &str = "ack";
     /// Failure; the body is the error.
     pub const ERROR: &str = "error";
-
-    /// Transport of a forwarded connection (a `new`'s `protocol`).
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Net {
-        /// A TCP stream.
-        Tcp,
-        /// A connected UDP socket: one `forward` body is one datagram.
-        Udp,
-    }
-
-    impl Net {
-        /// `tcp` / `udp` (the wire name and Go's network name).
-        pub fn name(self) -> &'static str {
-            match self {
-                Net::Tcp => "tcp",
-                Net::Udp => "udp",
-            }
-        }
-    }
 }
 
 /// Port forward (proto 3) message types.
