@@ -20,6 +20,16 @@ use crate::sys::poll::{PollFd, poll};
 /// Inbound messages handled per round before outbound frames get a turn.
 const READ_BURST: usize = 64;
 
+/// Runs [`Inbound::after_write`] once more however the pump returns: work
+/// left behind a reply still runs when the reply never went out.
+struct LastAfterWrite<'a>(&'a dyn Inbound);
+
+impl Drop for LastAfterWrite<'_> {
+    fn drop(&mut self) {
+        self.0.after_write();
+    }
+}
+
 /// Moves frames both ways until the link fails or stop is asked
 /// ([`LinkEnd::Stopped`]).
 pub(super) fn pump(
@@ -30,20 +40,7 @@ pub(super) fn pump(
     stop: &AtomicBool,
     live: &Liveness,
 ) -> LinkEnd {
-    let end = rounds(ws, out, inbound, timing, stop, live);
-    // work left behind a reply still runs when the reply never went out
-    inbound.after_write();
-    end
-}
-
-fn rounds(
-    ws: &mut WebSocket<Stream>,
-    out: &OutboundRx,
-    inbound: &dyn Inbound,
-    timing: Timing,
-    stop: &AtomicBool,
-    live: &Liveness,
-) -> LinkEnd {
+    let _last = LastAfterWrite(inbound);
     let sock = ws.get_ref().as_raw_fd();
     let wake = out.wake.as_raw_fd();
     let mut state = PumpState::new(timing, Instant::now());
