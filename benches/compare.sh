@@ -45,18 +45,43 @@ cargo build --release --bin mender-connect
 # loop: with halt polling off, every wake-up of an idle vCPU is a VM exit
 # (tens of µs), which a round trip of small messages pays several times.
 # Printed so the figures can be read; COMPARE_HALT_POLL_NS=N sets it for the
-# run (root only) and restores it afterwards.
+# run (root or sudo) and restores it afterwards, however the run ends.
 HP=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+old_hp=""
+restore_hp() {
+    if [ -n "$old_hp" ]; then
+        echo "$old_hp" | $SUDO tee "$HP" >/dev/null || true
+        old_hp=""
+    fi
+}
+bench=""
+# a signal stops the bench too (it runs in the background so the trap
+# fires at once, not when the bench ends), then restores the setting
+on_signal() {
+    [ -z "$bench" ] || kill -TERM "-$bench" 2>/dev/null || true
+    restore_hp
+    exit "$1"
+}
+trap restore_hp EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 if [ -r "$HP" ]; then
     if [ -n "${COMPARE_HALT_POLL_NS:-}" ]; then
         old_hp=$(cat "$HP")
         echo "$COMPARE_HALT_POLL_NS" | $SUDO tee "$HP" >/dev/null
-        trap 'echo "$old_hp" | $SUDO tee "$HP" >/dev/null' EXIT INT TERM
     fi
     echo "cpuidle: $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null), guest_halt_poll_ns=$(cat "$HP")"
+elif [ -n "${COMPARE_HALT_POLL_NS:-}" ]; then
+    echo "COMPARE_HALT_POLL_NS ignored: no $HP (not a guest with the haltpoll cpuidle driver)" >&2
 fi
 # The bench binary is built with the release profile too (cargo bench).
-cargo bench --bench compare -- \
+# Its own process group, so a signal can stop cargo and the bench together.
+setsid cargo bench --bench compare -- \
     --ours "$PWD/target/release/mender-connect" \
     --theirs "$GO_BIN" \
-    --rounds "$ROUNDS"
+    --rounds "$ROUNDS" &
+bench=$!
+status=0
+wait "$bench" || status=$?
+bench=""
+exit "$status"

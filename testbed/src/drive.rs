@@ -38,7 +38,8 @@ pub fn pattern(from: usize, len: usize) -> Vec<u8> {
 /// two cores that CPU is taken from the daemon and the client.
 pub fn is_pattern(from: usize, data: &[u8]) -> bool {
     static PERIODS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    // 64 periods of 251 bytes: each comparison covers up to ~15.7 KiB
+    // 64 periods of 251 bytes: each comparison covers up to 63 of them
+    // (15 813 bytes), so any start within the first period fits
     let table = PERIODS.get_or_init(|| pattern(0, 251 * 64));
     let span = table.len() - 251;
     let mut at = 0;
