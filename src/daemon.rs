@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 
+use crate::config::allow::AllowList;
 use crate::config::{Config, ValidatedUser};
 use crate::conn::auth::{Auth, AuthError, AuthEvent};
 use crate::conn::backoff::{self, Backoff};
@@ -68,11 +69,10 @@ pub fn registry(cfg: &Config, tun: &Tunables) -> Registry {
     }
     if !cfg.port_forward.disable {
         // validated at start; should it still fail here, fail closed
-        let allow = crate::config::allow::AllowList::parse(&cfg.port_forward.allowed_targets)
-            .unwrap_or_else(|e| {
-                log::error!("{e}; port forwarding refuses every target");
-                crate::config::allow::AllowList::deny_all()
-            });
+        let allow = AllowList::parse(&cfg.port_forward.allowed_targets).unwrap_or_else(|e| {
+            log::error!("{e}; port forwarding refuses every target");
+            AllowList::deny_all()
+        });
         r.register(
             PROTO_PORTFORWARD,
             portforward::factory(tun.portforward, allow),

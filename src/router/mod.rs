@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::conn::link::Inbound;
 use crate::conn::outbound::{Outbound, QUEUE_FRAMES, SendError};
 use crate::conn::timing::Timing;
-use crate::sessions::{Direct, Handler, Registry, SessionCtx, ShellRouter, Taken, sid8};
+use crate::sessions::{Deferred, Direct, Handler, Registry, SessionCtx, ShellRouter, Taken, sid8};
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
 use crate::wire::codec::{self, PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use crate::wire::control::ControlError;
@@ -171,8 +171,8 @@ struct Inner {
     core: Mutex<Core<Entry>>,
     /// Session threads started and not joined yet.
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Direct ways with work left for after this round's replies.
-    after: Mutex<Vec<Arc<dyn Direct>>>,
+    /// Work direct ways left for after this round's replies.
+    after: Mutex<Vec<Arc<dyn Deferred>>>,
 }
 
 impl Router {
@@ -297,7 +297,7 @@ impl Inbound for Router {
         self.inner.lock_core().next_deadline()
     }
 
-    /// The direct ways' writes that waited for their acks to go out.
+    /// The direct ways' work that waited for their replies to go out.
     fn after_write(&self) {
         let mut due = {
             let mut after = self.inner.lock_after();
@@ -397,8 +397,8 @@ impl Inner {
         match direct.try_handle(msg) {
             Ok(taken) => {
                 depth.touch();
-                if taken == Taken::AfterWrite {
-                    self.lock_after().push(direct);
+                if let Taken::AfterWrite(rest) = taken {
+                    self.lock_after().push(rest);
                 }
                 None
             }
@@ -406,7 +406,7 @@ impl Inner {
         }
     }
 
-    fn lock_after(&self) -> MutexGuard<'_, Vec<Arc<dyn Direct>>> {
+    fn lock_after(&self) -> MutexGuard<'_, Vec<Arc<dyn Deferred>>> {
         self.after.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -656,8 +656,11 @@ mod tests {
     impl Direct for Recorder {
         fn try_handle(&self, _msg: ProtoMsg) -> Result<Taken, ProtoMsg> {
             self.0.lock().expect("log").push("direct");
-            Ok(Taken::AfterWrite)
+            Ok(Taken::AfterWrite(Arc::new(Recorder(Arc::clone(&self.0)))))
         }
+    }
+
+    impl Deferred for Recorder {
         fn after_write(&self) {
             self.0.lock().expect("log").push("after");
         }

@@ -44,21 +44,22 @@ pub trait Handler: Send {
 pub trait Direct: Send + Sync {
     /// Handles `msg` at once, or hands it back for the session's thread.
     fn try_handle(&self, msg: ProtoMsg) -> Result<Taken, ProtoMsg>;
+}
 
-    /// Finishes what [`Taken::AfterWrite`] left: called on the connection
-    /// thread after its attempt to write the replies queued meanwhile (a
-    /// full socket may still hold them back). Must not block either.
-    fn after_write(&self) {}
+/// The rest of a message a [`Direct`] way took, run on the connection thread
+/// after its attempt to write the replies queued meanwhile (a full socket
+/// may still hold them back). Must not block either.
+pub trait Deferred: Send + Sync {
+    /// Does the rest.
+    fn after_write(&self);
 }
 
 /// What a [`Direct`] way did with a message it took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
     /// Handled completely.
     Done,
-    /// Its reply is queued; the rest waits for
-    /// [`after_write`](Direct::after_write), so the reply leaves first.
-    AfterWrite,
+    /// Its reply is queued; this runs once the reply was handed on.
+    AfterWrite(Arc<dyn Deferred>),
 }
 
 /// Builds a protocol's handler when a session first uses that protocol.

@@ -55,11 +55,8 @@ impl Wake {
 impl Wake {
     /// Clears the readable state; whether it was set.
     pub fn drain_was_signalled(&self) -> bool {
-        let mut fds = [crate::sys::poll::PollFd::new(
-            self.as_raw_fd(),
-            libc::POLLIN,
-        )];
-        let set = crate::sys::poll::poll(&mut fds, 0).is_ok() && fds[0].revents() != 0;
+        let set =
+            crate::sys::poll::poll_one(self.as_raw_fd(), libc::POLLIN, 0).is_ok_and(|rev| rev != 0);
         self.drain();
         set
     }

@@ -136,6 +136,17 @@ struct State {
     held: bool,
 }
 
+impl State {
+    /// Counts `n` bytes the fast path wrote (for the audit line and, when
+    /// any, the connection's idle timer).
+    fn wrote_direct(&mut self, n: usize) {
+        if n > 0 {
+            self.last_direct = Some(Instant::now());
+            self.direct_bytes += n as u64;
+        }
+    }
+}
+
 /// Shared between a connection's handler entry and its thread.
 #[derive(Debug)]
 pub struct Inbox {
@@ -247,13 +258,11 @@ impl Inbox {
             let mut w = sock;
             match w.write(&data) {
                 Ok(n) if n == data.len() => {
-                    st.last_direct = Some(Instant::now());
-                    st.direct_bytes += n as u64;
+                    st.wrote_direct(n);
                     return Ok(());
                 }
                 Ok(n) => {
-                    st.last_direct = Some(Instant::now());
-                    st.direct_bytes += n as u64;
+                    st.wrote_direct(n);
                     // what is left fits: nothing else waits
                     data.drain(..n);
                 }
@@ -348,10 +357,7 @@ impl Inbox {
                 }
             }
         }
-        if wrote > 0 {
-            st.last_direct = Some(Instant::now());
-            st.direct_bytes += wrote as u64;
-        }
+        st.wrote_direct(wrote);
     }
 
     /// Thread side: lends the connected TCP socket to the fast path (`None`
@@ -464,6 +470,14 @@ impl Inbox {
         self.mark_closed(&mut st);
         st.direct = None;
         Some(st.queue.drain(..).collect())
+    }
+}
+
+/// The write of bytes held by [`Inbox::forward_early`], once their `ack`
+/// is out.
+impl crate::sessions::Deferred for Inbox {
+    fn after_write(&self) {
+        self.flush();
     }
 }
 

@@ -260,35 +260,9 @@ struct FastPath {
     sid: String,
     out: crate::conn::outbound::Outbound,
     conns: Arc<Conns>,
-    /// Connections holding bytes for `after_write`.
-    later: Mutex<Vec<Arc<Inbox>>>,
-}
-
-impl FastPath {
-    fn lock_later(&self) -> MutexGuard<'_, Vec<Arc<Inbox>>> {
-        self.later.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 impl Direct for FastPath {
-    fn after_write(&self) {
-        let mut later = {
-            let mut slot = self.lock_later();
-            if slot.is_empty() {
-                return;
-            }
-            std::mem::take(&mut *slot)
-        };
-        for inbox in later.drain(..) {
-            inbox.flush();
-        }
-        // keep the allocation for the next round
-        let mut slot = self.lock_later();
-        if slot.is_empty() {
-            *slot = later;
-        }
-    }
-
     fn try_handle(&self, mut msg: ProtoMsg) -> Result<Taken, ProtoMsg> {
         let is_ack = match msg.hdr.typ.as_str() {
             t::FORWARD => false,
@@ -332,8 +306,7 @@ impl Direct for FastPath {
         if !held {
             return Ok(Taken::Done);
         }
-        self.lock_later().push(inbox);
-        Ok(Taken::AfterWrite)
+        Ok(Taken::AfterWrite(inbox))
     }
 }
 
@@ -574,7 +547,6 @@ impl Handler for PortForward {
             sid: self.ctx.sid.clone(),
             out: self.ctx.out.clone(),
             conns: Arc::clone(&self.conns),
-            later: Mutex::new(Vec::new()),
         }))
     }
 }
