@@ -8,6 +8,11 @@
 //! encoding and decoding a 4 KiB frame costs the stand-in). Prints p50/p99
 //! of each and the daemon's CPU per forward (utime+stime from /proc).
 //!
+//! `--ideal` runs no daemon: a relay that does no work
+//! ([`testbed::relay`]) answers the same client, which gives this
+//! machine's floor for the round trip (its CPU figures are the relay
+//! thread's).
+//!
 //! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
 //! (`--restart`: restart the stand-in server first, as the compare bench
 //! does, so the forwards go over the daemon's second websocket;
@@ -23,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use mender_connect::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
 use testbed::drive::{self, CHUNK, cpu_ms};
+use testbed::relay::{self, Relay};
 use testbed::server::Exchange;
 use testbed::{AuthService, Daemon, DbusDaemon, Server, default_config};
 use tungstenite::Bytes;
@@ -43,14 +49,20 @@ fn minflt(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time of the live threads, ns-precise (sum_exec_runtime), in ms. A
-/// thread that ends inside the measured window would be missed: none does
-/// here (the connection, session and port-forward threads all outlive it).
-fn sched_ms(pid: u32) -> f64 {
+/// CPU time of the live threads (only those named `only`, if given),
+/// ns-precise (sum_exec_runtime), in ms. A thread that ends inside the
+/// measured window would be missed: none does here (the connection,
+/// session and port-forward threads all outlive it).
+fn sched_ms(pid: u32, only: Option<&str>) -> f64 {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
     dir.flatten()
+        .filter(|e| {
+            only.is_none_or(|name| {
+                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .sum::<f64>()
@@ -97,6 +109,7 @@ fn main() {
     let mut restart = false;
     let mut shell_first = false;
     let mut exchange = false;
+    let mut ideal = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -105,8 +118,12 @@ fn main() {
             "--restart" => restart = true,
             "--shell-first" => shell_first = true,
             "--exchange" => exchange = true,
+            "--ideal" => ideal = true,
             _ => {}
         }
+    }
+    if ideal {
+        return ideal_relay(n);
     }
     let bin = bin.expect("--bin PATH");
     let mut cfg: serde_json::Value = serde_json::from_str(&default_config()).expect("config");
@@ -174,7 +191,7 @@ fn main() {
         Vec::new()
     };
     let cpu0 = cpu_ms(pid);
-    let sch0 = sched_ms(pid);
+    let sch0 = sched_ms(pid, None);
     let flt0 = minflt(pid);
     let t0 = Instant::now();
     let (mut rtt, mut ping) = if exchange {
@@ -205,7 +222,7 @@ fn main() {
     };
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_ms(pid) - cpu0;
-    let sch = sched_ms(pid) - sch0;
+    let sch = sched_ms(pid, None) - sch0;
     let faults = minflt(pid) - flt0;
     let (got, intact, sock) = sink.join().expect("sink");
     assert!(got == total && intact, "{got} bytes, intact {intact}");
@@ -239,5 +256,64 @@ fn main() {
     println!(
         "  daemon minor page faults: {:.2} per forward",
         faults as f64 / fwds
+    );
+}
+
+/// `--ideal`: the same client and sink with a relay that does no work in
+/// place of the daemon.
+fn ideal_relay(n: usize) {
+    let mut server = Server::start_plain();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let total = n * CHUNK;
+    let sink = drive::pf_sink(l, total);
+    let relay = Relay::start(server.port(), addr, relay::ack_frame(SID, "lat"), CHUNK);
+    let conn = server.wait_connection(WAIT).expect("relay connected");
+    let fwd = |off: usize| -> Bytes {
+        codec::encode(
+            &ProtoMsg::new(PROTO_PORTFORWARD, "forward", SID)
+                .with_prop("connection_id", Value::Str("lat".into()))
+                .with_prop("user_id", Value::Str("bench-user".into()))
+                .with_body(drive::pattern(off, CHUNK)),
+        )
+        .into()
+    };
+    let warm = 256;
+    let frames: Vec<Bytes> = (0..n).map(|i| fwd(i * CHUNK)).collect();
+    let (warm_frames, frames) = {
+        let mut f = frames;
+        let rest = f.split_off(warm);
+        (f, rest)
+    };
+    conn.exchange(move |x| exchanged(x, warm_frames))
+        .expect("connection")
+        .expect("warm-up");
+    let pid = std::process::id();
+    let sch0 = sched_ms(pid, Some("ideal-relay"));
+    let t0 = Instant::now();
+    let (mut rtt, mut ping) = conn
+        .exchange(move |x| exchanged(x, frames))
+        .expect("connection")
+        .expect("exchange");
+    let secs = t0.elapsed().as_secs_f64();
+    let sch = sched_ms(pid, Some("ideal-relay")) - sch0;
+    let (got, intact, _sock) = sink.join().expect("sink");
+    assert!(got == total && intact, "{got} bytes, intact {intact}");
+    server.stop();
+    relay.join().expect("relay");
+    let fwds = (n - warm) as f64;
+    let (r50, r99) = (pct(&mut rtt, 0.5), pct(&mut rtt, 0.99));
+    let (p50, p99) = (pct(&mut ping, 0.5), pct(&mut ping, 0.99));
+    println!("ideal relay (no daemon: websocket and syscalls only)");
+    println!(
+        "  forward->ack round trip (client): p50 {r50:.1} us, p99 {r99:.1} us ({} forwards, {:.1} MiB/s incl. pings)",
+        n - warm,
+        fwds * CHUNK as f64 / (1 << 20) as f64 / secs
+    );
+    println!("  ws ping->pong round trip:         p50 {p50:.1} us, p99 {p99:.1} us");
+    println!(
+        "  relay CPU (schedstat): {:.1} us per forward = {:.1} ms/MiB",
+        sch * 1000.0 / fwds,
+        sch / (fwds * CHUNK as f64 / (1 << 20) as f64)
     );
 }

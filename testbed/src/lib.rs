@@ -21,6 +21,7 @@ pub mod http;
 pub mod management;
 pub mod netlab;
 pub mod operator;
+pub mod relay;
 pub mod rest_ft;
 pub mod server;
 pub mod target;

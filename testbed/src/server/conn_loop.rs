@@ -39,7 +39,7 @@ pub(super) fn run_conn(
             let r = match cmd {
                 Cmd::Send(m) => ws.write(m),
                 Cmd::Run(f) => {
-                    f(&mut Exchange { ws, socket });
+                    Exchange::run(ws, socket, f);
                     Ok(())
                 }
                 Cmd::Close(code, reason) => ws.close(Some(CloseFrame {

@@ -8,7 +8,7 @@ use mender_connect::wire::codec::{self, ProtoMsg};
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tungstenite::{Bytes, Message, WebSocket};
 
 /// The websocket lent to a closure on the connection's own thread, for a
@@ -21,7 +21,32 @@ pub struct Exchange<'a> {
     pub(super) socket: &'a TcpStream,
 }
 
-impl Exchange<'_> {
+/// How long one blocking read or write may wait before the deadline is
+/// looked at.
+const IO_SLICE: Duration = Duration::from_millis(200);
+
+impl<'a> Exchange<'a> {
+    /// Runs `f` with the socket in blocking mode: a reply is waited for in
+    /// `read` itself (one syscall, not a read that says EAGAIN, a poll and
+    /// a read again), as a plain client's would be. Non-blocking again after.
+    pub(super) fn run(
+        ws: &'a mut WebSocket<Io>,
+        socket: &'a TcpStream,
+        f: impl FnOnce(&mut Exchange<'a>),
+    ) {
+        // a timed-out read or write says WouldBlock: the deadline is
+        // looked at and the wait goes on in poll
+        let blocking = socket.set_read_timeout(Some(IO_SLICE)).is_ok()
+            && socket.set_write_timeout(Some(IO_SLICE)).is_ok()
+            && socket.set_nonblocking(false).is_ok();
+        f(&mut Exchange { ws, socket });
+        if blocking {
+            let _ = socket.set_nonblocking(true);
+            let _ = socket.set_read_timeout(None);
+            let _ = socket.set_write_timeout(None);
+        }
+    }
+
     fn wait(&self, events: i16, deadline: Instant) -> Result<(), String> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

@@ -1,0 +1,85 @@
+//! A port-forward relay that does no work: the machine's ceiling for the
+//! client→device round trip. It connects to the stand-in server as a device
+//! would and answers every binary message with one pre-encoded `ack`, then
+//! writes the message's trailing body bytes to the target. No msgpack, no
+//! routing, no sessions, no threads but its own: what is left is the
+//! websocket and the syscalls, so no daemon can be faster over the same
+//! client on the same machine.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::thread::JoinHandle;
+
+use mender_connect::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
+use tungstenite::{Bytes, Message};
+
+use crate::CONNECT_PATH;
+
+/// The relay's thread; it ends when the server closes the connection.
+pub struct Relay {
+    thread: Option<JoinHandle<Result<u64, String>>>,
+}
+
+/// The `ack` the relay answers every message with, as a daemon would for a
+/// `forward` on `sid`/`cid`.
+pub fn ack_frame(sid: &str, cid: &str) -> Bytes {
+    let msg = ProtoMsg::new(PROTO_PORTFORWARD, "ack", sid)
+        .with_prop("connection_id", Value::Str(cid.to_string()));
+    codec::encode(&msg).into()
+}
+
+impl Relay {
+    /// Connects to the stand-in server at `port` and relays every binary
+    /// message's last `body` bytes to `target`, answering each with `ack`.
+    pub fn start(port: u16, target: SocketAddr, ack: Bytes, body: usize) -> Relay {
+        let thread = std::thread::Builder::new()
+            .name("ideal-relay".into())
+            .spawn(move || relay(port, target, ack, body))
+            .expect("spawn the relay");
+        Relay {
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for the relay to end (close the server first); returns the
+    /// bytes it wrote to the target.
+    pub fn join(mut self) -> Result<u64, String> {
+        self.thread
+            .take()
+            .map_or(Ok(0), |t| t.join().map_err(|_| "relay panicked")?)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // the server's drop closes the socket and so ends the thread
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn relay(port: u16, target: SocketAddr, ack: Bytes, body: usize) -> Result<u64, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let url = format!("ws://127.0.0.1:{port}{CONNECT_PATH}");
+    let (mut ws, _) =
+        tungstenite::client::client(url, tcp).map_err(|e| format!("handshake: {e}"))?;
+    let mut out = TcpStream::connect(target).map_err(|e| format!("target: {e}"))?;
+    let _ = out.set_nodelay(true);
+    let mut wrote = 0u64;
+    loop {
+        // a ping's pong is queued by tungstenite and sent by the next read
+        let data = match ws.read() {
+            Ok(Message::Binary(b)) => b,
+            Ok(_) => continue,
+            Err(_) => return Ok(wrote),
+        };
+        ws.send(Message::Binary(ack.clone()))
+            .map_err(|e| format!("ack: {e}"))?;
+        let from = data.len().saturating_sub(body);
+        out.write_all(&data[from..])
+            .map_err(|e| format!("target write: {e}"))?;
+        wrote += (data.len() - from) as u64;
+    }
+}
