@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mender_connect::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
-use testbed::drive::{self, CHUNK, cpu_ms};
+use testbed::drive::{self, CHUNK, cpu_ms, sched_ms};
 use testbed::relay::{self, Relay};
 use testbed::server::Exchange;
 use testbed::{AuthService, Daemon, DbusDaemon, Server, default_config};
@@ -47,26 +47,6 @@ fn minflt(pid: u32) -> u64 {
         .nth(7)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// CPU time of the live threads (only those named `only`, if given),
-/// ns-precise (sum_exec_runtime), in ms. A thread that ends inside the
-/// measured window would be missed: none does here (the connection,
-/// session and port-forward threads all outlive it).
-fn sched_ms(pid: u32, only: Option<&str>) -> f64 {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    dir.flatten()
-        .filter(|e| {
-            only.is_none_or(|name| {
-                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
-            })
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        / 1e6
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -289,14 +269,14 @@ fn ideal_relay(n: usize) {
         .expect("connection")
         .expect("warm-up");
     let pid = std::process::id();
-    let sch0 = sched_ms(pid, Some("ideal-relay"));
+    let sch0 = sched_ms(pid, Some(relay::THREAD));
     let t0 = Instant::now();
     let (mut rtt, mut ping) = conn
         .exchange(move |x| exchanged(x, frames))
         .expect("connection")
         .expect("exchange");
     let secs = t0.elapsed().as_secs_f64();
-    let sch = sched_ms(pid, Some("ideal-relay")) - sch0;
+    let sch = sched_ms(pid, Some(relay::THREAD)) - sch0;
     let (got, intact, _sock) = sink.join().expect("sink");
     assert!(got == total && intact, "{got} bytes, intact {intact}");
     server.stop();

@@ -54,6 +54,26 @@ pub fn is_pattern(from: usize, data: &[u8]) -> bool {
     true
 }
 
+/// CPU time of the live threads of `pid` (only those named `only`, if
+/// given), ns-precise (schedstat's sum_exec_runtime), in ms. A thread that
+/// ends inside a measured window is missed: measure across windows that
+/// no thread of interest leaves.
+pub fn sched_ms(pid: u32, only: Option<&str>) -> f64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            only.is_none_or(|name| {
+                std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e6
+}
+
 /// CPU time of a process (all threads, excluding children) in ms:
 /// utime + stime from /proc/PID/stat.
 pub fn cpu_ms(pid: u32) -> f64 {

@@ -15,6 +15,9 @@ use tungstenite::{Bytes, Message};
 
 use crate::CONNECT_PATH;
 
+/// The relay thread's name (for its CPU time in /proc).
+pub const THREAD: &str = "ideal-relay";
+
 /// The relay's thread; it ends when the server closes the connection.
 pub struct Relay {
     thread: Option<JoinHandle<Result<u64, String>>>,
@@ -33,7 +36,7 @@ impl Relay {
     /// message's last `body` bytes to `target`, answering each with `ack`.
     pub fn start(port: u16, target: SocketAddr, ack: Bytes, body: usize) -> Relay {
         let thread = std::thread::Builder::new()
-            .name("ideal-relay".into())
+            .name(THREAD.into())
             .spawn(move || relay(port, target, ack, body))
             .expect("spawn the relay");
         Relay {
