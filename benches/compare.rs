@@ -277,7 +277,7 @@ fn ideal_up() -> (f64, f64) {
     let addr = l.local_addr().expect("addr");
     let sink = drive::pf_sink(l, BULK);
     let s = sid(3);
-    let relay = Relay::start(
+    let relay_thread = Relay::start(
         server.port(),
         addr,
         relay::ack_frame(&s, "up"),
@@ -293,8 +293,10 @@ fn ideal_up() -> (f64, f64) {
     let secs = t.elapsed().as_secs_f64();
     let cpu = sched_ms(me, Some(relay::THREAD)) - cpu0;
     assert!(n == BULK && intact, "relay leg: {n} bytes, intact {intact}");
+    assert!(cpu > 0.0, "no CPU time found for thread {}", relay::THREAD);
     server.stop();
-    relay.join().expect("relay");
+    let wrote = relay_thread.join().expect("relay");
+    assert_eq!(wrote, BULK as u64, "bytes the relay wrote");
     let mib = BULK as f64 / MIB as f64;
     (mib / secs, cpu / mib)
 }
@@ -439,13 +441,21 @@ fn run(bin: &Path) -> Vec<f64> {
 
 /// [`run`], once more if it fails: one flaky round (a shell of the Go
 /// daemon once gave no output within a minute) should not cost the other
-/// rounds. Its processes and files are cleaned up by their guards as the
-/// panic unwinds; a second failure ends the bench.
-fn run_retrying(bin: &Path) -> Vec<f64> {
+/// rounds. The daemon, bus and files are cleaned up by their guards as the
+/// panic unwinds; a second failure ends the bench. Every rerun is kept in
+/// `reruns` with its reason, which the summary prints: a failure, data
+/// corruption included, is never hidden by the rerun.
+fn run_retrying(bin: &Path, name: &str, reruns: &mut Vec<String>) -> Vec<f64> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(bin))) {
         Ok(r) => r,
-        Err(_) => {
-            eprintln!("  round failed (above); running it once more");
+        Err(e) => {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(no message)".into());
+            eprintln!("  {name}: round failed (above); running it once more");
+            reruns.push(format!("{name}: {why}"));
             run(bin)
         }
     }
@@ -477,6 +487,7 @@ fn main() {
     let sizes = [stripped_kib(&bins[0]), stripped_kib(&bins[1])];
     let mut results: [Vec<Vec<f64>>; 2] = [Vec::new(), Vec::new()];
     let mut ideal = Vec::new();
+    let mut reruns = Vec::new();
     for round in 0..a.rounds {
         let (mibs, cpu) = ideal_up();
         eprintln!(
@@ -497,7 +508,7 @@ fn main() {
                 names[i],
                 bins[i].display()
             );
-            let mut r = run_retrying(&bins[i]);
+            let mut r = run_retrying(&bins[i], names[i], &mut reruns);
             let last = r.len() - 1;
             r[last] = sizes[i];
             eprintln!(
@@ -549,19 +560,30 @@ fn main() {
         .iter()
         .position(|f| f.label == "port-forward client->device")
         .expect("the client->device figure");
-    let relay: Vec<f64> = ideal.iter().map(|r| r.0).collect();
+    let relay_mibs: Vec<f64> = ideal.iter().map(|r| r.0).collect();
     let relay_cpu: Vec<f64> = ideal.iter().map(|r| r.1).collect();
-    let (mr, mo, mg) = (median(&relay), median(&col(0, up)), median(&col(1, up)));
+    let (mr, mo, mg) = (
+        median(&relay_mibs),
+        median(&col(0, up)),
+        median(&col(1, up)),
+    );
     println!();
     println!(
         "Ceiling of port-forward client->device here: a relay that does no work (testbed::relay: \
          the websocket and the syscalls, no daemon), same client and sink: {} MiB/s ({}) at {} ms/MiB, \
          {:.2}x Go's median: about the most any daemon can show on this machine; ours reaches {:.2} of it, Go {:.2}.",
         fmt(mr),
-        spread(&relay),
+        spread(&relay_mibs),
         fmt(median(&relay_cpu)),
         mr / mg,
         mo / mr,
         mg / mr
     );
+    if !reruns.is_empty() {
+        println!();
+        println!("Rounds run again after a failure ({}):", reruns.len());
+        for r in &reruns {
+            println!("- {r}");
+        }
+    }
 }

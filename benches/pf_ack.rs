@@ -9,9 +9,10 @@
 //! of each and the daemon's CPU per forward (utime+stime from /proc).
 //!
 //! `--ideal` runs no daemon: a relay that does no work
-//! ([`testbed::relay`]) answers the same client, which gives this
+//! ([`testbed::relay`]) answers the exchange client, which gives this
 //! machine's floor for the round trip (its CPU figures are the relay
-//! thread's).
+//! thread's); compare it with a daemon's `--exchange` run. It ignores
+//! `--bin`, `--restart` and `--shell-first`.
 //!
 //! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
 //! (`--restart`: restart the stand-in server first, as the compare bench
@@ -242,12 +243,14 @@ fn main() {
 /// `--ideal`: the same client and sink with a relay that does no work in
 /// place of the daemon.
 fn ideal_relay(n: usize) {
+    let warm = 256;
+    assert!(n > warm, "--n must exceed the {warm} warm-up forwards");
     let mut server = Server::start_plain();
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let total = n * CHUNK;
     let sink = drive::pf_sink(l, total);
-    let relay = Relay::start(server.port(), addr, relay::ack_frame(SID, "lat"), CHUNK);
+    let relay_thread = Relay::start(server.port(), addr, relay::ack_frame(SID, "lat"), CHUNK);
     let conn = server.wait_connection(WAIT).expect("relay connected");
     let fwd = |off: usize| -> Bytes {
         codec::encode(
@@ -258,7 +261,6 @@ fn ideal_relay(n: usize) {
         )
         .into()
     };
-    let warm = 256;
     let frames: Vec<Bytes> = (0..n).map(|i| fwd(i * CHUNK)).collect();
     let (warm_frames, frames) = {
         let mut f = frames;
@@ -279,8 +281,10 @@ fn ideal_relay(n: usize) {
     let sch = sched_ms(pid, Some(relay::THREAD)) - sch0;
     let (got, intact, _sock) = sink.join().expect("sink");
     assert!(got == total && intact, "{got} bytes, intact {intact}");
+    assert!(sch > 0.0, "no CPU time found for thread {}", relay::THREAD);
     server.stop();
-    relay.join().expect("relay");
+    let wrote = relay_thread.join().expect("relay");
+    assert_eq!(wrote, total as u64, "bytes the relay wrote");
     let fwds = (n - warm) as f64;
     let (r50, r99) = (pct(&mut rtt, 0.5), pct(&mut rtt, 0.99));
     let (p50, p99) = (pct(&mut ping, 0.5), pct(&mut ping, 0.99));

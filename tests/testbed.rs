@@ -503,3 +503,40 @@ fn is_pattern_accepts_the_pattern_at_any_offset_and_rejects_any_changed_byte() {
         }
     }
 }
+
+#[test]
+fn ideal_relay_acks_each_forward_writes_its_body_and_a_drop_mid_run_ends_it() {
+    use testbed::drive::{self, CHUNK};
+    use testbed::relay::{self, Relay};
+    let server = Server::start_plain();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let total = 8 * CHUNK;
+    let sink = drive::pf_sink(l, total);
+    let sid = "rrrrrrrr-0000-4000-8000-000000000001";
+    let r = Relay::start(server.port(), addr, relay::ack_frame(sid, "c"), CHUNK);
+    let conn = server.wait_connection(TIMEOUT).expect("relay connected");
+    for i in 0..8 {
+        let m = ProtoMsg::new(codec::PROTO_PORTFORWARD, "forward", sid)
+            .with_prop("connection_id", codec::Value::Str("c".into()))
+            .with_body(drive::pattern(i * CHUNK, CHUNK));
+        conn.send_msg(&m);
+        let a = drive::recv_for(&conn, sid, TIMEOUT).expect("an ack");
+        assert_eq!(a.hdr.typ, "ack");
+        assert_eq!(a.prop_str("connection_id"), Some("c"));
+    }
+    let (n, intact, _sock) = sink.join().expect("sink");
+    assert!(n == total && intact, "{n} bytes, intact {intact}");
+    // a bench that fails drops the relay while the server still holds the
+    // connection: the drop must end the relay's blocked read, not hang
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(r);
+        let _ = done_tx.send(());
+    });
+    assert!(
+        done_rx.recv_timeout(TIMEOUT).is_ok(),
+        "dropping the relay hung"
+    );
+    drop(server);
+}

@@ -17,7 +17,9 @@ pub(super) enum FilterState {
 }
 
 /// Stream under the websocket. Writes go through an unbounded buffer so the
-/// connection thread never blocks on write; once `filtering` is on, outgoing
+/// connection thread never blocks on write (except while an
+/// [`Exchange`](super::Exchange) runs, when the socket is blocking with a
+/// timeout per write); once `filtering` is on, outgoing
 /// pong frames are dropped while `answer_pings` is false (tungstenite answers
 /// pings by itself and has no switch for it).
 pub(super) struct Io {
