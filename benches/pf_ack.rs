@@ -55,6 +55,22 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Prints the title, then the forward and ping round trips (the rate counts
+/// the measured forwards over `secs`); returns their p50/p99 in µs.
+fn print_round_trips(title: &str, rtt: &mut [f64], ping: &mut [f64], secs: f64) -> [f64; 4] {
+    let fwds = rtt.len() as f64;
+    let (r50, r99) = (pct(rtt, 0.5), pct(rtt, 0.99));
+    let (p50, p99) = (pct(ping, 0.5), pct(ping, 0.99));
+    println!("{title}");
+    println!(
+        "  forward->ack round trip (client): p50 {r50:.1} us, p99 {r99:.1} us ({} forwards, {:.1} MiB/s incl. pings)",
+        rtt.len(),
+        fwds * CHUNK as f64 / (1 << 20) as f64 / secs
+    );
+    println!("  ws ping->pong round trip:         p50 {p50:.1} us, p99 {p99:.1} us");
+    [r50, r99, p50, p99]
+}
+
 /// The measured loop on the stand-in's connection thread: round trips of
 /// each `forward` to its ack and, every 16th, of a websocket ping (µs).
 fn exchanged(x: &mut Exchange<'_>, frames: Vec<Bytes>) -> Result<(Vec<f64>, Vec<f64>), String> {
@@ -210,15 +226,8 @@ fn main() {
     drive::pf_stop(&conn, SID, "lat", WAIT).expect("stop");
     drop(sock);
     let fwds = (n - warm) as f64;
-    let (r50, r99) = (pct(&mut rtt, 0.5), pct(&mut rtt, 0.99));
-    let (p50, p99) = (pct(&mut ping, 0.5), pct(&mut ping, 0.99));
-    println!("{}", bin.display());
-    println!(
-        "  forward->ack round trip (client): p50 {r50:.1} us, p99 {r99:.1} us ({} forwards, {:.1} MiB/s incl. pings)",
-        n - warm,
-        fwds * CHUNK as f64 / (1 << 20) as f64 / secs
-    );
-    println!("  ws ping->pong round trip:         p50 {p50:.1} us, p99 {p99:.1} us");
+    let [r50, r99, p50, p99] =
+        print_round_trips(&bin.display().to_string(), &mut rtt, &mut ping, secs);
     println!(
         "  daemon share (forward - ping):    p50 {:.1} us, p99 {:.1} us",
         r50 - p50,
@@ -286,15 +295,12 @@ fn ideal_relay(n: usize) {
     let wrote = relay_thread.join().expect("relay");
     assert_eq!(wrote, total as u64, "bytes the relay wrote");
     let fwds = (n - warm) as f64;
-    let (r50, r99) = (pct(&mut rtt, 0.5), pct(&mut rtt, 0.99));
-    let (p50, p99) = (pct(&mut ping, 0.5), pct(&mut ping, 0.99));
-    println!("ideal relay (no daemon: websocket and syscalls only)");
-    println!(
-        "  forward->ack round trip (client): p50 {r50:.1} us, p99 {r99:.1} us ({} forwards, {:.1} MiB/s incl. pings)",
-        n - warm,
-        fwds * CHUNK as f64 / (1 << 20) as f64 / secs
+    print_round_trips(
+        "ideal relay (no daemon: websocket and syscalls only)",
+        &mut rtt,
+        &mut ping,
+        secs,
     );
-    println!("  ws ping->pong round trip:         p50 {p50:.1} us, p99 {p99:.1} us");
     println!(
         "  relay CPU (schedstat): {:.1} us per forward = {:.1} ms/MiB",
         sch * 1000.0 / fwds,
