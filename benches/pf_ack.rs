@@ -50,6 +50,14 @@ fn minflt(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// mender-cli's `forward` of the pattern's `CHUNK` bytes from `off`.
+fn fwd(off: usize) -> ProtoMsg {
+    ProtoMsg::new(PROTO_PORTFORWARD, "forward", SID)
+        .with_prop("connection_id", Value::Str("lat".into()))
+        .with_prop("user_id", Value::Str("bench-user".into()))
+        .with_body(drive::pattern(off, CHUNK))
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -167,12 +175,6 @@ fn main() {
     let total = n * CHUNK;
     let sink = drive::pf_sink(l, total);
     drive::pf_new(&conn, SID, "lat", addr, WAIT).expect("new");
-    let fwd = |off: usize| {
-        ProtoMsg::new(PROTO_PORTFORWARD, "forward", SID)
-            .with_prop("connection_id", Value::Str("lat".into()))
-            .with_prop("user_id", Value::Str("bench-user".into()))
-            .with_body(drive::pattern(off, CHUNK))
-    };
     // warm-up: 256 forwards (1 MiB), not counted
     let warm = 256;
     for i in 0..warm {
@@ -261,16 +263,9 @@ fn ideal_relay(n: usize) {
     let sink = drive::pf_sink(l, total);
     let relay_thread = Relay::start(server.port(), addr, relay::ack_frame(SID, "lat"), CHUNK);
     let conn = server.wait_connection(WAIT).expect("relay connected");
-    let fwd = |off: usize| -> Bytes {
-        codec::encode(
-            &ProtoMsg::new(PROTO_PORTFORWARD, "forward", SID)
-                .with_prop("connection_id", Value::Str("lat".into()))
-                .with_prop("user_id", Value::Str("bench-user".into()))
-                .with_body(drive::pattern(off, CHUNK)),
-        )
-        .into()
-    };
-    let frames: Vec<Bytes> = (0..n).map(|i| fwd(i * CHUNK)).collect();
+    let frames: Vec<Bytes> = (0..n)
+        .map(|i| codec::encode(&fwd(i * CHUNK)).into())
+        .collect();
     let (warm_frames, frames) = {
         let mut f = frames;
         let rest = f.split_off(warm);
