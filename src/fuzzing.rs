@@ -13,6 +13,7 @@ use crate::sessions::portforward::parse_new;
 use crate::wire::action;
 use crate::wire::codec::{self, ProtoMsg};
 use crate::wire::control::{self, Accept, ControlError, Open};
+use crate::wire::view::{self, MsgView};
 
 /// Encodes `msg`, decodes the result and checks it encodes to the same bytes.
 fn assert_stable(msg: &ProtoMsg) {
@@ -30,6 +31,9 @@ pub fn codec(data: &[u8]) {
     if let Ok(msg) = codec::decode(data) {
         assert_stable(&msg);
     }
+    if let Some(v) = view::view(data) {
+        assert_view_agrees(data, &v);
+    }
     if let Ok((v, used)) = codec::decode_value(data) {
         assert!(used <= data.len());
         let mut first = Vec::new();
@@ -42,6 +46,23 @@ pub fn codec(data: &[u8]) {
         let mut second = Vec::new();
         codec::encode_value(&again, &mut second);
         assert_eq!(first, second, "value encoding is not stable");
+    }
+}
+
+/// Checks that the borrowed view `v` of `data` says what the full decode
+/// says: a message it sees decodes, with the same fields and properties.
+pub fn assert_view_agrees(data: &[u8], v: &MsgView<'_>) {
+    let msg = match codec::decode(data) {
+        Ok(m) => m,
+        Err(e) => panic!("the view accepts what the decode refuses ({e}): {data:02x?}"),
+    };
+    assert_eq!(v.proto, msg.hdr.proto, "proto");
+    assert_eq!(v.typ, msg.hdr.typ, "typ");
+    assert_eq!(v.sid, msg.hdr.sid, "sid");
+    assert_eq!(v.body, msg.body.as_deref(), "body");
+    let absent = "\u{0}absent";
+    for key in msg.hdr.props.keys().map(String::as_str).chain([absent]) {
+        assert_eq!(v.prop_str(key), msg.prop_str(key), "property {key:?}");
     }
 }
 

@@ -19,6 +19,7 @@ use crate::sessions::{Deferred, Direct, Handler, Registry, SessionCtx, ShellRout
 use crate::wire::action::{ControlAction, control_action, control_error_msg};
 use crate::wire::codec::{self, PROTO_CONTROL, PROTO_SHELL, ProtoMsg, Value};
 use crate::wire::control::ControlError;
+use crate::wire::view::{self, MsgView};
 
 pub use self::core::MAX_SESSIONS;
 use self::core::{Core, Fired, Mailbox, Route};
@@ -228,9 +229,7 @@ impl Router {
             }
             return;
         }
-        if let Some(msg) = self.inner.try_direct(msg) {
-            Inner::deliver(&self.inner, msg);
-        }
+        Inner::deliver(&self.inner, msg);
     }
 
     /// Number of router sessions alive right now.
@@ -289,6 +288,11 @@ impl Inbound for Router {
     /// not decode is logged and answered with a control error; it never
     /// costs the connection. A large body keeps the frame's allocation.
     fn frame(&self, frame: Vec<u8>) {
+        // The direct ways decide on a borrowed view of the frame; only what
+        // they leave pays for the full decode and its allocations.
+        if view::view(&frame).is_some_and(|v| v.proto != PROTO_SHELL && self.inner.try_direct(&v)) {
+            return;
+        }
         let len = frame.len();
         self.dispatch_decoded(codec::decode_owned(frame), len);
     }
@@ -379,31 +383,29 @@ impl Inner {
     }
 
     /// Offers `msg` to its session's [`Direct`] way when the session has
-    /// nothing queued or in hand; gives it back when it is not taken.
-    fn try_direct(&self, msg: ProtoMsg) -> Option<ProtoMsg> {
+    /// nothing queued or in hand; whether it was taken.
+    fn try_direct(&self, msg: &MsgView<'_>) -> bool {
         let (direct, depth) = {
             let core = self.lock_core();
-            let Some(e) = core.mailbox(&msg.hdr.sid).filter(|e| e.depth.idle()) else {
-                return Some(msg);
+            let Some(e) = core.mailbox(msg.sid).filter(|e| e.depth.idle()) else {
+                return false;
             };
-            let Some(d) = e.direct.get(msg.hdr.proto) else {
-                return Some(msg);
+            let Some(d) = e.direct.get(msg.proto) else {
+                return false;
             };
             (d, Arc::clone(&e.depth))
         };
         // Only this thread queues messages for a session in the table (a
         // session's leftovers go to its successor before that is visible
         // here), so it stays idle until the message is handled or given back.
-        match direct.try_handle(msg) {
-            Ok(taken) => {
-                depth.touch();
-                if let Taken::AfterWrite(rest) = taken {
-                    self.lock_after().push(rest);
-                }
-                None
-            }
-            Err(back) => Some(back),
+        let Some(taken) = direct.try_handle(msg) else {
+            return false;
+        };
+        depth.touch();
+        if let Taken::AfterWrite(rest) = taken {
+            self.lock_after().push(rest);
         }
+        true
     }
 
     fn lock_after(&self) -> MutexGuard<'_, Vec<Arc<dyn Deferred>>> {
@@ -654,9 +656,9 @@ mod tests {
     }
 
     impl Direct for Recorder {
-        fn try_handle(&self, _msg: ProtoMsg) -> Result<Taken, ProtoMsg> {
+        fn try_handle(&self, _msg: &MsgView<'_>) -> Option<Taken> {
             self.0.lock().expect("log").push("direct");
-            Ok(Taken::AfterWrite(Arc::new(Recorder(Arc::clone(&self.0)))))
+            Some(Taken::AfterWrite(Arc::new(Recorder(Arc::clone(&self.0)))))
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::conn::outbound::Outbound;
 use crate::wire::codec::ProtoMsg;
+use crate::wire::view::MsgView;
 
 /// What a handler knows about the router session it lives in.
 #[derive(Debug, Clone)]
@@ -42,8 +43,9 @@ pub trait Handler: Send {
 /// session is queued or being handled, so order is kept. It must never
 /// block (no waiting on a socket, a full queue or a slow lock).
 pub trait Direct: Send + Sync {
-    /// Handles `msg` at once, or hands it back for the session's thread.
-    fn try_handle(&self, msg: ProtoMsg) -> Result<Taken, ProtoMsg>;
+    /// Handles `msg` at once, or says `None` (having changed nothing) and
+    /// the message goes to the session's thread.
+    fn try_handle(&self, msg: &MsgView<'_>) -> Option<Taken>;
 }
 
 /// The rest of a message a [`Direct`] way took, run on the connection thread

@@ -650,15 +650,29 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Go's string/[]byte decoding: str or bin, nil as absent.
+    /// Go's string/[]byte decoding: str or bin, nil as absent. Read here
+    /// rather than through `head`: it reads every key and string, and the
+    /// general `Head` comes back through memory, which costs more than the
+    /// parse (a store-forwarding stall per call).
     pub(crate) fn go_bytes(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
-        match self.peek_kind()? {
-            Kind::Nil | Kind::Str | Kind::Bin => match self.head()? {
-                Head::Str(s) | Head::Bin(s) => Ok(Some(s)),
-                _ => Ok(None),
-            },
-            _ => Err(self.mismatch("string/bytes length")),
-        }
+        let code = self.peek_code()?;
+        let len: u64 = match code {
+            0xc0 => {
+                self.take(1)?;
+                return Ok(None);
+            }
+            0xa0..=0xbf => u64::from(code & 0x1f),
+            0xd9 | 0xc4 | 0xda | 0xc5 | 0xdb | 0xc6 => 0,
+            _ => return Err(self.mismatch("string/bytes length")),
+        };
+        self.take(1)?;
+        let len = match code {
+            0xd9 | 0xc4 => self.u8()?.into(),
+            0xda | 0xc5 => self.u16()?.into(),
+            0xdb | 0xc6 => self.u32()?.into(),
+            _ => len,
+        };
+        self.payload(len).map(Some)
     }
 
     /// Go's `DecodeString`, with invalid UTF-8 replaced rather than rejected.
@@ -669,15 +683,25 @@ impl<'a> Reader<'a> {
             .unwrap_or_default())
     }
 
-    /// Go's `DecodeMapLen`: `None` for nil.
+    /// Go's `DecodeMapLen`: `None` for nil. Read directly, as `go_bytes`.
     pub(crate) fn go_map_len(&mut self) -> Result<Option<usize>, DecodeError> {
-        match self.peek_kind()? {
-            Kind::Nil | Kind::Map => match self.head()? {
-                Head::Map(n) => Ok(Some(n)),
-                _ => Ok(None),
-            },
-            _ => Err(self.mismatch("map length")),
-        }
+        let code = self.peek_code()?;
+        let n: u64 = match code {
+            0xc0 => {
+                self.take(1)?;
+                return Ok(None);
+            }
+            0x80..=0x8f => u64::from(code & 0x0f),
+            0xde | 0xdf => 0,
+            _ => return Err(self.mismatch("map length")),
+        };
+        self.take(1)?;
+        let n = match code {
+            0xde => self.u16()?.into(),
+            0xdf => self.u32()?.into(),
+            _ => n,
+        };
+        self.count(n, 2).map(Some)
     }
 
     /// Go's `DecodeArrayLen`: `None` for nil.

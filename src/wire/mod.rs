@@ -6,3 +6,4 @@ pub mod action;
 pub mod codec;
 pub mod control;
 pub mod types;
+pub mod view;

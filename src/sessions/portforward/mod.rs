@@ -63,6 +63,7 @@ use crate::sessions::sid8;
 use crate::sessions::{Direct, Factory, Handler, SessionCtx, Taken};
 use crate::wire::codec::{self, PROTO_PORTFORWARD, ProtoMsg, Value};
 use crate::wire::control::{decode_map, encode_map};
+use crate::wire::view::MsgView;
 
 use crate::wire::types::portforward as t;
 use conn::ConnCtx;
@@ -263,50 +264,41 @@ struct FastPath {
 }
 
 impl Direct for FastPath {
-    fn try_handle(&self, mut msg: ProtoMsg) -> Result<Taken, ProtoMsg> {
-        let is_ack = match msg.hdr.typ.as_str() {
+    fn try_handle(&self, msg: &MsgView<'_>) -> Option<Taken> {
+        let is_ack = match msg.typ {
             t::FORWARD => false,
             t::ACK => true,
-            _ => return Err(msg),
+            _ => return None,
         };
-        let Some(inbox) = msg
-            .prop_str("connection_id")
-            .and_then(|c| self.conns.get(c))
-        else {
-            return Err(msg);
-        };
+        let inbox = self.conns.get(msg.prop_str("connection_id")?)?;
         if is_ack {
             return match inbox.ack() {
-                Ack::Released => Ok(Taken::Done),
+                Ack::Released => Some(Taken::Done),
                 Ack::Unexpected => {
                     log::debug!(
                         "port forward {}: ack with nothing in flight ignored",
                         self.sid
                     );
-                    Ok(Taken::Done)
+                    Some(Taken::Done)
                 }
-                Ack::Closed => Err(msg),
+                Ack::Closed => None,
             };
         }
         // the ack must be queued without waiting, and not past a full lane
         if !self.out.has_room() {
-            return Err(msg);
+            return None;
         }
-        let data = msg.body.take().unwrap_or_default();
-        let held = match inbox.forward_early(data) {
-            Ok(held) => held,
-            Err(data) => {
-                msg.body = Some(data);
-                return Err(msg);
-            }
-        };
+        // refused: nothing changed, the session's thread decodes it anew
+        let held = inbox
+            .forward_early(msg.body.unwrap_or_default().to_vec())
+            .ok()?;
         if let Err(e) = self.out.push_frame_now(inbox.ack_frame().to_vec()) {
             log::debug!("port forward {}: reply not sent: {e}", self.sid);
         }
         if !held {
-            return Ok(Taken::Done);
+            return Some(Taken::Done);
         }
-        Ok(Taken::AfterWrite(inbox))
+        Some(Taken::AfterWrite(inbox))
     }
 }
 
