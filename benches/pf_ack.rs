@@ -14,6 +14,9 @@
 //! thread's); compare it with a daemon's `--exchange` run. It ignores
 //! `--bin`, `--restart` and `--shell-first`.
 //!
+//! `--tls` puts the stand-in server behind TLS (a throwaway certificate the
+//! daemon trusts), as on a real device's link; not with `--restart`.
+//!
 //! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
 //! (`--restart`: restart the stand-in server first, as the compare bench
 //! does, so the forwards go over the daemon's second websocket;
@@ -115,6 +118,7 @@ fn main() {
     let mut shell_first = false;
     let mut exchange = false;
     let mut ideal = false;
+    let mut tls = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -124,6 +128,7 @@ fn main() {
             "--shell-first" => shell_first = true,
             "--exchange" => exchange = true,
             "--ideal" => ideal = true,
+            "--tls" => tls = true,
             _ => {}
         }
     }
@@ -135,11 +140,17 @@ fn main() {
     cfg["ShellArguments"] = serde_json::json!([]);
     cfg["Sessions"] = serde_json::json!({ "MaxPerUser": 32 });
     let bus = DbusDaemon::start();
-    let mut server = Server::start_plain();
+    let cert = tls.then(testbed::TlsCert::generate);
+    let mut server = match &cert {
+        Some(c) => Server::start_tls(c),
+        None => Server::start_plain(),
+    };
     let _auth = AuthService::start(bus.address(), "bench-token", &server.url());
-    let daemon = Daemon::spawn_with_binary(&bin, &cfg.to_string(), bus.address(), &[], false);
+    let env: Vec<_> = cert.iter().map(testbed::TlsCert::env).collect();
+    let daemon = Daemon::spawn_with_binary(&bin, &cfg.to_string(), bus.address(), &env, false);
     let mut conn = server.wait_connection(WAIT).expect("daemon connected");
     if restart {
+        assert!(!tls, "--restart restarts a plain server: not with --tls");
         // as the compare bench does before its transfers
         let port = server.port();
         server.stop();
