@@ -12,12 +12,12 @@
 //! ([`testbed::relay`]) answers the exchange client, which gives this
 //! machine's floor for the round trip (its CPU figures are the relay
 //! thread's); compare it with a daemon's `--exchange` run. It ignores
-//! `--bin`, `--restart` and `--shell-first`.
+//! `--bin`, `--restart`, `--shell-first` and `--tls`.
 //!
 //! `--tls` puts the stand-in server behind TLS (a throwaway certificate the
 //! daemon trusts), as on a real device's link; not with `--restart`.
 //!
-//! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart]`
+//! Run: `cargo bench --bench pf_ack [-- --bin PATH] [--n N] [--restart] [--tls]`
 //! (`--restart`: restart the stand-in server first, as the compare bench
 //! does, so the forwards go over the daemon's second websocket;
 //! `--exchange`: drive the forwards and pings from the stand-in's own
@@ -132,6 +132,10 @@ fn main() {
             _ => {}
         }
     }
+    assert!(
+        !(tls && restart),
+        "--restart restarts a plain server: not with --tls"
+    );
     if ideal {
         return ideal_relay(n);
     }
@@ -150,7 +154,6 @@ fn main() {
     let daemon = Daemon::spawn_with_binary(&bin, &cfg.to_string(), bus.address(), &env, false);
     let mut conn = server.wait_connection(WAIT).expect("daemon connected");
     if restart {
-        assert!(!tls, "--restart restarts a plain server: not with --tls");
         // as the compare bench does before its transfers
         let port = server.port();
         server.stop();

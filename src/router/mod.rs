@@ -220,7 +220,8 @@ impl Router {
         }
     }
 
-    /// Routes one decoded message.
+    /// Routes one decoded message to its session's thread (the direct ways
+    /// are offered frames only, in [`Inbound::frame`]).
     pub fn dispatch(&self, msg: ProtoMsg) {
         if msg.hdr.proto == PROTO_SHELL {
             match &self.inner.shell {
@@ -397,7 +398,7 @@ impl Inner {
         };
         // Only this thread queues messages for a session in the table (a
         // session's leftovers go to its successor before that is visible
-        // here), so it stays idle until the message is handled or given back.
+        // here), so it stays idle until the message is handled or refused.
         let Some(taken) = direct.try_handle(msg) else {
             return false;
         };

@@ -189,7 +189,8 @@ mod tests {
     #[test]
     fn unusual_shapes_are_left_to_the_full_decode() {
         // nil message, duplicate hdr, duplicate typ, a map-valued property,
-        // a header string in invalid UTF-8: each decodes (or fails) in full
+        // a header string in invalid UTF-8: the view declines each (the
+        // router then decodes it in full, or reports why it cannot)
         for hex in [
             "c0",
             "82 a3686472 80 a3686472 80",

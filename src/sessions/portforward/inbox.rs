@@ -240,10 +240,10 @@ impl Inbox {
     /// A client `forward` that can be acked at once: once the socket is
     /// lent, written with one non-blocking write when nothing is ahead of
     /// it, the rest (or all of it) queued while the bytes waiting stay
-    /// within `EARLY_BYTES`. Otherwise the data comes back untouched, for
-    /// [`push`](Self::push) (acked by the thread once written) or an
-    /// `unknown connection` reply. Never waits: safe on the connection
-    /// thread.
+    /// within `EARLY_BYTES`. Otherwise the data comes back untouched (not
+    /// one byte of it written), for [`push`](Self::push) (acked by the
+    /// thread once written) or an `unknown connection` reply. Never waits:
+    /// safe on the connection thread.
     pub fn forward_now(&self, mut data: Vec<u8>) -> Result<(), Vec<u8>> {
         let mut st = self.lock();
         if st.closed || data.len() > EARLY_BYTES {
@@ -263,8 +263,16 @@ impl Inbox {
                 }
                 Ok(n) => {
                     st.wrote_direct(n);
-                    // what is left fits: nothing else waits
+                    // What is left is queued at once: nothing is queued or
+                    // being written, and it is within EARLY_BYTES, so the
+                    // checks below would pass anyway. Returning here keeps
+                    // `Err` meaning "not one byte written": callers may then
+                    // hand the whole message on.
                     data.drain(..n);
+                    st.queue.push_back(Item::Acked(data));
+                    drop(st);
+                    self.wake.wake();
+                    return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -288,10 +288,16 @@ impl Direct for FastPath {
         if !self.out.has_room() {
             return None;
         }
-        // refused: nothing changed, the session's thread decodes it anew
-        let held = inbox
-            .forward_early(msg.body.unwrap_or_default().to_vec())
-            .ok()?;
+        // Refused, the bytes come back unwritten (`forward_now`'s contract):
+        // the session's thread decodes the frame anew and has them all.
+        let body = msg.body.unwrap_or_default();
+        let held = match inbox.forward_early(body.to_vec()) {
+            Ok(held) => held,
+            Err(back) => {
+                debug_assert_eq!(back.len(), body.len(), "refused after a write");
+                return None;
+            }
+        };
         if let Err(e) = self.out.push_frame_now(inbox.ack_frame().to_vec()) {
             log::debug!("port forward {}: reply not sent: {e}", self.sid);
         }
