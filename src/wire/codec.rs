@@ -656,21 +656,16 @@ impl<'a> Reader<'a> {
     /// parse (a store-forwarding stall per call).
     pub(crate) fn go_bytes(&mut self) -> Result<Option<&'a [u8]>, DecodeError> {
         let code = self.peek_code()?;
-        let len: u64 = match code {
+        let len = match code {
             0xc0 => {
                 self.take(1)?;
                 return Ok(None);
             }
-            0xa0..=0xbf => u64::from(code & 0x1f),
-            0xd9 | 0xc4 | 0xda | 0xc5 | 0xdb | 0xc6 => 0,
+            0xa0..=0xbf => self.marker_len(0, code & 0x1f)?,
+            0xd9 | 0xc4 => self.marker_len(1, 0)?,
+            0xda | 0xc5 => self.marker_len(2, 0)?,
+            0xdb | 0xc6 => self.marker_len(4, 0)?,
             _ => return Err(self.mismatch("string/bytes length")),
-        };
-        self.take(1)?;
-        let len = match code {
-            0xd9 | 0xc4 => self.u8()?.into(),
-            0xda | 0xc5 => self.u16()?.into(),
-            0xdb | 0xc6 => self.u32()?.into(),
-            _ => len,
         };
         self.payload(len).map(Some)
     }
@@ -686,22 +681,29 @@ impl<'a> Reader<'a> {
     /// Go's `DecodeMapLen`: `None` for nil. Read directly, as `go_bytes`.
     pub(crate) fn go_map_len(&mut self) -> Result<Option<usize>, DecodeError> {
         let code = self.peek_code()?;
-        let n: u64 = match code {
+        let n = match code {
             0xc0 => {
                 self.take(1)?;
                 return Ok(None);
             }
-            0x80..=0x8f => u64::from(code & 0x0f),
-            0xde | 0xdf => 0,
+            0x80..=0x8f => self.marker_len(0, code & 0x0f)?,
+            0xde => self.marker_len(2, 0)?,
+            0xdf => self.marker_len(4, 0)?,
             _ => return Err(self.mismatch("map length")),
         };
-        self.take(1)?;
-        let n = match code {
-            0xde => self.u16()?.into(),
-            0xdf => self.u32()?.into(),
-            _ => n,
-        };
         self.count(n, 2).map(Some)
+    }
+
+    /// Consumes a marker and the big-endian length in the `width` bytes
+    /// after it (0: the length is `inline`, in the marker itself).
+    fn marker_len(&mut self, width: usize, inline: u8) -> Result<u64, DecodeError> {
+        self.take(1)?;
+        Ok(match width {
+            1 => self.u8()?.into(),
+            2 => self.u16()?.into(),
+            4 => self.u32()?.into(),
+            _ => inline.into(),
+        })
     }
 
     /// Go's `DecodeArrayLen`: `None` for nil.
