@@ -1,7 +1,9 @@
 //! A borrowed look at a `ProtoMsg`: its header strings and body as slices of
 //! the frame, read without one allocation. The connection thread's fast path
-//! decides on it (a port-forward `forward` costs eight small allocations to
-//! decode in full, and the decision needs none of them).
+//! decides on it: a port-forward `forward` needs only its type, session,
+//! `connection_id` and body, not the owned strings and property map of a
+//! full decode (about 0.1 µs a frame saved, measured; the larger cost was
+//! the reader itself, see `Reader::go_bytes`).
 //!
 //! It covers the plain shapes peers send: each of `hdr`, `body` and the
 //! header's fields at most once, strings in valid UTF-8, properties with
